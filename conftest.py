@@ -1,0 +1,11 @@
+"""Root conftest: registers the entropy_lab pytest plugin and the hypothesis profiles."""
+
+import os
+
+from hypothesis import settings
+
+pytest_plugins = ["entropy_lab.pytest_plugin", "pytester"]
+
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+settings.register_profile("dev", deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))

@@ -1,0 +1,3 @@
+from entropy_lab.cli import main
+
+raise SystemExit(main())

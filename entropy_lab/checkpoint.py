@@ -1,0 +1,314 @@
+"""Load a checkpoint: policy (base + adapter), tokenizer, AdamW with its state, metadata.
+
+Formats (DESIGN §6):
+- ``rl_practice``: ``model/`` (PEFT adapter or full model), ``optimizer.pt``, optional
+  ``optimizer_param_names.json``, ``scheduler.pt``, ``training_info.json``, ``config.yaml``;
+  a run folder holding ``step_N/`` folders means its latest step.
+- ``hf_trainer``: ``checkpoint-N/`` with ``adapter_model.safetensors`` (or a full model),
+  ``optimizer.pt`` with decay / no-decay groups, ``trainer_state.json``.
+- a plain full model (``config.json`` + weights) with ``optimizer.pt`` beside it.
+
+The optimizer state must cover every trainable parameter with matching shapes; a state that
+does not is an error naming the first mismatch, never a silent fresh optimizer.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from entropy_lab.config import load_training_config
+from entropy_lab.errors import CheckpointError
+from entropy_lab.precision import (
+    attention_for,
+    disable_tf32,
+    make_faithful,
+    torch_dtype,
+    warn_if_low_precision,
+)
+from entropy_lab.tiny import directory_digest
+
+_STEP_DIR = re.compile(r"^(?:step_|checkpoint-)(\d+)$")
+
+
+@dataclass
+class LoadedCheckpoint:
+    policy: nn.Module
+    tokenizer: Any
+    optimizer: torch.optim.Optimizer
+    training_config: dict[str, Any]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CheckpointLayout:
+    root: Path  # the step folder
+    format: str  # rl_practice | hf_trainer | full_model
+    model_dir: Path  # adapter or full model
+    is_adapter: bool
+    optimizer_path: Path
+    param_names_path: Path | None
+    config_path: Path | None
+
+
+def resolve_layout(path: str | Path) -> CheckpointLayout:
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise CheckpointError(f"checkpoint not found: {root} (pass an existing folder)")
+    if not root.is_dir():
+        raise CheckpointError(f"checkpoint must be a folder, got the file {root}")
+    steps = sorted(
+        (int(m.group(1)), p)
+        for p in root.iterdir()
+        if p.is_dir() and (m := _STEP_DIR.match(p.name))
+    )
+    if not (root / "optimizer.pt").exists() and steps:
+        root = steps[-1][1]  # a run folder: take its latest saved step
+    optimizer_path = root / "optimizer.pt"
+    if not optimizer_path.is_file():
+        raise CheckpointError(
+            f"no optimizer.pt in {root}: the experiment needs the AdamW state saved with the "
+            "adapter (save the optimizer state_dict next to the model)"
+        )
+    if (root / "model").is_dir():
+        model_dir, fmt = root / "model", "rl_practice"
+    elif (root / "adapter_config.json").is_file() or (root / "trainer_state.json").is_file():
+        model_dir, fmt = root, "hf_trainer"
+    elif (root / "config.json").is_file():
+        model_dir, fmt = root, "full_model"
+    else:
+        raise CheckpointError(
+            f"{root} has neither model/ (RL_Practice layout), adapter_config.json "
+            "(HF Trainer layout) nor config.json (full model)"
+        )
+    is_adapter = (model_dir / "adapter_config.json").is_file()
+    if not is_adapter and not (model_dir / "config.json").is_file():
+        raise CheckpointError(f"{model_dir} holds neither adapter_config.json nor config.json")
+    names = root / "optimizer_param_names.json"
+    config = root / "config.yaml"
+    return CheckpointLayout(
+        root=root,
+        format=fmt,
+        model_dir=model_dir,
+        is_adapter=is_adapter,
+        optimizer_path=optimizer_path,
+        param_names_path=names if names.is_file() else None,
+        config_path=config if config.is_file() else None,
+    )
+
+
+def resolve_base_model(layout: CheckpointLayout, base_model: str | None) -> str:
+    """--base-model wins; else adapter_config's path, tried as given and relative to the
+    adapter and checkpoint folders; else an offline hub cache entry."""
+    if base_model:
+        return base_model
+    adapter_cfg = json.loads((layout.model_dir / "adapter_config.json").read_text())
+    name = adapter_cfg.get("base_model_name_or_path")
+    if not name:
+        raise CheckpointError(
+            f"{layout.model_dir}/adapter_config.json names no base model: pass --base-model DIR"
+        )
+    for candidate in (Path(name), layout.model_dir / name, layout.root / name):
+        if (candidate / "config.json").is_file():
+            return str(candidate.resolve())
+    return name  # a hub id: loaded with local_files_only, so it must be cached
+
+
+def load_checkpoint(
+    path: str | Path,
+    *,
+    dtype: str = "fp32",
+    device: str = "cpu",
+    base_model: str | None = None,
+    faithful_fp64: bool = True,
+    training_config_path: str | Path | None = None,
+) -> LoadedCheckpoint:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    precision = disable_tf32()
+    warn_if_low_precision(dtype)
+    layout = resolve_layout(path)
+    torch_dt = torch_dtype(dtype)
+    attn = attention_for(dtype, device, faithful_fp64)
+    load_attn = "eager" if attn != "eager" else attn
+    base_name = resolve_base_model(layout, base_model) if layout.is_adapter else None
+    model_source = base_name if layout.is_adapter else str(layout.model_dir)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_source, dtype=torch_dt, attn_implementation=load_attn, local_files_only=True
+        )
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"cannot load the base model {model_source!r} offline ({type(exc).__name__}): "
+            "pass --base-model with a local folder or a cached hub id"
+        ) from None
+    if layout.is_adapter:
+        policy = PeftModel.from_pretrained(model, str(layout.model_dir), is_trainable=True)
+    else:
+        policy = model
+        for p in policy.parameters():
+            p.requires_grad_(True)
+    policy.to(device=device, dtype=torch_dt)
+    if dtype == "fp64" and faithful_fp64:
+        make_faithful(policy)
+    policy.eval()  # no dropout, LoRA dropout included
+
+    tokenizer_dir = layout.model_dir
+    if not (tokenizer_dir / "tokenizer_config.json").is_file() and base_name:
+        tokenizer_dir = Path(base_name)
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+
+    optimizer, mapping = load_optimizer(policy, layout)
+    cfg_path = training_config_path or layout.config_path
+    training_config = load_training_config(cfg_path) if cfg_path else {}
+    trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    metadata = {
+        "path": str(layout.root.resolve()),
+        "format": layout.format,
+        "adapter": layout.is_adapter,
+        "base_model": base_name,
+        "digest": checkpoint_digest(layout),
+        "trainable_parameters": trainable,
+        "total_parameters": sum(p.numel() for p in policy.parameters()),
+        "optimizer_mapping": mapping,
+        "optimizer_step": _optimizer_step(optimizer),
+        "dtype": dtype,
+        "device": device,
+        "attention": attention_for(dtype, device, faithful_fp64),
+        **precision,
+    }
+    return LoadedCheckpoint(policy, tokenizer, optimizer, training_config, metadata)
+
+
+def checkpoint_digest(layout: CheckpointLayout) -> str:
+    """Digest of what defines θ₀ and S₀: the model folder, the optimizer and names files."""
+    import hashlib
+
+    h = hashlib.sha256(directory_digest(layout.model_dir).encode())
+    for f in (layout.optimizer_path, layout.param_names_path):
+        if f is not None:
+            h.update(hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def _optimizer_step(optimizer: torch.optim.Optimizer) -> int | None:
+    steps = [float(s["step"]) for s in optimizer.state.values() if "step" in s]
+    return int(max(steps)) if steps else None
+
+
+def _strip(name: str) -> str:
+    """A parameter name without PEFT / wrapper prefixes, for matching saved names."""
+    for prefix in ("module.", "base_model.model.", "_orig_mod."):
+        while name.startswith(prefix):
+            name = name[len(prefix) :]
+    return name
+
+
+def _decay_split(policy: nn.Module, trainable: list[tuple[str, nn.Parameter]]):
+    """Trainable params in ``Trainer.create_optimizer`` order: decay group, then no-decay."""
+    norm_params = set()
+    for module in policy.modules():
+        if isinstance(module, nn.LayerNorm) or "Norm" in type(module).__name__:
+            norm_params.update(id(p) for p in module.parameters(recurse=False))
+    decay = [(n, p) for n, p in trainable if "bias" not in n and id(p) not in norm_params]
+    no_decay = [(n, p) for n, p in trainable if "bias" in n or id(p) in norm_params]
+    return decay, no_decay
+
+
+def load_optimizer(policy: nn.Module, layout: CheckpointLayout):
+    """AdamW over the trainable parameters with the saved state mapped onto them."""
+    try:
+        saved = torch.load(layout.optimizer_path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle refused (code in it) or a corrupt file
+        raise CheckpointError(
+            f"cannot read {layout.optimizer_path} with torch.load(weights_only=True): "
+            f"{str(exc).splitlines()[0][:200]}"
+        ) from None
+    if not isinstance(saved, dict) or "state" not in saved or "param_groups" not in saved:
+        raise CheckpointError(f"{layout.optimizer_path} is not an optimizer state_dict")
+    saved_ids = [i for g in saved["param_groups"] for i in g["params"]]
+    all_params = list(policy.named_parameters())
+    trainable = [(n, p) for n, p in all_params if p.requires_grad]
+
+    candidates: list[tuple[str, list[tuple[str, nn.Parameter]]]] = []
+    if layout.param_names_path is not None:
+        names = json.loads(layout.param_names_path.read_text())
+        by_name = {_strip(n): (n, p) for n, p in all_params}
+        missing = [n for n in names if _strip(n) not in by_name]
+        if missing:
+            raise CheckpointError(
+                f"{layout.param_names_path.name}: parameter {missing[0]!r} is not in the policy "
+                "(wrong base model or adapter?)"
+            )
+        candidates.append(("param_names", [by_name[_strip(n)] for n in names]))
+    else:
+        decay, no_decay = _decay_split(policy, trainable)
+        candidates += [
+            ("positional_full", all_params),
+            ("positional_trainable", trainable),
+            ("trainer_decay_groups", decay + no_decay),
+        ]
+    errors = []
+    for label, params in candidates:
+        problem = _mapping_problem(saved, saved_ids, params, trainable)
+        if problem is None:
+            return _build_optimizer(saved, saved_ids, params), label
+        errors.append(f"{label}: {problem}")
+    raise CheckpointError(
+        f"optimizer state in {layout.optimizer_path} does not match the trainable parameters "
+        f"({len(trainable)} trainable, {len(saved_ids)} in the state) — " + "; ".join(errors)
+    )
+
+
+def _mapping_problem(saved, saved_ids, params, trainable) -> str | None:
+    """Why mapping saved position k -> params[k] fails, or None if it works."""
+    if len(params) != len(saved_ids):
+        return f"{len(params)} parameters vs {len(saved_ids)} state entries"
+    covered = set()
+    for k, (name, p) in enumerate(params):
+        state = saved["state"].get(saved_ids[k])
+        if not state:
+            continue
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key not in state:
+                return f"{name}: state has no {key} (not an AdamW state?)"
+            if tuple(state[key].shape) != tuple(p.shape):
+                return (
+                    f"first mismatch at {name}: state {key} shape {tuple(state[key].shape)} "
+                    f"vs parameter {tuple(p.shape)}"
+                )
+        if not p.requires_grad:
+            return f"{name} is frozen but has optimizer state"
+        covered.add(id(p))
+    uncovered = [n for n, p in trainable if id(p) not in covered]
+    if uncovered:
+        return f"trainable parameter {uncovered[0]} has no optimizer state"
+    return None
+
+
+def _build_optimizer(saved, saved_ids, params) -> torch.optim.Optimizer:
+    """AdamW over the trainable members of each saved group, state renumbered to match."""
+    groups, state = [], {}
+    flat = 0
+    for group in saved["param_groups"]:
+        members = []
+        for saved_id in group["params"]:
+            _, p = params[flat]
+            flat += 1
+            if p.requires_grad:
+                state[len(state)] = saved["state"][saved_id]
+                members.append(p)
+        if members:
+            groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": members})
+    optimizer = torch.optim.AdamW(groups)
+    sd = optimizer.state_dict()
+    sd["state"] = state
+    optimizer.load_state_dict(sd)  # casts moments to each parameter's dtype and device
+    return optimizer

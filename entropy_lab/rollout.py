@@ -1,0 +1,204 @@
+"""Rollouts: sample responses at θ₀ from the full tempered softmax, with a KV cache.
+
+A hand-written loop instead of HF ``generate``: ``generate`` silently applies top_k = 50 and
+whatever a model's generation_config.json asks for (top_p, repetition penalty), and the
+scorer must use exactly the distribution that sampled. Batches come back right-padded
+(prompt, response, pad), so a plain forward with default position ids scores them.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+
+from entropy_lab.tasks import Problem
+
+
+@dataclass
+class SequenceBatch:
+    """Right-padded sequences; ``response_mask[t] = 1`` where token t is a response token.
+
+    The entropy and log-prob of token t are taken from the logits at position t − 1.
+    """
+
+    input_ids: torch.Tensor  # [N, L] long
+    attention_mask: torch.Tensor  # [N, L] long
+    response_mask: torch.Tensor  # [N, L] long
+    prompt_index: torch.Tensor  # [N] long: which prompt each sequence answers
+    responses: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_response_tokens(self) -> int:
+        return int(self.response_mask.sum())
+
+    def to(self, device: torch.device | str) -> SequenceBatch:
+        return SequenceBatch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.response_mask.to(device),
+            self.prompt_index.to(device),
+            list(self.responses),
+        )
+
+    def select(self, rows: torch.Tensor | list[int]) -> SequenceBatch:
+        """A sub-batch, trimmed of columns that are padding in every selected row."""
+        rows_t = torch.as_tensor(rows, dtype=torch.long, device=self.input_ids.device)
+        mask = self.attention_mask[rows_t]
+        width = int(mask.sum(1).max()) if len(rows_t) else 0
+        return SequenceBatch(
+            self.input_ids[rows_t, :width],
+            mask[:, :width],
+            self.response_mask[rows_t, :width],
+            self.prompt_index[rows_t],
+            [self.responses[i] for i in rows_t.tolist()] if self.responses else [],
+        )
+
+    def length_sorted_chunks(self, max_rows: int) -> list[torch.Tensor]:
+        """Row indices grouped by length, so each chunk carries little padding."""
+        order = torch.argsort(self.attention_mask.sum(1), descending=True, stable=True)
+        return list(order.split(max_rows))
+
+    def to_dict(self) -> dict[str, list]:
+        return {
+            "input_ids": self.input_ids.tolist(),
+            "attention_mask": self.attention_mask.tolist(),
+            "response_mask": self.response_mask.tolist(),
+            "prompt_index": self.prompt_index.tolist(),
+            "responses": list(self.responses),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, list]) -> SequenceBatch:
+        return cls(
+            torch.tensor(data["input_ids"], dtype=torch.long),
+            torch.tensor(data["attention_mask"], dtype=torch.long),
+            torch.tensor(data["response_mask"], dtype=torch.long),
+            torch.tensor(data["prompt_index"], dtype=torch.long),
+            list(data.get("responses", [])),
+        )
+
+
+def _cache_kwarg(model: torch.nn.Module) -> str:
+    # transformers 5 renamed past_key_values to cache.
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Top-k / nucleus truncation (both off by default); the scorer must use the same."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+@torch.no_grad()
+def sample_responses(
+    model: torch.nn.Module,
+    tokenizer,
+    problems: list[Problem],
+    num_samples: int,
+    *,
+    temperature: float,
+    max_new_tokens: int,
+    seed: int,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    batch_rows: int = 256,
+) -> SequenceBatch:
+    """``num_samples`` responses per problem; rows ordered problem-major."""
+    if hasattr(model, "get_base_model"):  # PEFT: LoRA layers live inside the base model
+        model = model.get_base_model()
+    device = next(model.parameters()).device
+    prompt_ids = [tokenizer(p.prompt, add_special_tokens=False)["input_ids"] for p in problems]
+    rows = [(i, ids) for i, ids in enumerate(prompt_ids) for _ in range(num_samples)]
+    generator = torch.Generator(device=device).manual_seed(int(seed))
+    eos_id = tokenizer.eos_token_id
+    was_training = model.training
+    model.eval()
+    sequences: list[tuple[int, list[int], list[int]]] = []
+    try:
+        for start in range(0, len(rows), batch_rows):
+            chunk = rows[start : start + batch_rows]
+            responses = _sample_chunk(
+                model,
+                [ids for _, ids in chunk],
+                eos_id,
+                temperature,
+                max_new_tokens,
+                top_k,
+                top_p,
+                generator,
+                device,
+            )
+            sequences += [(i, ids, resp) for (i, ids), resp in zip(chunk, responses)]
+    finally:
+        model.train(was_training)
+    return _pack(sequences, tokenizer)
+
+
+def _sample_chunk(
+    model, prompts, eos_id, temperature, max_new_tokens, top_k, top_p, generator, device
+) -> list[list[int]]:
+    pad_id = 0
+    width = max(len(p) for p in prompts)
+    # Left-pad prompts for generation; positions count real tokens only.
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p) :] = torch.tensor(p, device=device)
+        mask[row, width - len(p) :] = 1
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    cache_kw = _cache_kwarg(model)
+    cache = None
+    step_ids, step_pos = ids, positions
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    out = torch.full((len(prompts), max_new_tokens), -1, dtype=torch.long, device=device)
+    for t in range(max_new_tokens):
+        result = model(
+            input_ids=step_ids,
+            attention_mask=mask,
+            position_ids=step_pos,
+            use_cache=True,
+            **{cache_kw: cache},
+        )
+        cache = getattr(result, cache_kw, None) or result.past_key_values
+        logits = result.logits[:, -1, :].double() / temperature
+        probs = torch.softmax(filter_logits(logits, top_k, top_p), dim=-1)
+        token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        token = torch.where(done, torch.full_like(token, pad_id), token)
+        out[:, t] = torch.where(done, torch.full_like(token, -1), token)
+        done = done | (token == eos_id)
+        if bool(done.all()):
+            break
+        step_ids = token[:, None]
+        step_pos = step_pos[:, -1:] + 1
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    return [[tok for tok in row if tok >= 0] for row in out.tolist()]
+
+
+def _pack(sequences: list[tuple[int, list[int], list[int]]], tokenizer) -> SequenceBatch:
+    width = max(len(p) + len(r) for _, p, r in sequences)
+    n = len(sequences)
+    input_ids = torch.zeros((n, width), dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    response_mask = torch.zeros_like(input_ids)
+    for row, (_, prompt, response) in enumerate(sequences):
+        total = len(prompt) + len(response)
+        input_ids[row, :total] = torch.tensor(prompt + response)
+        attention_mask[row, :total] = 1
+        response_mask[row, len(prompt) : total] = 1
+    texts = [tokenizer.decode(r, skip_special_tokens=True) for _, _, r in sequences]
+    prompt_index = torch.tensor([i for i, _, _ in sequences], dtype=torch.long)
+    return SequenceBatch(input_ids, attention_mask, response_mask, prompt_index, texts)

@@ -1,0 +1,302 @@
+"""The built-in tiny checkpoint: a Qwen2-architecture model that really learned a task, with a
+LoRA adapter and an AdamW state from genuine Dr-GRPO steps, saved in the RL_Practice layout.
+
+Nothing is downloaded: the tokenizer is character-level and built here, the base model is
+trained here on ``a+b=`` problems. Deterministic for a given seed.
+
+Layout written to DIR::
+
+    base_model/             Qwen2ForCausalLM + tokenizer (cannot be fetched from a hub)
+    model/                  PEFT adapter (adapter_config.json points at ../base_model) + tokenizer
+    optimizer.pt            AdamW over *all* policy parameters, as RL_Practice builds it
+    optimizer_param_names.json
+    scheduler.pt
+    training_info.json
+    config.yaml             the training config, RL_Practice key style
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from entropy_lab.tasks import ArithmeticTask
+
+TINY_SEED = 1234
+SPECIAL_TOKENS = ["<pad>", "<eos>", "<unk>"]
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+TINY_TRAINING_CONFIG: dict[str, Any] = {
+    "backbone": "base_model",
+    "lr": 3e-4,
+    "weight_decay": 0.01,
+    "buffer_size": 16,
+    "microbatch_size": 4,
+    "num_generations": 8,
+    "rollout_batch_size": 16,
+    "max_new_tokens": 4,
+    "temperature": 1.0,
+    "clip_eps": 0.2,
+    "grad_clip": 1.0,
+    "bf16": False,
+    "gradient_checkpointing": False,
+    "lr_scheduler": "constant",
+    "total_steps": 4,
+    "save_every": 4,
+    "reward_fns": ["exact_answer"],
+    "scheduler": {"dataset": "arithmetic"},
+    "lora": {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": LORA_TARGETS},
+    "entropy_probe": {"enabled": False},
+    "simple_entropy_probe": {"enabled": False},
+    "gns_probe": {"enabled": False},
+}
+
+
+def build_tokenizer():
+    """Character-level tokenizer over printable ASCII (plus newline and tab)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = ["\n", "\t"] + [chr(i) for i in range(32, 127)]
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + chars)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(".|\n"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def tiny_model_config(vocab_size: int = 128):
+    from transformers import Qwen2Config
+
+    config = Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,  # as Qwen2.5-1.5B
+        rope_theta=10000.0,
+        bos_token_id=None,
+        eos_token_id=1,
+        pad_token_id=0,
+    )
+    config._attn_implementation = "eager"
+    return config
+
+
+def _answer_batch(problems, tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded prompt+answer+eos, with a mask over answer tokens (the SFT targets)."""
+    seqs, masks = [], []
+    for p in problems:
+        prompt = tokenizer(p.prompt, add_special_tokens=False)["input_ids"]
+        answer = tokenizer(p.answer, add_special_tokens=False)["input_ids"] + [1]
+        seqs.append(prompt + answer)
+        masks.append([0] * len(prompt) + [1] * len(answer))
+    width = max(map(len, seqs))
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    target = torch.zeros_like(ids)
+    for i, (s, m) in enumerate(zip(seqs, masks)):
+        ids[i, : len(s)] = torch.tensor(s)
+        attn[i, : len(s)] = 1
+        target[i, : len(s)] = torch.tensor(m)
+    return ids, attn, target
+
+
+def answer_accuracy(model, problems, tokenizer) -> float:
+    """Greedy exact-match accuracy (argmax at every answer position, EOS included)."""
+    ids, attn, target = _answer_batch(problems, tokenizer)
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
+    hit = (logits.argmax(-1) == ids[:, 1:]) | (target[:, 1:] == 0)
+    return float(hit.all(1).double().mean())
+
+
+def train_base_model(tokenizer, task: ArithmeticTask, steps: int, seed: int):
+    from transformers import Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(tiny_model_config())
+    problems = task.problems
+    ids, attn, target = _answer_batch(problems, tokenizer)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        rows = torch.randint(0, len(problems), (128,), generator=gen)
+        logits = model(input_ids=ids[rows], attention_mask=attn[rows]).logits[:, :-1]
+        mask = target[rows, 1:].bool()
+        loss = torch.nn.functional.cross_entropy(logits[mask], ids[rows, 1:][mask])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    model.zero_grad(set_to_none=True)  # stale grads would let AdamW move frozen weights later
+    return model
+
+
+def build_tiny_checkpoint(
+    out_dir: str | Path,
+    seed: int = TINY_SEED,
+    sft_steps: int = 600,
+    rl_steps: int = 4,
+    verbose: bool = False,
+) -> dict[str, Any]:
+    """Build the tiny checkpoint into ``out_dir``; returns its training info."""
+    from peft import LoraConfig, get_peft_model
+
+    from entropy_lab.rollout import sample_responses
+    from entropy_lab.update import PolicyUpdate, UpdateBatch, group_advantages
+
+    started = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    task = ArithmeticTask()
+    base = train_base_model(tokenizer, task, sft_steps, seed)
+    sft_accuracy = answer_accuracy(base, task.problems, tokenizer)
+    if verbose:
+        print(
+            f"tiny base model: greedy accuracy {sft_accuracy:.3f} on {len(task.problems)} problems"
+        )
+    base.save_pretrained(out / "base_model", safe_serialization=True)
+    tokenizer.save_pretrained(out / "base_model")
+
+    cfg = TINY_TRAINING_CONFIG
+    lora = cfg["lora"]
+    peft_config = LoraConfig(
+        r=lora["r"],
+        lora_alpha=lora["alpha"],
+        lora_dropout=lora["dropout"],
+        target_modules=lora["target_modules"],
+        task_type="CAUSAL_LM",
+    )
+    torch.manual_seed(seed + 1)
+    policy = get_peft_model(base, peft_config)
+    # RL_Practice hands *all* policy parameters to AdamW; frozen ones never get state.
+    optimizer = torch.optim.AdamW(
+        policy.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"]
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    updater = PolicyUpdate(
+        policy,
+        optimizer,
+        temperature=cfg["temperature"],
+        clip_eps=cfg["clip_eps"],
+        grad_clip=cfg["grad_clip"],
+        microbatch_size=cfg["microbatch_size"],
+    )
+    _, pool = task.split(eval_size=0, seed=seed)
+    mean_rewards = []
+    for step in range(rl_steps):
+        start = step * cfg["buffer_size"]
+        prompts = pool[start : start + cfg["buffer_size"]]
+        seqs = sample_responses(
+            policy,
+            tokenizer,
+            prompts,
+            cfg["num_generations"],
+            temperature=cfg["temperature"],
+            max_new_tokens=cfg["max_new_tokens"],
+            seed=seed + 100 + step,
+        )
+        rewards = torch.tensor(
+            [task.reward(r, prompts[int(i)]) for r, i in zip(seqs.responses, seqs.prompt_index)]
+        )
+        batch = UpdateBatch(
+            seqs,
+            rewards,
+            group_advantages(rewards, seqs.prompt_index),
+            cfg["num_generations"],
+            cfg["max_new_tokens"],
+        )
+        grad = updater.gradient(batch)
+        for name, p in updater.params.items():
+            p.grad = grad.grads[name]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        mean_rewards.append(float(rewards.mean()))
+    policy.eval()
+    rl_accuracy = answer_accuracy(policy, task.problems, tokenizer)
+
+    policy.save_pretrained(out / "model", safe_serialization=True)
+    tokenizer.save_pretrained(out / "model")
+    _point_adapter_at(out / "model" / "adapter_config.json", "../base_model")
+    torch.save(optimizer.state_dict(), out / "optimizer.pt")
+    torch.save(scheduler.state_dict(), out / "scheduler.pt")
+    names = [name for name, _ in policy.named_parameters()]
+    (out / "optimizer_param_names.json").write_text(json.dumps(names, indent=1) + "\n")
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    info = {
+        "step": rl_steps,
+        "seed": seed,
+        "task": "arithmetic a+b=, operands 0-29",
+        "sft_steps": sft_steps,
+        "sft_greedy_accuracy": sft_accuracy,
+        "rl_greedy_accuracy": rl_accuracy,
+        "rl_mean_reward_per_step": mean_rewards,
+        "trainable_parameters": sum(p.numel() for p in updater.params.values()),
+        "total_parameters": sum(p.numel() for p in policy.parameters()),
+    }
+    (out / "training_info.json").write_text(json.dumps(info, indent=1) + "\n")
+    info["build_seconds"] = time.perf_counter() - started
+    info["digest"] = directory_digest(out)
+    return info
+
+
+def _point_adapter_at(config_path: Path, base: str) -> None:
+    data = json.loads(config_path.read_text())
+    data["base_model_name_or_path"] = base
+    config_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def directory_digest(path: str | Path) -> str:
+    """sha256 over every file's relative path and bytes (sorted)."""
+    root = Path(path)
+    h = hashlib.sha256()
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(str(file.relative_to(root)).encode())
+        h.update(hashlib.sha256(file.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("ENTROPY_LAB_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "entropy_lab"
+    )
+    return Path(base)
+
+
+def ensure_tiny_checkpoint(cache_dir: str | Path | None = None, verbose: bool = False) -> Path:
+    """The tiny checkpoint, built on first use and cached (safe under concurrent callers)."""
+    from filelock import FileLock
+
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / f"tiny-qwen2-seed{TINY_SEED}-v1"
+    with FileLock(str(root / (target.name + ".lock"))):
+        if (target / "training_info.json").is_file():
+            return target
+        staging = root / (target.name + ".partial")
+        if staging.exists():
+            import shutil
+
+            shutil.rmtree(staging)
+        build_tiny_checkpoint(staging, verbose=verbose)
+        staging.rename(target)
+    return target

@@ -1,0 +1,144 @@
+"""The measurement core and the theory oracles on the tiny checkpoint."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from entropy_lab.protocol import direction, measure_point
+from entropy_lab.theory import covariance_identity_slope
+
+pytestmark = pytest.mark.cpu
+
+
+@pytest.fixture(scope="module")
+def dir64(setup64):
+    return direction(setup64, 0)
+
+
+@pytest.fixture(scope="module")
+def dir32(setup32):
+    return direction(setup32, 0)
+
+
+def test_real_step_equals_theta0_plus_eta_v(setup64, dir64):
+    upd = setup64.updater
+    for eta in (1e-8, 1e-5, 1e-2, 0.3):
+        upd.step(eta, dir64.gradient)
+        for name, p in upd.params.items():
+            expected = upd.theta0[name] + eta * dir64.vector[name]
+            step = (expected - upd.theta0[name]).norm()
+            err = (p.detach() - expected).norm()
+            assert err <= 1e-6 * step + 1e-300, (name, eta, float(err / step))
+        upd.restore()
+    # and the restore really restores θ₀ and S₀
+    for name, p in upd.params.items():
+        assert torch.equal(p.detach(), upd.theta0[name])
+
+
+def test_zero_step_is_exactly_zero_and_ess_full(setup32, dir32):
+    readings = setup32.scorer.measure(setup32.eval_batch, setup32.reference_logprob)
+    assert readings.policy - setup32.baseline.policy == 0.0
+    assert readings.conditional - setup32.baseline.conditional == 0.0
+    assert readings.ess == len(setup32.eval_batch)
+    record = measure_point(setup32, dir32, 0.0)
+    assert record["entropy_change"] == 0.0 and record["ess"] == len(setup32.eval_batch)
+
+
+def test_planted_unpaired_batch_is_caught(setup32, tiny_checkpoint):
+    """Scoring a different batch after the step (the original bug) breaks ΔH(0) == 0."""
+    from tests.conftest import make_setup
+
+    other = make_setup(tiny_checkpoint, dtype="fp32", eval_size=256, seed=7)
+    unpaired = setup32.scorer.measure(other.eval_batch, other.reference_logprob)
+    assert abs(unpaired.policy - setup32.baseline.policy) > 1e-4
+
+
+def test_same_seed_twice_identical(setup32, dir32):
+    again = direction(setup32, 0)
+    a = measure_point(setup32, dir32, 1e-5)
+    b = measure_point(setup32, again, 1e-5)
+    assert a["entropy_change"] == b["entropy_change"]
+    assert a["first_order_prediction"] == b["first_order_prediction"]
+
+
+def test_fp64_resolves_tiny_steps_linearly(setup64, dir64):
+    low = measure_point(setup64, dir64, 1e-10)
+    high = measure_point(setup64, dir64, 1e-9)
+    ratio = high["entropy_change"] / low["entropy_change"]
+    assert abs(ratio - 10) <= 0.05, ratio
+    # and it matches the jvp first order to 1 %
+    for r in (low, high):
+        rel = abs(r["entropy_change"] - r["first_order_prediction"]) / abs(r["first_order_prediction"])
+        assert rel <= 0.01, rel
+
+
+def test_fp32_flags_tiny_steps_unresolvable(setup32, dir32):
+    from entropy_lab.theory import classify_points
+
+    records = [measure_point(setup32, dir32, eta) for eta in (1e-10, 1e-5)]
+    status = classify_points(records, "fp32")
+    assert not status[1e-10].resolvable and status[1e-10].reasons
+    assert status[1e-10].quantized_fraction > 0.5
+
+
+def test_cui_identity_agrees_with_jvp_in_fp64(setup64, dir64):
+    cui = covariance_identity_slope(
+        setup64.scorer, setup64.eval_batch, setup64.updater.theta0, dir64.vector
+    )
+    jvp_slope = dir64.derivatives.slope_conditional
+    assert abs(cui - jvp_slope) <= 1e-6 * abs(jvp_slope), (cui, jvp_slope)
+
+
+def test_second_order_predicts_nonlinearity(setup64, dir64):
+    from entropy_lab.theory import eta_max
+
+    d = dir64.derivatives
+    top = eta_max(d.slope_policy, d.curvature_policy, tol=0.05)
+    r = measure_point(setup64, dir64, top)
+    measured = r["entropy_change"] / r["first_order_prediction"] - 1
+    predicted = top * d.curvature_policy / (2 * d.slope_policy)
+    assert abs(predicted) == pytest.approx(0.05)
+    assert abs(measured - predicted) <= 0.2 * abs(predicted), (measured, predicted)
+
+
+def test_first_order_matches_finite_difference(setup64, dir64):
+    """An oracle for the oracle: central difference of the real sweep in fp64."""
+    eta = 1e-7
+    r = measure_point(setup64, dir64, eta)
+    central = (r["entropy_change"] - r["entropy_change_negative"]) / (2 * eta)
+    assert math.isclose(central, dir64.derivatives.slope_policy, rel_tol=1e-5)
+
+
+def test_faithful_fp64_computes_the_stock_function(tiny_checkpoint, setup32):
+    from tests.conftest import make_setup
+
+    stock = setup32.baseline.conditional
+    faithful = make_setup(tiny_checkpoint, dtype="fp64", eval_size=256).baseline.conditional
+    assert abs(faithful - stock) <= 1e-6 * abs(stock)
+
+
+def test_independent_recomputation_of_entropy_before(tiny_checkpoint, setup64):
+    """Plain transformers + peft, full logits, no entropy_lab code on the scoring path."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    batch = setup64.eval_batch.to_dict()
+    base = AutoModelForCausalLM.from_pretrained(
+        str(tiny_checkpoint / "base_model"), dtype=torch.float64, attn_implementation="eager"
+    )
+    model = PeftModel.from_pretrained(base, str(tiny_checkpoint / "model")).eval()
+    from entropy_lab.precision import make_faithful
+
+    make_faithful(model)
+    ids = torch.tensor(batch["input_ids"])
+    mask = torch.tensor(batch["response_mask"])
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=torch.tensor(batch["attention_mask"])).logits
+    logp = torch.log_softmax(logits[:, :-1].double(), -1)
+    ent = -(logp.exp() * logp).sum(-1)
+    target = mask[:, 1:].bool()
+    h = float(ent[target].sum() / target.sum())
+    assert abs(h - setup64.baseline.conditional) <= 1e-9 * h
