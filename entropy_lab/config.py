@@ -250,6 +250,9 @@ class ExperimentConfig:
             "grad_clip": training.get("grad_clip"),
             "prompt_template": training.get("prompt_template"),
         }
+        # The seed experiment's buffer and micro-batch overrides, unless set explicitly.
+        for key in ("buffer_size", "microbatch_size"):
+            mapped[key] = EXPERIMENT_OVERRIDES[key]
         task = training.get("scheduler", {})
         if isinstance(task, dict) and task.get("dataset"):
             mapped["task"] = str(task["dataset"])

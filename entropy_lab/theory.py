@@ -183,7 +183,7 @@ EPS = {"fp32": 2.0**-23, "fp64": 2.0**-52, "bf16": 2.0**-7}
 class FloorThresholds:
     max_quantized_fraction: float = 0.01  # updated entries rounded away by fl(θ + η·v)
     min_signal_eps: float = 10.0  # |ΔH| ≥ this × eps(dtype) × H
-    max_symmetric_residual: float = 0.02  # |ΔH(η) + ΔH(−η) − η²c| / |ΔH(η)|
+    max_symmetric_residual: float = 0.02  # RMS(ΔH(η) + ΔH(−η) − η²c) / |mean ΔH(η)|
     nonlinearity_tol: float = 0.05  # η_max(tol)
 
 
@@ -223,18 +223,20 @@ def classify_points(
         sym = None
         sym_rows = [r for r in rows if r.get("entropy_change_negative") is not None]
         if sym_rows:
-            sym = max(
-                abs(
-                    r["entropy_change"]
-                    + r["entropy_change_negative"]
-                    - eta**2 * (r.get("curvature") or 0.0)
-                )
-                / max(abs(r["entropy_change"]), 1e-300)
+            # Rounding noise, measured: the even part of ΔH beyond its η²c/2 prediction,
+            # RMS over repeats, against the mean signal that the fit uses.
+            residuals = [
+                r["entropy_change"]
+                + r["entropy_change_negative"]
+                - eta**2 * (r.get("curvature") or 0.0)
                 for r in sym_rows
-            )
+            ]
+            rms = math.sqrt(sum(x * x for x in residuals) / len(residuals))
+            sym = rms / max(abs(mean_change), 1e-300)
             if sym > thresholds.max_symmetric_residual:
                 reasons.append(
-                    f"ΔH(η)+ΔH(−η)−η²c is {sym:.1%} of ΔH (> {thresholds.max_symmetric_residual:.0%}): rounding noise"
+                    f"RMS of ΔH(η)+ΔH(−η)−η²c is {sym:.1%} of mean |ΔH| "
+                    f"(> {thresholds.max_symmetric_residual:.0%}): rounding noise"
                 )
         slopes = [r.get("first_order_slope") for r in rows]
         curvs = [r.get("curvature") for r in rows]

@@ -1,0 +1,221 @@
+"""``entropy-lab``: sweep, quick, report, make-tiny.
+
+The main path of a sweep, top to bottom:
+config → checkpoint → batches (prepare) → update + entropy (run_sweep) → stats + report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from entropy_lab.errors import EntropyLabError
+
+# On the tiny model the fp32 window is only about [1e-5, 2e-5] (its slope is small), so the
+# quick run on it uses faithful fp64, where the window spans 1e-10 … 2e-5.
+QUICK_LEARNING_RATES = "1e-7,1e-6,1e-5"
+QUICK_REPEATS = 3
+TINY_EVAL_SIZE = 256
+
+
+def _add_sweep_arguments(p: argparse.ArgumentParser, quick: bool) -> None:
+    p.add_argument("--checkpoint", help="checkpoint folder (default for quick: the tiny one)")
+    p.add_argument("--base-config", help="training YAML (default: the checkpoint's config.yaml)")
+    p.add_argument("--base-model", help="base model folder or cached hub id for an adapter")
+    p.add_argument(
+        "--learning-rates",
+        default=QUICK_LEARNING_RATES if quick else "1e-8,1e-7,1e-6,1e-5,1e-4",
+        help="comma-separated η values",
+    )
+    p.add_argument("--num-repeats", type=int, default=QUICK_REPEATS if quick else 5)
+    p.add_argument("--output-dir", default="entropy_results")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, …")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["fp32", "fp64", "bf16"],
+        help="fp32 (default), fp64 (faithful; default for quick on the tiny checkpoint), bf16",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-size", type=int, default=None, help="B_E: evaluation prompts")
+    p.add_argument("--buffer-size", type=int, default=None, help="update prompts per repeat")
+    p.add_argument("--microbatch-size", type=int, default=None)
+    p.add_argument("--steps", type=int, default=1, help="optimizer steps between measurements")
+    p.add_argument("--reading", default="policy", choices=["policy", "conditional"])
+    p.add_argument("--no-curvature", action="store_true", help="skip the nested-jvp term")
+    p.add_argument("--resume", metavar="DIR", help="continue an interrupted sweep in DIR")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: auto)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="entropy-lab",
+        description="Is the entropy change after one RL optimizer step linear in η?",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_sweep_arguments(sub.add_parser("sweep", help="run a learning-rate sweep"), quick=False)
+    _add_sweep_arguments(
+        sub.add_parser("quick", help="3 η × 3 repeats (tiny checkpoint by default)"), quick=True
+    )
+    rep = sub.add_parser("report", help="recompute analysis.json and plots from raw_results")
+    rep.add_argument("folder")
+    tiny = sub.add_parser("make-tiny", help="build the built-in tiny checkpoint")
+    tiny.add_argument("folder")
+    tiny.add_argument("--seed", type=int, default=None)
+    return parser
+
+
+def _set_threads(threads: int | None, total_parameters: int) -> None:
+    import torch
+
+    if threads is None:
+        # Tiny matmuls run slower on several threads (and thrash under pytest-xdist).
+        threads = 1 if total_parameters < 5_000_000 else torch.get_num_threads()
+    torch.set_num_threads(max(1, threads))
+
+
+def run_sweep_command(args: argparse.Namespace, quick: bool) -> Path:
+    from entropy_lab.checkpoint import load_checkpoint
+    from entropy_lab.config import ExperimentConfig, parse_learning_rates
+    from entropy_lab.protocol import prepare, run_sweep
+    from entropy_lab.report import format_tables, write_report
+    from entropy_lab.store import environment_info, new_results_dir
+    from entropy_lab.tiny import ensure_tiny_checkpoint
+
+    started = time.perf_counter()
+    etas = parse_learning_rates(args.learning_rates)
+    checkpoint_path = args.checkpoint
+    tiny = checkpoint_path is None
+    if tiny:
+        if not quick:
+            raise EntropyLabError("sweep needs --checkpoint DIR (or use `entropy-lab quick`)")
+        checkpoint_path = ensure_tiny_checkpoint(verbose=True)
+    args.dtype = args.dtype or ("fp64" if tiny else "fp32")
+    checkpoint = load_checkpoint(
+        checkpoint_path,
+        dtype=args.dtype,
+        device=args.device,
+        base_model=args.base_model,
+        training_config_path=args.base_config,
+    )
+    _set_threads(args.threads, checkpoint.metadata["total_parameters"])
+    eval_size = args.eval_size or (TINY_EVAL_SIZE if tiny else 64)
+    cfg = ExperimentConfig.from_training_config(
+        checkpoint.training_config,
+        etas,
+        num_repeats=args.num_repeats,
+        seed=args.seed,
+        device=args.device,
+        dtype=args.dtype,
+        eval_size=eval_size,
+        buffer_size=args.buffer_size,
+        microbatch_size=args.microbatch_size,
+        steps=args.steps,
+        reading=args.reading,
+        curvature=not args.no_curvature,
+    )
+    folder = _open_folder(args, cfg, checkpoint.metadata, new_results_dir)
+    setup = prepare(cfg, checkpoint)
+    precision = {k: checkpoint.metadata[k] for k in ("tf32_matmul", "tf32_cudnn")}
+    folder.write_meta(
+        {
+            "checkpoint": checkpoint.metadata,
+            "config": cfg.effective(),
+            "environment": environment_info(args.device, args.dtype, precision),
+        }
+    )
+    folder.write_config(cfg.effective())
+    folder.write_eval_batch(setup.eval_batch.to("cpu").to_dict())
+    done = folder.done_pairs()
+    if done:
+        print(f"resuming {folder.path}: {len(done)} finished points kept", file=sys.stderr)
+    try:
+        run_sweep(setup, done=done, on_record=folder.write_record, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        write_report(folder.path)
+        print(
+            f"\ninterrupted: partial analysis written to {folder.path}\n"
+            f"resume with: entropy-lab {args.command} --resume {folder.path} "
+            "(and the same other flags)",
+            file=sys.stderr,
+        )
+        raise SystemExit(130) from None
+    analysis = write_report(folder.path)
+    print(format_tables(analysis))
+    print(f"\nresults: {folder.path}  ({time.perf_counter() - started:.1f} s)")
+    return folder.path
+
+
+def _open_folder(args, cfg, checkpoint_meta: dict[str, Any], new_results_dir):
+    from entropy_lab.store import ResultsFolder
+
+    if not args.resume:
+        return ResultsFolder(new_results_dir(args.output_dir))
+    path = Path(args.resume)
+    if not (path / "run_meta.json").is_file():
+        raise EntropyLabError(f"--resume {path}: no run_meta.json there (not a results folder)")
+    folder = ResultsFolder(path)
+    meta = folder.read_meta()
+    old_digest = meta.get("checkpoint", {}).get("digest")
+    if old_digest != checkpoint_meta["digest"]:
+        raise EntropyLabError(
+            f"--resume {path}: it was measured on another checkpoint (digest {str(old_digest)[:12]}…)"
+        )
+    old_cfg = dict(meta.get("config", {}))
+    new_cfg = cfg.effective()
+    changed = [
+        k
+        for k in cfg.measurement_key()
+        if k in old_cfg and old_cfg[k] != new_cfg[k] and k != "learning_rates"
+    ]
+    if changed:
+        raise EntropyLabError(
+            f"--resume {path}: settings differ from the interrupted run ({', '.join(changed)}); "
+            "use the same flags"
+        )
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.debug:
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()
+        except ImportError:
+            pass
+    try:
+        if args.command in ("sweep", "quick"):
+            run_sweep_command(args, quick=args.command == "quick")
+        elif args.command == "report":
+            from entropy_lab.report import format_tables, write_report
+
+            folder = Path(args.folder)
+            if not (folder / "raw_results.json").is_file():
+                raise EntropyLabError(f"{folder}: no raw_results.json (not a results folder)")
+            print(format_tables(write_report(folder)))
+        elif args.command == "make-tiny":
+            from entropy_lab.tiny import TINY_SEED, build_tiny_checkpoint
+
+            info = build_tiny_checkpoint(args.folder, seed=args.seed or TINY_SEED, verbose=True)
+            print(
+                f"tiny checkpoint in {args.folder}: greedy accuracy {info['rl_greedy_accuracy']:.3f}, "
+                f"{info['trainable_parameters']} trainable / {info['total_parameters']} parameters, "
+                f"built in {info['build_seconds']:.1f} s, digest {info['digest'][:16]}"
+            )
+    except EntropyLabError as exc:
+        if args.debug:
+            raise
+        print(f"entropy-lab: error: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,448 @@
+"""The pytest face of entropy_lab: options, markers, shared measurements, JSON report.
+
+Registered from the root conftest.py. Measurements are computed once per η per pytest run,
+even under pytest-xdist: a file lock per η in a store shared by all workers (under the
+run's base temp dir), keyed by checkpoint digest and measurement settings. Any test still
+runs alone: it measures what it needs on demand.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+GPU_DEFAULT_GRID = "1e-8,1e-7,1e-6,1e-5,1e-4"
+CPU_DEFAULT_GRID = "1e-8,1e-7,1e-6,1e-5"  # inside the tiny model's faithful-fp64 window
+CPU_EVAL_SIZE = 256
+JSON_SCHEMA_VERSION = 1
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    g = parser.getgroup("entropy_lab", "entropy-lab linearity suite")
+    g.addoption("--checkpoint", default=None, help="checkpoint folder (gpu suite: required)")
+    g.addoption("--base-config", default=None, help="training YAML (default: checkpoint's)")
+    g.addoption("--base-model", default=None, help="base model folder for an adapter")
+    g.addoption("--learning-rates", default=None, help="comma-separated η grid")
+    g.addoption("--num-repeats", type=int, default=None, help="repeats per η")
+    g.addoption("--device", default=None, help="cpu / cuda; gpu suite with cpu runs on the CPU")
+    g.addoption(
+        "--dtype",
+        default=None,
+        choices=["fp32", "fp64", "bf16"],
+        help="default: fp64 for the cpu suite (tiny model), fp32 for the gpu suite",
+    )
+    g.addoption("--eval-size", type=int, default=None, help="evaluation prompts B_E")
+    g.addoption("--r2-min", type=float, default=0.95, help="R² threshold (default 0.95)")
+    g.addoption("--entropy-json", default=None, help="write the JSON report to PATH")
+
+
+def _is_worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("--device") in (None, "cuda") and _is_worker(config):
+        # Pin worker gwK to GPU K mod n before CUDA initialises.
+        worker = config.workerinput["workerid"]  # type: ignore[attr-defined]
+        index = int(worker.removeprefix("gw") or 0)
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        devices = visible.split(",") if visible else None
+        if devices is None:
+            try:
+                import torch
+
+                n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            except Exception:
+                n = 0
+            devices = [str(i) for i in range(n)]
+        if devices:
+            os.environ["CUDA_VISIBLE_DEVICES"] = devices[index % len(devices)]
+    config._entropy_reports = []  # type: ignore[attr-defined]
+
+
+# -- suite settings -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SuiteSettings:
+    kind: str  # "cpu" or "gpu"
+    checkpoint: str
+    base_config: str | None
+    base_model: str | None
+    learning_rates: list[float]
+    num_repeats: int
+    device: str
+    dtype: str
+    eval_size: int | None
+    r2_min: float
+
+
+def suite_settings(config: pytest.Config, kind: str) -> SuiteSettings:
+    """Defaults per marker; skips (with a reason a person can act on) decided here only."""
+    from entropy_lab.config import parse_learning_rates
+
+    checkpoint = config.getoption("--checkpoint")
+    device = config.getoption("--device")
+    if kind == "gpu":
+        if not checkpoint:
+            pytest.skip("gpu suite needs --checkpoint DIR (your RL checkpoint folder)")
+        if device is None:
+            import torch
+
+            if not torch.cuda.is_available():
+                pytest.skip("gpu suite needs CUDA; add --device cpu to run its bodies on the CPU")
+            device = "cuda"
+        grid, repeats = GPU_DEFAULT_GRID, 5
+    else:
+        if not checkpoint:
+            from entropy_lab.tiny import ensure_tiny_checkpoint
+
+            checkpoint = str(ensure_tiny_checkpoint())
+        device = device or "cpu"
+        grid, repeats = CPU_DEFAULT_GRID, 3
+    etas = parse_learning_rates(config.getoption("--learning-rates") or grid)
+    eval_size = config.getoption("--eval-size") or (CPU_EVAL_SIZE if kind == "cpu" else None)
+    return SuiteSettings(
+        kind=kind,
+        checkpoint=checkpoint,
+        base_config=config.getoption("--base-config"),
+        base_model=config.getoption("--base-model"),
+        learning_rates=etas,
+        num_repeats=config.getoption("--num-repeats") or repeats,
+        device=device,
+        dtype=config.getoption("--dtype") or ("fp64" if kind == "cpu" else "fp32"),
+        eval_size=eval_size,
+        r2_min=config.getoption("--r2-min"),
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "eta" in metafunc.fixturenames:
+        from entropy_lab.config import parse_learning_rates
+
+        cls = metafunc.cls
+        kind = getattr(cls, "suite_kind", "cpu")
+        default = GPU_DEFAULT_GRID if kind == "gpu" else CPU_DEFAULT_GRID
+        etas = parse_learning_rates(metafunc.config.getoption("--learning-rates") or default)
+        metafunc.parametrize("eta", etas, ids=[f"eta={e!r}" for e in etas])
+
+
+# -- shared measurement store -----------------------------------------------------------------
+
+
+class MeasurementStore:
+    """Per-η records on disk, measured once under a file lock, shared by xdist workers."""
+
+    def __init__(self, root: Path, settings: SuiteSettings) -> None:
+        self.settings = settings
+        self.root = root
+        self._setup = None
+        self._directions: dict[int, Any] = {}
+        self._key_dir: Path | None = None
+
+    # Lazy: loading the checkpoint only when something must really be measured.
+    def _ensure_setup(self):
+        if self._setup is None:
+            from entropy_lab.checkpoint import load_checkpoint
+            from entropy_lab.cli import _set_threads
+            from entropy_lab.config import ExperimentConfig
+            from entropy_lab.protocol import prepare
+
+            s = self.settings
+            ck = load_checkpoint(
+                s.checkpoint,
+                dtype=s.dtype,
+                device=s.device,
+                base_model=s.base_model,
+                training_config_path=s.base_config,
+            )
+            _set_threads(None, ck.metadata["total_parameters"])
+            cfg = ExperimentConfig.from_training_config(
+                ck.training_config,
+                s.learning_rates,
+                num_repeats=s.num_repeats,
+                device=s.device,
+                dtype=s.dtype,
+                eval_size=s.eval_size,
+            )
+            self._setup = prepare(cfg, ck)
+        return self._setup
+
+    @property
+    def key_dir(self) -> Path:
+        """One folder per (checkpoint digest, measurement settings)."""
+        if self._key_dir is None:
+            from entropy_lab.checkpoint import checkpoint_digest, resolve_layout
+
+            s = self.settings
+            ident = {
+                "digest": checkpoint_digest(resolve_layout(s.checkpoint)),
+                "repeats": s.num_repeats,
+                "device": s.device,
+                "dtype": s.dtype,
+                "eval_size": s.eval_size,
+                "base_config": s.base_config,
+                "base_model": s.base_model,
+            }
+            key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+            self._key_dir = self.root / key
+            self._key_dir.mkdir(parents=True, exist_ok=True)
+        return self._key_dir
+
+    def records(self, eta: float) -> list[dict[str, Any]]:
+        from filelock import FileLock
+
+        from entropy_lab.store import atomic_write_json, eta_label
+
+        path = self.key_dir / f"lr_{eta_label(eta)}.json"
+        with FileLock(str(path) + ".lock"):
+            if path.is_file():
+                return json.loads(path.read_text())
+            records = self._measure(eta)
+            atomic_write_json(path, records)
+            with open(self.key_dir / "measure_log.jsonl", "a") as log:
+                log.write(json.dumps({"eta": eta, "pid": os.getpid(), "t": time.time()}) + "\n")
+            return records
+
+    def _measure(self, eta: float) -> list[dict[str, Any]]:
+        from entropy_lab.protocol import direction, measure_point
+
+        setup = self._ensure_setup()
+        out = []
+        for repeat in range(self.settings.num_repeats):
+            if repeat not in self._directions:
+                self._directions[repeat] = direction(setup, repeat)
+            out.append(measure_point(setup, self._directions[repeat], eta))
+        return out
+
+    def all_records(self) -> list[dict[str, Any]]:
+        return [r for eta in self.settings.learning_rates for r in self.records(eta)]
+
+    def meta(self) -> dict[str, Any]:
+        from entropy_lab.store import environment_info
+
+        setup_free = {
+            "checkpoint": {"path": self.settings.checkpoint},
+            "config": {
+                "dtype": self.settings.dtype,
+                "device": self.settings.device,
+                "learning_rates": self.settings.learning_rates,
+                "num_repeats": self.settings.num_repeats,
+                "eval_size": self.settings.eval_size,
+            },
+        }
+        from entropy_lab.checkpoint import checkpoint_digest, resolve_layout
+
+        setup_free["checkpoint"]["digest"] = checkpoint_digest(
+            resolve_layout(self.settings.checkpoint)
+        )
+        setup_free["environment"] = environment_info(
+            self.settings.device, self.settings.dtype, {"tf32_matmul": False, "tf32_cudnn": False}
+        )
+        return setup_free
+
+    def analysis(self) -> dict[str, Any]:
+        from entropy_lab.report import build_analysis
+        from entropy_lab.stats import Thresholds
+        from entropy_lab.store import atomic_write_json
+
+        analysis = build_analysis(
+            self.all_records(), self.meta(), thresholds=Thresholds(r2_min=self.settings.r2_min)
+        )
+        atomic_write_json(self.key_dir / "analysis.json", analysis)
+        return analysis
+
+
+def _store_root(config: pytest.Config) -> Path:
+    base = config._tmp_path_factory.getbasetemp()  # type: ignore[attr-defined]
+    return (base.parent if _is_worker(config) else base) / "entropy_store"
+
+
+@pytest.fixture(scope="session")
+def _entropy_stores(request: pytest.FixtureRequest) -> dict[str, MeasurementStore]:
+    return {}
+
+
+@pytest.fixture
+def entropy_store(request: pytest.FixtureRequest, _entropy_stores) -> MeasurementStore:
+    kind = getattr(request.cls, "suite_kind", "cpu")
+    if kind not in _entropy_stores:
+        settings = suite_settings(request.config, kind)
+        _entropy_stores[kind] = MeasurementStore(_store_root(request.config), settings)
+    store = _entropy_stores[kind]
+    if kind == "gpu":
+        suite_settings(request.config, kind)  # re-check skips for every gpu test
+    return store
+
+
+# -- JSON report --------------------------------------------------------------------------------
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+        config = getattr(pytest_runtest_logreport, "_config", None)
+        if config is not None:
+            config._entropy_reports.append(
+                {
+                    "nodeid": report.nodeid,
+                    "outcome": report.outcome,
+                    "duration_s": report.duration,
+                    "properties": {k: v for k, v in report.user_properties},
+                    "longrepr": str(report.longrepr)[:4000] if report.failed else None,
+                }
+            )
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionstart(session: pytest.Session) -> None:
+    pytest_runtest_logreport._config = session.config  # type: ignore[attr-defined]
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    config = session.config
+    path = config.getoption("--entropy-json")
+    if not path or _is_worker(config):
+        return
+    analyses = []
+    root = _store_root(config)
+    if root.is_dir():
+        for f in sorted(root.glob("*/analysis.json")):
+            analyses.append(json.loads(f.read_text()))
+    from entropy_lab.store import atomic_write_json
+
+    atomic_write_json(
+        Path(path),
+        {
+            "schema_version": JSON_SCHEMA_VERSION,
+            "exit_status": int(exitstatus),
+            "tests": config._entropy_reports,  # type: ignore[attr-defined]
+            "analysis": [a.get("summary") for a in analyses],
+            "per_learning_rate": [a.get("per_learning_rate") for a in analyses],
+        },
+    )
+
+
+# -- the suite's test bodies (subclassed per marker in tests/) ----------------------------------
+
+_ANALYSES: dict[int, dict[str, Any]] = {}
+
+
+def _analysis(store: MeasurementStore) -> dict[str, Any]:
+    if id(store) not in _ANALYSES:
+        _ANALYSES[id(store)] = store.analysis()
+    return _ANALYSES[id(store)]
+
+
+def _record_run_facts(record_property, analysis: dict[str, Any]) -> None:
+    summary = analysis["summary"]
+    env = analysis.get("environment", {})
+    record_property("slope", float(summary["slope"]) if summary.get("slope") is not None else None)
+    record_property("r_squared", summary.get("r_squared"))
+    record_property("lack_of_fit_p", (summary.get("lack_of_fit") or {}).get("p_value"))
+    record_property("verdict", summary.get("verdict"))
+    record_property("checkpoint_digest", analysis.get("checkpoint", {}).get("digest"))
+    for key in ("torch", "transformers", "peft", "device", "dtype"):
+        if key in env:
+            record_property(key, str(env[key]))
+
+
+class LinearitySuite:
+    """Per-η measurement tests, then aggregate linearity tests over the whole grid."""
+
+    suite_kind = "cpu"
+
+    def test_entropy_change(self, eta: float, entropy_store: MeasurementStore, record_property):
+        import math
+        import statistics
+
+        from entropy_lab.theory import classify_points
+
+        records = entropy_store.records(eta)
+        ok = [r for r in records if r.get("success")]
+        errors = [r.get("error") for r in records if not r.get("success")]
+        assert ok, f"every repeat at η={eta!r} failed: {errors}"
+        changes = [r["entropy_change"] for r in ok]
+        assert all(math.isfinite(c) for c in changes), f"non-finite ΔH at η={eta!r}: {changes}"
+        sd = statistics.stdev(changes) if len(changes) > 1 else float("nan")
+        record_property("learning_rate", float(eta))
+        record_property("n_samples", len(changes))
+        record_property("mean_entropy_change", float(statistics.fmean(changes)))
+        record_property("std_entropy_change", float(sd))
+        record_property("stderr_entropy_change", float(sd / math.sqrt(len(changes))))
+        fo = [r.get("first_order_prediction") for r in ok]
+        if all(f is not None for f in fo):
+            record_property("first_order_prediction", float(statistics.fmean(fo)))
+        status = classify_points(records, entropy_store.settings.dtype)[eta]
+        record_property("resolvable", bool(status.resolvable))
+        if not status.resolvable:
+            pytest.xfail(f"η={eta!r} unresolvable: " + "; ".join(status.reasons))
+
+    def _check(self, name: str, store: MeasurementStore, record_property) -> None:
+        from entropy_lab.report import format_tables
+
+        analysis = _analysis(store)
+        _record_run_facts(record_property, analysis)
+        check = analysis["summary"]["checks"][name]
+        record_property(f"{name}_value", check.get("value"))
+        record_property(f"{name}_threshold", str(check.get("threshold")))
+        if check.get("passed") is not True:
+            state = "inconclusive" if check.get("passed") is None else "failed"
+            pytest.fail(
+                f"{name} {state}: {check.get('detail')}\n\n{format_tables(analysis)}",
+                pytrace=False,
+            )
+
+    def test_r_squared(self, entropy_store, record_property):
+        self._check("r_squared", entropy_store, record_property)
+
+    def test_standardized_residuals(self, entropy_store, record_property):
+        self._check("standardized_residual", entropy_store, record_property)
+
+    def test_relative_residuals(self, entropy_store, record_property):
+        self._check("relative_residual", entropy_store, record_property)
+
+    def test_lack_of_fit(self, entropy_store, record_property):
+        self._check("lack_of_fit", entropy_store, record_property)
+
+    def test_intercept_zero(self, entropy_store, record_property):
+        self._check("intercept", entropy_store, record_property)
+
+    def test_loglog_slope(self, entropy_store, record_property):
+        self._check("loglog_slope", entropy_store, record_property)
+
+    def test_slope_matches_first_order(self, entropy_store, record_property):
+        self._check("first_order", entropy_store, record_property)
+
+    def test_linear_window_covers_grid(self, entropy_store, record_property):
+        from entropy_lab.report import format_tables
+
+        analysis = _analysis(entropy_store)
+        _record_run_facts(record_property, analysis)
+        window = analysis["summary"]["linear_regime"]
+        record_property("eta_min", window.get("eta_min"))
+        record_property("eta_max", window.get("eta_max"))
+        outside = []
+        for label, row in analysis["per_learning_rate"].items():
+            if not row.get("resolvable"):
+                outside.append(
+                    f"η={label}: below the precision floor ({'; '.join(row.get('unresolvable_reasons') or [])})"
+                )
+            elif row.get("within_eta_max") is False:
+                outside.append(
+                    f"η={label}: above η_max={window.get('eta_max'):.3g} "
+                    f"(predicted nonlinearity {row.get('predicted_nonlinearity'):.1%})"
+                )
+        if outside:
+            pytest.fail(
+                "grid points outside the linear window:\n  "
+                + "\n  ".join(outside)
+                + f"\n\n{format_tables(analysis)}",
+                pytrace=False,
+            )
