@@ -4,7 +4,8 @@ import os
 
 from hypothesis import settings
 
-pytest_plugins = ["entropy_lab.pytest_plugin", "pytester"]
+# entropy_lab.pytest_plugin is loaded through its pytest11 entry point (pyproject.toml).
+pytest_plugins = ["pytester"]
 
 settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
 settings.register_profile("dev", deadline=None)

@@ -35,6 +35,7 @@ from entropy_lab.precision import (
 from entropy_lab.tiny import directory_digest
 
 _STEP_DIR = re.compile(r"^(?:step_|checkpoint-)(\d+)$")
+_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json")
 
 
 @dataclass
@@ -142,7 +143,12 @@ def load_checkpoint(
     model_source = base_name if layout.is_adapter else str(layout.model_dir)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            model_source, dtype=torch_dt, attn_implementation=load_attn, local_files_only=True
+            model_source,
+            dtype=torch_dt,
+            attn_implementation=load_attn,
+            local_files_only=True,
+            # the Auto class's adapter probe does not inherit local_files_only (transformers 5)
+            adapter_kwargs={"local_files_only": True},
         )
     except (OSError, ValueError) as exc:
         raise CheckpointError(
@@ -163,6 +169,13 @@ def load_checkpoint(
     tokenizer_dir = layout.model_dir
     if not (tokenizer_dir / "tokenizer_config.json").is_file() and base_name:
         tokenizer_dir = Path(base_name)
+    if tokenizer_dir.is_dir() and not any(
+        (tokenizer_dir / f).is_file() for f in _TOKENIZER_FILES
+    ):  # AutoTokenizer would silently build an empty-vocabulary tokenizer
+        raise CheckpointError(
+            f"no tokenizer files in {tokenizer_dir}: save the tokenizer next to the model "
+            "(tokenizer.save_pretrained)"
+        )
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
 
     optimizer, mapping = load_optimizer(policy, layout)

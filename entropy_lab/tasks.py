@@ -101,6 +101,13 @@ class JsonlTask(Task):
         template = template or DEFAULT_TEMPLATE
         if "{question}" not in template:
             raise ConfigError("prompt_template must contain the placeholder {question}")
+        try:  # filled with str.format: other braces must be doubled ({{ }})
+            template.format(question="")
+        except (IndexError, KeyError, ValueError) as exc:
+            raise ConfigError(
+                f"prompt_template cannot be filled with str.format ({type(exc).__name__}: {exc}):"
+                " write literal braces as {{ and }}"
+            ) from None
         problems = []
         for lineno, line in enumerate(path.read_text().splitlines(), start=1):
             if not line.strip():
@@ -144,5 +151,13 @@ def load_task(spec: str, template: str | None = None) -> Task:
     """``arithmetic`` (optionally ``arithmetic:N`` for operands below N) or a JSONL path."""
     if spec == "arithmetic" or spec.startswith("arithmetic:"):
         _, _, bound = spec.partition(":")
-        return ArithmeticTask(int(bound) if bound else 30)
+        try:
+            max_operand = int(bound) if bound else 30
+        except ValueError:
+            max_operand = 0
+        if max_operand < 1:
+            raise ConfigError(
+                f"task {spec!r}: write arithmetic or arithmetic:N with an integer N >= 1"
+            )
+        return ArithmeticTask(max_operand)
     return JsonlTask(spec, template)

@@ -220,9 +220,18 @@ def classify_points(
         floor = thresholds.min_signal_eps * eps * abs(rows[0]["entropy_before"])
         if abs(mean_change) < floor:
             reasons.append(f"|ΔH| {abs(mean_change):.2e} below {floor:.2e} (eps×H floor)")
+        slopes = [r.get("first_order_slope") for r in rows]
+        curvs = [r.get("curvature") for r in rows]
+        nonlin = within = None
+        if all(s is not None for s in slopes) and all(c is not None for c in curvs):
+            nonlin = max(
+                abs(predicted_nonlinearity(eta, s, c) or 0.0) for s, c in zip(slopes, curvs)
+            )
+            within = nonlin <= thresholds.nonlinearity_tol
         sym = None
         sym_rows = [r for r in rows if r.get("entropy_change_negative") is not None]
-        if sym_rows:
+        if sym_rows and within is not False:
+            # Beyond η_max the even part holds η⁴ terms too: there it says nothing of noise.
             # Rounding noise, measured: the even part of ΔH beyond its η²c/2 prediction,
             # RMS over repeats, against the mean signal that the fit uses.
             residuals = [
@@ -238,14 +247,6 @@ def classify_points(
                     f"RMS of ΔH(η)+ΔH(−η)−η²c is {sym:.1%} of mean |ΔH| "
                     f"(> {thresholds.max_symmetric_residual:.0%}): rounding noise"
                 )
-        slopes = [r.get("first_order_slope") for r in rows]
-        curvs = [r.get("curvature") for r in rows]
-        nonlin = within = None
-        if all(s is not None for s in slopes) and all(c is not None for c in curvs):
-            nonlin = max(
-                abs(predicted_nonlinearity(eta, s, c) or 0.0) for s, c in zip(slopes, curvs)
-            )
-            within = nonlin <= thresholds.nonlinearity_tol
         out[eta] = PointStatus(eta, not reasons, within, reasons, qf, sym, nonlin)
     return out
 

@@ -271,6 +271,8 @@ def _build(out: Path, seed: int, sft_steps: int, rl_steps: int, verbose: bool, s
 def _point_adapter_at(config_path: Path, base: str) -> None:
     data = json.loads(config_path.read_text())
     data["base_model_name_or_path"] = base
+    if isinstance(data.get("target_modules"), list):  # PEFT keeps a set: order varies by process
+        data["target_modules"] = sorted(data["target_modules"])
     config_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 

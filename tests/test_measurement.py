@@ -71,7 +71,9 @@ def test_fp64_resolves_tiny_steps_linearly(setup64, dir64):
     assert abs(ratio - 10) <= 0.05, ratio
     # and it matches the jvp first order to 1 %
     for r in (low, high):
-        rel = abs(r["entropy_change"] - r["first_order_prediction"]) / abs(r["first_order_prediction"])
+        rel = abs(r["entropy_change"] - r["first_order_prediction"]) / abs(
+            r["first_order_prediction"]
+        )
         assert rel <= 0.01, rel
 
 

@@ -1,0 +1,1008 @@
+"""Statistics for the question "is ΔH linear in the learning rate η?".
+
+The experiment measures the entropy change ΔH after one optimizer step at a
+log-spaced grid of learning rates (for example 1e-8 … 1e-4) with several
+repeats per η, and asks whether ΔH ≈ α·η + β.
+
+Why R² is not enough: on a log grid the largest η carries almost all of the
+spread in x (its leverage is about 0.99), so a straight line through the
+cluster of small-η points and the single large-η point fits almost anything
+monotone.  ΔH ∝ η² still scores R² ≈ 0.99.  The verdict therefore combines
+six checks, each of which looks at a different way a curve can hide behind a
+high R²:
+
+``r_squared``
+    OLS R² on every raw (η, repeat) point — the original criterion, kept for
+    comparison.
+``standardized_residual``
+    Each per-η mean against the weighted (1/SE²) line, in units of its own
+    standard error.  Small-η points get a say because their SEs are small.
+``relative_residual``
+    (ȳ/η − α)/α against the slope α of a line through the origin.  A linear
+    law means ΔH/η is the same at every η; curvature shows up as a trend.
+``lack_of_fit``
+    The classic replicate-based F test: does the spread of the per-η means
+    around the line exceed what the spread of the repeats allows?
+``intercept``
+    ΔH(0) must be 0 (no step, no change), so a significant intercept of the
+    weighted line means the data bend.
+``loglog_slope``
+    The slope of log|ΔH| against log η must be 1 for a linear law; its 95 %
+    confidence interval must lie inside [1 − m, 1 + m].
+
+Every result is a frozen dataclass with ``to_dict()`` returning JSON-safe
+built-in types (non-finite floats become ``None``).  Only numpy and scipy are
+used.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, is_dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from scipy import stats as sps
+
+__all__ = [
+    "Check",
+    "EtaSummary",
+    "LackOfFit",
+    "LinearFit",
+    "LinearityAnalysis",
+    "LogLogSlope",
+    "OriginFit",
+    "QuadraticFit",
+    "Thresholds",
+    "analyze_linearity",
+    "fit_ols",
+    "fit_origin",
+    "fit_quadratic",
+    "fit_wls",
+    "lack_of_fit_test",
+    "loglog_slope",
+    "relative_residuals",
+    "standardized_residuals",
+    "summarize_by_eta",
+]
+
+CHECK_NAMES: tuple[str, ...] = (
+    "r_squared",
+    "standardized_residual",
+    "relative_residual",
+    "lack_of_fit",
+    "intercept",
+    "loglog_slope",
+)
+
+_NAN = float("nan")
+
+
+# --------------------------------------------------------------------------------------
+# JSON-safe conversion
+# --------------------------------------------------------------------------------------
+
+
+def _jsonable(obj: Any) -> Any:
+    """Convert dataclasses, numpy values and containers to JSON-safe built-ins.
+
+    Non-finite floats (NaN, ±inf) become ``None`` so that the result survives
+    ``json.dumps(..., allow_nan=False)``.
+    """
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _jsonable(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, np.ndarray)):
+        return [_jsonable(v) for v in obj]
+    if obj is None or isinstance(obj, str):
+        return obj
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        value = float(obj)
+        return value if math.isfinite(value) else None
+    raise TypeError(f"cannot convert {type(obj).__name__} to a JSON-safe value")
+
+
+class _ToDict:
+    """Mixin giving dataclasses a JSON-safe ``to_dict``."""
+
+    def to_dict(self) -> dict[str, Any]:
+        out = _jsonable(self)
+        assert isinstance(out, dict)
+        return out
+
+
+# --------------------------------------------------------------------------------------
+# Input helpers
+# --------------------------------------------------------------------------------------
+
+
+def _vector(name: str, values: npt.ArrayLike) -> np.ndarray:
+    arr = np.asarray(values, dtype=float)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be one-dimensional, got shape {arr.shape}")
+    return arr
+
+
+def _finite_vector(name: str, values: npt.ArrayLike) -> np.ndarray:
+    arr = _vector(name, values)
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} must be finite (drop failed runs first)")
+    return arr
+
+
+def _same_length(**arrays: np.ndarray) -> int:
+    lengths = {name: arr.size for name, arr in arrays.items()}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"lengths differ: {lengths}")
+    return next(iter(lengths.values()))
+
+
+def _two_sided_p(stat: float, dof: float | None) -> float:
+    """Two-sided p-value of ``stat`` under t(dof), or the normal law if dof is None."""
+    if math.isnan(stat):
+        return _NAN
+    if dof is None:
+        return float(2.0 * sps.norm.sf(abs(stat)))
+    if dof <= 0:
+        return _NAN
+    return float(2.0 * sps.t.sf(abs(stat), dof))
+
+
+def _ratio(num: float, den: float) -> float:
+    """num/den with 0/0 → NaN and x/0 → ±inf, without numpy warnings."""
+    if den == 0 or math.isnan(den):
+        if num == 0 or math.isnan(num) or math.isnan(den):
+            return _NAN
+        return math.copysign(math.inf, num)
+    return num / den
+
+
+# --------------------------------------------------------------------------------------
+# Thresholds and per-η summaries
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Thresholds(_ToDict):
+    """Pass/fail limits of the six linearity checks."""
+
+    r2_min: float = 0.95
+    max_standardized_residual: float = 3.0
+    max_relative_residual: float = 0.1
+    lack_of_fit_alpha: float = 0.01  # pass if p > alpha
+    intercept_alpha: float = 0.01  # intercept test: pass if p > alpha
+    loglog_margin: float = 0.1  # CI of the log-log slope must lie in [1 - m, 1 + m]
+    min_resolvable_points: int = 3
+
+
+@dataclass(frozen=True)
+class EtaSummary(_ToDict):
+    """The successful repeats at one learning rate."""
+
+    learning_rate: float
+    n_samples: int
+    mean_entropy_change: float  # NaN when n_samples == 0
+    std_entropy_change: float  # sample SD (ddof=1); NaN when n_samples < 2
+    stderr_entropy_change: float  # std / sqrt(n); NaN when n_samples < 2
+    min_entropy_change: float
+    max_entropy_change: float
+    all_changes: list[float]
+    first_order_prediction: float | None  # mean of the per-repeat predictions, if given
+
+
+def summarize_by_eta(
+    etas: npt.ArrayLike,
+    changes: npt.ArrayLike,
+    first_order: npt.ArrayLike | None = None,
+) -> list[EtaSummary]:
+    """Group raw (η, ΔH) pairs by η, sorted by η.
+
+    Non-finite changes (failed runs) are dropped; an η whose runs all failed is
+    still listed, with ``n_samples == 0`` and NaN statistics.  ``first_order``
+    holds one prediction per raw pair; its entry is averaged over the repeats
+    kept at that η (non-finite predictions are ignored; ``None`` if none left).
+    """
+    eta = _finite_vector("etas", etas)
+    dh = _vector("changes", changes)
+    pred = None if first_order is None else _vector("first_order", first_order)
+    if pred is None:
+        _same_length(etas=eta, changes=dh)
+    else:
+        _same_length(etas=eta, changes=dh, first_order=pred)
+
+    out: list[EtaSummary] = []
+    for value in np.unique(eta):
+        rows = eta == value
+        ok = rows & np.isfinite(dh)
+        ys = dh[ok]
+        n = int(ys.size)
+        mean = float(ys.mean()) if n else _NAN
+        # Shift by the first value: identical repeats then give an SD of exactly 0.
+        std = float((ys - ys[0]).std(ddof=1)) if n >= 2 else _NAN
+        stderr = std / math.sqrt(n) if n >= 2 else _NAN
+        first: float | None = None
+        if pred is not None:
+            kept = pred[ok]
+            kept = kept[np.isfinite(kept)]
+            first = float(kept.mean()) if kept.size else None
+        out.append(
+            EtaSummary(
+                learning_rate=float(value),
+                n_samples=n,
+                mean_entropy_change=mean,
+                std_entropy_change=std,
+                stderr_entropy_change=stderr,
+                min_entropy_change=float(ys.min()) if n else _NAN,
+                max_entropy_change=float(ys.max()) if n else _NAN,
+                all_changes=[float(v) for v in ys],
+                first_order_prediction=first,
+            )
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Straight-line fits
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LinearFit(_ToDict):
+    """y = slope·x + intercept.
+
+    ``residuals`` are the raw y − ŷ (not weighted).  ``leverage`` is the diagonal
+    of the (weighted) hat matrix.  For OLS the parameter SEs use the residual
+    variance SSE/(n − 2) and the intercept test is a t test with n − 2 degrees
+    of freedom; ``chi2`` and ``reduced_chi2`` are ``None``.  For WLS see
+    :func:`fit_wls`.
+    """
+
+    slope: float
+    intercept: float
+    slope_se: float
+    intercept_se: float
+    r_squared: float
+    n: int
+    dof: int
+    residuals: list[float]
+    leverage: list[float]
+    intercept_t: float
+    intercept_p: float
+    chi2: float | None
+    reduced_chi2: float | None
+    method: str = "ols"  # "ols" or "wls"
+
+
+def _check_line_inputs(x: npt.ArrayLike, y: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    xa = _finite_vector("x", x)
+    ya = _finite_vector("y", y)
+    _same_length(x=xa, y=ya)
+    if np.unique(xa).size < 2:
+        raise ValueError("a straight-line fit needs at least two distinct x values")
+    return xa, ya
+
+
+def fit_ols(x: npt.ArrayLike, y: npt.ArrayLike) -> LinearFit:
+    """Ordinary least squares line through every point.
+
+    Uses centred sums (slope = Sxy/Sxx), which keeps full precision for x on
+    the 1e-8 … 1e-4 scale and reproduces the NIST StRD certified values.
+    """
+    xa, ya = _check_line_inputs(x, y)
+    n = xa.size
+    xm = float(xa.mean())
+    ym = float(ya.mean())
+    dx = xa - xm
+    dy = ya - ym
+    sxx = float(dx @ dx)
+    slope = float(dx @ dy) / sxx
+    intercept = ym - slope * xm
+    resid = dy - slope * dx
+    sse = float(resid @ resid)
+    sst = float(dy @ dy)
+    dof = n - 2
+    s2 = sse / dof if dof > 0 else _NAN
+    slope_se = math.sqrt(s2 / sxx)
+    intercept_se = math.sqrt(s2 * (1.0 / n + xm * xm / sxx))
+    t_stat = _ratio(intercept, intercept_se)
+    return LinearFit(
+        slope=slope,
+        intercept=intercept,
+        slope_se=slope_se,
+        intercept_se=intercept_se,
+        r_squared=1.0 - sse / sst if sst > 0 else _NAN,
+        n=n,
+        dof=dof,
+        residuals=[float(v) for v in resid],
+        leverage=[float(v) for v in 1.0 / n + dx * dx / sxx],
+        intercept_t=t_stat,
+        intercept_p=_two_sided_p(t_stat, dof),
+        chi2=None,
+        reduced_chi2=None,
+        method="ols",
+    )
+
+
+def fit_wls(x: npt.ArrayLike, y: npt.ArrayLike, sigma: npt.ArrayLike) -> LinearFit:
+    """Weighted least squares line with weights 1/σ², σ = absolute 1σ errors.
+
+    Parameter SEs come from (XᵀWX)⁻¹ *without* rescaling by the reduced χ²
+    (the "absolute sigma" convention): σ is taken as the known error of each
+    point, e.g. the standard error of a per-η mean.  ``chi2`` = Σ w·r² and
+    ``reduced_chi2`` = χ²/(n − 2) report how well that assumption holds.
+
+    The intercept test is a **z test** (standard normal reference), because
+    with known σ the statistic β̂/SE(β̂) is normal under H0: β = 0 and no
+    variance is estimated from the residuals.  When σ are SEs of means from
+    only a few repeats the z test is somewhat liberal; a t reference would be
+    no more correct, so the choice is stated rather than hidden.
+
+    ``r_squared`` is the weighted R² (1 − χ²/Σw(y − ȳ_w)²), as statsmodels'
+    WLS reports it.
+    """
+    xa, ya = _check_line_inputs(x, y)
+    sig = _finite_vector("sigma", sigma)
+    _same_length(x=xa, sigma=sig)
+    if not np.all(sig > 0):
+        raise ValueError("sigma must be > 0 everywhere for a weighted fit")
+    n = xa.size
+    # Normalise weights to max 1 (avoids overflow for tiny σ); undo in variances.
+    smin = float(sig.min())
+    w = (smin / sig) ** 2
+    sw = float(w.sum())
+    xw = float(w @ xa) / sw
+    yw = float(w @ ya) / sw
+    dx = xa - xw
+    dy = ya - yw
+    sxx = float(w @ (dx * dx))
+    slope = float(w @ (dx * dy)) / sxx
+    intercept = yw - slope * xw
+    resid = dy - slope * dx
+    wsse = float(w @ (resid * resid))
+    wsst = float(w @ (dy * dy))
+    chi2 = wsse / smin**2
+    dof = n - 2
+    slope_se = smin / math.sqrt(sxx)
+    intercept_se = smin * math.sqrt(1.0 / sw + xw * xw / sxx)
+    z_stat = _ratio(intercept, intercept_se)
+    return LinearFit(
+        slope=slope,
+        intercept=intercept,
+        slope_se=slope_se,
+        intercept_se=intercept_se,
+        r_squared=1.0 - wsse / wsst if wsst > 0 else _NAN,
+        n=n,
+        dof=dof,
+        residuals=[float(v) for v in resid],
+        leverage=[float(v) for v in w * (1.0 / sw + dx * dx / sxx)],
+        intercept_t=z_stat,
+        intercept_p=_two_sided_p(z_stat, None),
+        chi2=chi2,
+        reduced_chi2=chi2 / dof if dof > 0 else _NAN,
+        method="wls",
+    )
+
+
+@dataclass(frozen=True)
+class OriginFit(_ToDict):
+    """y = slope·x (line forced through the origin: ΔH(0) = 0)."""
+
+    slope: float
+    slope_se: float
+    r_squared: float  # uncentred: 1 − Σw r² / Σw y²
+    n: int
+    weighted: bool = False  # True: absolute-σ weights 1/σ², SE from (Σx²/σ²)^-1/2
+
+
+def fit_origin(x: npt.ArrayLike, y: npt.ArrayLike, sigma: npt.ArrayLike | None = None) -> OriginFit:
+    """Least-squares slope through the origin.
+
+    Without ``sigma``: SE = sqrt(s²/Σx²) with s² = RSS/(n − 1).  With ``sigma``
+    (absolute 1σ errors): weights 1/σ² and SE = (Σx²/σ²)^-1/2, not rescaled.
+    """
+    xa = _finite_vector("x", x)
+    ya = _finite_vector("y", y)
+    n = _same_length(x=xa, y=ya)
+    if n < 1 or not np.any(xa != 0):
+        raise ValueError("a fit through the origin needs at least one non-zero x")
+    if sigma is None:
+        w = np.ones_like(xa)
+        scale = 1.0
+    else:
+        sig = _finite_vector("sigma", sigma)
+        _same_length(x=xa, sigma=sig)
+        if not np.all(sig > 0):
+            raise ValueError("sigma must be > 0 everywhere for a weighted fit")
+        scale = float(sig.min())
+        w = (scale / sig) ** 2
+    sxx = float(w @ (xa * xa))
+    slope = float(w @ (xa * ya)) / sxx
+    resid = ya - slope * xa
+    wrss = float(w @ (resid * resid))
+    wyy = float(w @ (ya * ya))
+    if sigma is None:
+        se = math.sqrt(wrss / (n - 1) / sxx) if n > 1 else _NAN
+    else:
+        se = scale / math.sqrt(sxx)
+    return OriginFit(
+        slope=slope,
+        slope_se=se,
+        r_squared=1.0 - wrss / wyy if wyy > 0 else _NAN,
+        n=n,
+        weighted=sigma is not None,
+    )
+
+
+@dataclass(frozen=True)
+class QuadraticFit(_ToDict):
+    """y = a1·x + a2·x² (no intercept: ΔH(0) = 0), ordinary least squares."""
+
+    a1: float
+    a2: float
+    a1_se: float
+    a2_se: float
+    n: int
+
+
+def fit_quadratic(x: npt.ArrayLike, y: npt.ArrayLike) -> QuadraticFit:
+    """OLS fit of y = a1·x + a2·x²; SEs from s²(XᵀX)⁻¹ with s² = RSS/(n − 2).
+
+    The columns are rescaled by max|x| and solved by QR, so x ≈ 1e-4 (x² ≈ 1e-8)
+    causes no conditioning trouble.
+    """
+    xa = _finite_vector("x", x)
+    ya = _finite_vector("y", y)
+    n = _same_length(x=xa, y=ya)
+    if np.unique(xa[xa != 0]).size < 2:
+        raise ValueError("a quadratic through the origin needs two distinct non-zero x values")
+    s = float(np.max(np.abs(xa)))
+    u = xa / s
+    design = np.column_stack([u, u * u])
+    q, r = np.linalg.qr(design)
+    coef = np.linalg.solve(r, q.T @ ya)
+    resid = ya - design @ coef
+    dof = n - 2
+    s2 = float(resid @ resid) / dof if dof > 0 else _NAN
+    r_inv = np.linalg.inv(r)
+    cov = s2 * (r_inv @ r_inv.T)
+    return QuadraticFit(
+        a1=float(coef[0]) / s,
+        a2=float(coef[1]) / s**2,
+        a1_se=math.sqrt(cov[0, 0]) / s,
+        a2_se=math.sqrt(cov[1, 1]) / s**2,
+        n=n,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Lack of fit, log-log slope, residuals
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LackOfFit(_ToDict):
+    """Replicate-based lack-of-fit F test of the OLS straight line.
+
+    SS_residual = SS_lack_of_fit + SS_pure_error, where SS_pure_error is the
+    scatter of repeats about their own η mean (df = n − m, m distinct η) and
+    SS_lack_of_fit = Σ_η n_η (ȳ_η − ŷ_η)² (df = m − 2).
+    F = (SS_lof/df_lof) / (SS_pe/df_pe).  The test assumes the same noise
+    variance at every η.
+    """
+
+    f_statistic: float
+    df_lack_of_fit: int
+    df_pure_error: int
+    p_value: float  # NaN when undefined (no replicates, < 3 distinct x, or SS_pe = 0)
+    ss_lack_of_fit: float
+    ss_pure_error: float
+
+
+def lack_of_fit_test(x: npt.ArrayLike, y: npt.ArrayLike) -> LackOfFit:
+    """Classic lack-of-fit F test for the OLS line fitted to all raw points."""
+    xa, ya = _check_line_inputs(x, y)
+    n = xa.size
+    ux, first_index, inverse, counts = np.unique(
+        xa, return_index=True, return_inverse=True, return_counts=True
+    )
+    m = ux.size
+    group_mean = np.bincount(inverse, weights=ya) / counts
+    # Deviations from the group mean, computed after shifting each group by its first
+    # value so that identical repeats give a pure error of exactly 0 (not rounding noise).
+    shifted = ya - ya[first_index][inverse]
+    shifted_mean = np.bincount(inverse, weights=shifted) / counts
+    within = shifted - shifted_mean[inverse]
+    ss_pe = float(within @ within)
+    xm = float(xa.mean())
+    ym = float(ya.mean())
+    dx = xa - xm
+    slope = float(dx @ (ya - ym)) / float(dx @ dx)
+    gap = group_mean - (ym + slope * (ux - xm))
+    ss_lof = float(counts @ (gap * gap))
+    df_lof = m - 2
+    df_pe = n - m
+    if df_lof <= 0 or df_pe <= 0 or ss_pe <= 0:
+        f_stat = _NAN
+        p = _NAN
+    else:
+        f_stat = (ss_lof / df_lof) / (ss_pe / df_pe)
+        p = float(sps.f.sf(f_stat, df_lof, df_pe))
+    return LackOfFit(
+        f_statistic=f_stat,
+        df_lack_of_fit=int(df_lof),
+        df_pure_error=int(df_pe),
+        p_value=p,
+        ss_lack_of_fit=ss_lof,
+        ss_pure_error=ss_pe,
+    )
+
+
+@dataclass(frozen=True)
+class LogLogSlope(_ToDict):
+    """Slope k of log|ΔH| = k·log η + c; a linear law has k = 1."""
+
+    slope: float
+    slope_se: float
+    ci_low: float
+    ci_high: float
+    n: int
+    margin: float
+    within_margin: bool
+    confidence: float = 0.95
+    weighted: bool = False
+    same_sign: bool = True  # all means share one non-zero sign (else no fit)
+    note: str = ""
+
+
+def loglog_slope(
+    etas: npt.ArrayLike,
+    mean_changes: npt.ArrayLike,
+    stderr: npt.ArrayLike | None = None,
+    margin: float = 0.1,
+    confidence: float = 0.95,
+) -> LogLogSlope:
+    """Regress log|ΔH̄| on log η and test the slope against 1 ± margin.
+
+    Requires every mean to have the same (non-zero) sign; otherwise no power
+    law fits, ``within_margin`` is False and ``note`` says why.  With
+    ``stderr`` the points are weighted by the first-order propagated error
+    SE/|ΔH̄|; the covariance is scaled by max(1, χ²/(n − 2)) (Birge ratio), so
+    scatter beyond the stated errors widens the interval but scatter below
+    them does not narrow it.  Without ``stderr``: OLS with s² = RSS/(n − 2).
+    The interval is ``slope ± t_{(1+confidence)/2, n-2} · SE``.
+    """
+    eta = _finite_vector("etas", etas)
+    mean = _finite_vector("mean_changes", mean_changes)
+    n = _same_length(etas=eta, mean_changes=mean)
+    if not np.all(eta > 0):
+        raise ValueError("learning rates must be > 0 for a log-log fit")
+    se_arr = None if stderr is None else _vector("stderr", stderr)
+    if se_arr is not None:
+        _same_length(etas=eta, stderr=se_arr)
+
+    def no_fit(note: str, same_sign: bool = True) -> LogLogSlope:
+        return LogLogSlope(
+            slope=_NAN,
+            slope_se=_NAN,
+            ci_low=_NAN,
+            ci_high=_NAN,
+            n=n,
+            margin=margin,
+            within_margin=False,
+            confidence=confidence,
+            weighted=False,
+            same_sign=same_sign,
+            note=note,
+        )
+
+    if not (np.all(mean > 0) or np.all(mean < 0)):
+        n_pos = int(np.sum(mean > 0))
+        n_neg = int(np.sum(mean < 0))
+        return no_fit(
+            f"means are not all of one sign ({n_pos} positive, {n_neg} negative, "
+            f"{n - n_pos - n_neg} zero): no power law fits",
+            same_sign=False,
+        )
+    if n < 3 or np.unique(eta).size < 2:
+        return no_fit(f"needs at least 3 points with 2 distinct η for a CI, got {n}")
+
+    lx = np.log(eta)
+    ly = np.log(np.abs(mean))
+    note = ""
+    weighted = False
+    if se_arr is not None and np.all(np.isfinite(se_arr)) and np.all(se_arr > 0):
+        fit = fit_wls(lx, ly, se_arr / np.abs(mean))
+        assert fit.reduced_chi2 is not None
+        scale = max(1.0, fit.reduced_chi2)
+        slope_se = fit.slope_se * math.sqrt(scale)
+        weighted = True
+    else:
+        if se_arr is not None:
+            note = "stderr not finite and > 0 everywhere: unweighted fit"
+        fit = fit_ols(lx, ly)
+        slope_se = fit.slope_se
+    tq = float(sps.t.ppf(0.5 + confidence / 2.0, n - 2))
+    lo = fit.slope - tq * slope_se
+    hi = fit.slope + tq * slope_se
+    within = bool(lo >= 1.0 - margin and hi <= 1.0 + margin)
+    return LogLogSlope(
+        slope=fit.slope,
+        slope_se=slope_se,
+        ci_low=lo,
+        ci_high=hi,
+        n=n,
+        margin=margin,
+        within_margin=within,
+        confidence=confidence,
+        weighted=weighted,
+        same_sign=True,
+        note=note,
+    )
+
+
+def standardized_residuals(
+    means: npt.ArrayLike, stderrs: npt.ArrayLike, predicted: npt.ArrayLike
+) -> np.ndarray:
+    """Signed (ȳ − ŷ)/SE per point.
+
+    SE = 0 gives ±inf where the residual is non-zero and 0 where it is zero;
+    a NaN SE gives NaN.
+    """
+    m = _vector("means", means)
+    se = _vector("stderrs", stderrs)
+    p = _vector("predicted", predicted)
+    _same_length(means=m, stderrs=se, predicted=p)
+    r = m - p
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = r / se
+    zero = se == 0
+    z[zero] = np.where(r[zero] == 0, 0.0, np.copysign(np.inf, r[zero]))
+    return z
+
+
+def relative_residuals(etas: npt.ArrayLike, means: npt.ArrayLike, slope: float) -> np.ndarray:
+    """Signed (ȳ/η − α)/α: the fractional deviation of ΔH/η from the slope α."""
+    eta = _vector("etas", etas)
+    m = _vector("means", means)
+    _same_length(etas=eta, means=m)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (m / eta - slope) / slope
+
+
+# --------------------------------------------------------------------------------------
+# The verdict
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Check(_ToDict):
+    """One linearity check.  ``passed`` is None when it cannot be decided."""
+
+    name: str
+    threshold: float | str
+    value: float | None
+    passed: bool | None
+    detail: str
+
+
+@dataclass(frozen=True)
+class LinearityAnalysis(_ToDict):
+    """Everything :func:`analyze_linearity` computed, plus the verdict."""
+
+    per_eta: list[EtaSummary]
+    resolvable: list[bool]  # aligned with per_eta; False also when every run failed
+    ols: LinearFit | None  # raw points
+    weighted: LinearFit | None  # WLS on means (OLS on means if some SE is not > 0)
+    origin: OriginFit | None
+    quadratic: QuadraticFit | None
+    lack_of_fit: LackOfFit | None
+    loglog: LogLogSlope | None
+    standardized_residual: list[float | None]  # aligned with per_eta
+    relative_residual: list[float | None]  # aligned with per_eta
+    checks: dict[str, Check]
+    verdict: str  # "linear" | "nonlinear" | "inconclusive"
+    thresholds: Thresholds
+    n_failed: int
+    verdict_reason: str = ""
+
+
+def _lookup_resolvable(table: Mapping[float, bool] | None, eta: float) -> bool:
+    if not table:
+        return True
+    if eta in table:
+        return bool(table[eta])
+    for key, flag in table.items():
+        if math.isclose(float(key), eta, rel_tol=1e-9, abs_tol=0.0):
+            return bool(flag)
+    return True
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4g}"
+
+
+def _finite_or_none(v: float) -> float | None:
+    return float(v) if math.isfinite(v) else None
+
+
+def _argmax_abs(values: np.ndarray) -> int:
+    return int(np.argmax(np.where(np.isnan(values), -np.inf, np.abs(values))))
+
+
+def analyze_linearity(
+    etas: npt.ArrayLike,
+    changes: npt.ArrayLike,
+    *,
+    first_order: npt.ArrayLike | None = None,
+    resolvable: Mapping[float, bool] | None = None,
+    thresholds: Thresholds = Thresholds(),  # noqa: B008 - frozen, safe to share
+    n_failed: int = 0,
+) -> LinearityAnalysis:
+    """Decide whether ΔH is linear in η from raw (η, repeat) measurements.
+
+    ``etas``/``changes`` hold one entry per run; a non-finite change is a
+    failed run, dropped and added to ``n_failed``.  ``resolvable`` maps η to
+    False for learning rates whose signal is below the measurement floor:
+    they stay in ``per_eta`` but are left out of every fit (η missing from
+    the map count as resolvable).  Learning rates must be > 0.
+
+    Verdict: "inconclusive" when fewer than ``min_resolvable_points`` usable η,
+    fewer than 2 repeats at a used η, or any check undecidable (passed None);
+    otherwise "linear" when all six checks pass, else "nonlinear".
+    """
+    eta_all = _finite_vector("etas", etas)
+    dh_all = _vector("changes", changes)
+    _same_length(etas=eta_all, changes=dh_all)
+    if not np.all(eta_all > 0):
+        raise ValueError("learning rates must be > 0")
+    if n_failed < 0:
+        raise ValueError("n_failed must be >= 0")
+    total_failed = int(n_failed) + int(np.sum(~np.isfinite(dh_all)))
+
+    per_eta = summarize_by_eta(eta_all, dh_all, first_order)
+    flags = [_lookup_resolvable(resolvable, s.learning_rate) and s.n_samples > 0 for s in per_eta]
+    used = [s for s, f in zip(per_eta, flags) if f]
+    m = len(used)
+    th = thresholds
+
+    eta_u = np.array([s.learning_rate for s in used], dtype=float)
+    mean_u = np.array([s.mean_entropy_change for s in used], dtype=float)
+    se_u = np.array([s.stderr_entropy_change for s in used], dtype=float)
+    x_raw = np.concatenate([np.full(s.n_samples, s.learning_rate) for s in used] or [[]])
+    y_raw = np.concatenate([np.asarray(s.all_changes, dtype=float) for s in used] or [[]])
+
+    few_reps = [s.learning_rate for s in used if s.n_samples < 2]
+    se_defined = m > 0 and not few_reps
+    zero_se = [s.learning_rate for s in used if s.n_samples >= 2 and s.stderr_entropy_change <= 0]
+    se_positive = se_defined and not zero_se
+
+    # ---- fits ------------------------------------------------------------------------
+    ols = fit_ols(x_raw, y_raw) if m >= 2 else None
+    weighted: LinearFit | None = None
+    if m >= 2:
+        weighted = fit_wls(eta_u, mean_u, se_u) if se_positive else fit_ols(eta_u, mean_u)
+    origin = fit_origin(eta_u, mean_u, se_u if se_positive else None) if m >= 1 else None
+    quadratic = fit_quadratic(x_raw, y_raw) if m >= 2 else None
+    lof = lack_of_fit_test(x_raw, y_raw) if m >= 2 else None
+    loglog = (
+        loglog_slope(eta_u, mean_u, se_u if se_positive else None, margin=th.loglog_margin)
+        if m >= 1
+        else None
+    )
+
+    # ---- residuals aligned with per_eta ----------------------------------------------
+    z_u = np.full(m, np.nan)
+    if weighted is not None:
+        pred = weighted.intercept + weighted.slope * eta_u
+        z_u = standardized_residuals(mean_u, se_u, pred)
+    rel_u = np.full(m, np.nan)
+    if origin is not None and origin.slope != 0:
+        rel_u = relative_residuals(eta_u, mean_u, origin.slope)
+    z_list: list[float | None] = []
+    rel_list: list[float | None] = []
+    k = 0
+    for f in flags:
+        if f:
+            z_list.append(float(z_u[k]))
+            rel_list.append(float(rel_u[k]))
+            k += 1
+        else:
+            z_list.append(None)
+            rel_list.append(None)
+
+    checks: dict[str, Check] = {}
+
+    # r_squared -------------------------------------------------------------------------
+    if ols is None or math.isnan(ols.r_squared):
+        checks["r_squared"] = Check(
+            "r_squared", th.r2_min, None, None, f"no OLS fit ({m} usable η, need ≥ 2)"
+        )
+    else:
+        ok = ols.r_squared > th.r2_min
+        checks["r_squared"] = Check(
+            "r_squared",
+            th.r2_min,
+            ols.r_squared,
+            ok,
+            f"OLS on {ols.n} raw points: R² = {ols.r_squared:.6f} "
+            f"{'>' if ok else '≤'} {th.r2_min} (high leverage at the largest η; "
+            "not evidence of linearity on its own)",
+        )
+
+    # standardized_residual ------------------------------------------------------------
+    name = "standardized_residual"
+    if weighted is None:
+        checks[name] = Check(name, th.max_standardized_residual, None, None, "no line fitted")
+    elif not se_defined:
+        checks[name] = Check(
+            name,
+            th.max_standardized_residual,
+            None,
+            None,
+            "SE undefined: fewer than 2 successful repeats at η = "
+            + ", ".join(f"{e:.3g}" for e in few_reps),
+        )
+    elif not se_positive:
+        checks[name] = Check(
+            name,
+            th.max_standardized_residual,
+            None,
+            None,
+            "SE = 0 (identical repeats) at η = "
+            + ", ".join(f"{e:.3g}" for e in zero_se)
+            + "; WLS impossible, OLS on means used as fallback; residuals cannot be "
+            "standardized",
+        )
+    else:
+        i = _argmax_abs(z_u)
+        worst = float(abs(z_u[i]))
+        ok = worst <= th.max_standardized_residual
+        checks[name] = Check(
+            name,
+            th.max_standardized_residual,
+            _finite_or_none(worst),
+            ok,
+            f"max |ȳ − ŷ|/SE from the WLS line = {worst:.3g} at η = {eta_u[i]:.3g} "
+            f"({'≤' if ok else '>'} {th.max_standardized_residual})",
+        )
+
+    # relative_residual ----------------------------------------------------------------
+    name = "relative_residual"
+    if origin is None or origin.slope == 0 or not np.any(np.isfinite(rel_u)):
+        checks[name] = Check(
+            name, th.max_relative_residual, None, None, "no usable fit through the origin"
+        )
+    else:
+        i = _argmax_abs(rel_u)
+        worst = float(abs(rel_u[i]))
+        ok = worst <= th.max_relative_residual
+        checks[name] = Check(
+            name,
+            th.max_relative_residual,
+            _finite_or_none(worst),
+            ok,
+            f"max |(ȳ/η − α)/α| = {worst:.3g} at η = {eta_u[i]:.3g} "
+            f"(α = {origin.slope:.4g} from the {'weighted ' if origin.weighted else ''}"
+            f"fit through 0; {'≤' if ok else '>'} {th.max_relative_residual})",
+        )
+
+    # lack_of_fit ----------------------------------------------------------------------
+    name = "lack_of_fit"
+    if lof is None or math.isnan(lof.p_value):
+        if lof is None:
+            why = f"{m} usable η"
+        elif lof.df_pure_error <= 0:
+            why = "no replicates"
+        elif lof.df_lack_of_fit <= 0:
+            why = f"only {lof.df_lack_of_fit + 2} distinct η (need ≥ 3)"
+        else:
+            why = "zero pure error (all repeats identical)"
+        checks[name] = Check(name, th.lack_of_fit_alpha, None, None, f"F test undefined: {why}")
+    else:
+        ok = lof.p_value > th.lack_of_fit_alpha
+        checks[name] = Check(
+            name,
+            th.lack_of_fit_alpha,
+            lof.p_value,
+            ok,
+            f"F({lof.df_lack_of_fit}, {lof.df_pure_error}) = {lof.f_statistic:.4g}, "
+            f"p = {lof.p_value:.3g} ({'>' if ok else '≤'} {th.lack_of_fit_alpha})",
+        )
+
+    # intercept ------------------------------------------------------------------------
+    name = "intercept"
+    if weighted is None or math.isnan(weighted.intercept_p):
+        checks[name] = Check(
+            name,
+            th.intercept_alpha,
+            None,
+            None,
+            "intercept test undefined"
+            + ("" if weighted is None else f" ({weighted.method.upper()} on {m} means)"),
+        )
+    else:
+        ok = weighted.intercept_p > th.intercept_alpha
+        how = (
+            "WLS on means, z test"
+            if weighted.method == "wls"
+            else "OLS on means, t test (fallback: SE not > 0 at every η)"
+        )
+        checks[name] = Check(
+            name,
+            th.intercept_alpha,
+            weighted.intercept_p,
+            ok,
+            f"β = {weighted.intercept:.4g} ± {weighted.intercept_se:.3g} "
+            f"(stat = {_fmt(weighted.intercept_t)}, p = {weighted.intercept_p:.3g} "
+            f"{'>' if ok else '≤'} {th.intercept_alpha}; {how})",
+        )
+
+    # loglog_slope ---------------------------------------------------------------------
+    name = "loglog_slope"
+    if loglog is None:
+        checks[name] = Check(name, th.loglog_margin, None, None, "no usable η")
+    elif not loglog.same_sign:
+        checks[name] = Check(name, th.loglog_margin, None, False, loglog.note)
+    elif math.isnan(loglog.slope):
+        checks[name] = Check(name, th.loglog_margin, None, None, loglog.note)
+    else:
+        ok = loglog.within_margin
+        checks[name] = Check(
+            name,
+            th.loglog_margin,
+            loglog.slope,
+            ok,
+            f"d log|ΔH|/d log η = {loglog.slope:.4f}, {loglog.confidence:.0%} CI "
+            f"[{loglog.ci_low:.4f}, {loglog.ci_high:.4f}] "
+            f"{'inside' if ok else 'not inside'} [{1 - th.loglog_margin:g}, "
+            f"{1 + th.loglog_margin:g}]" + (f"; {loglog.note}" if loglog.note else ""),
+        )
+
+    # ---- verdict ---------------------------------------------------------------------
+    reasons: list[str] = []
+    if m < th.min_resolvable_points:
+        reasons.append(f"only {m} usable η (need ≥ {th.min_resolvable_points})")
+    if few_reps:
+        reasons.append(
+            "fewer than 2 successful repeats at η = " + ", ".join(f"{e:.3g}" for e in few_reps)
+        )
+    undecided = [c.name for c in checks.values() if c.passed is None]
+    if undecided:
+        reasons.append("undecidable checks: " + ", ".join(undecided))
+    failed = [c.name for c in checks.values() if c.passed is False]
+    if reasons:
+        verdict = "inconclusive"
+        if failed:
+            reasons.append("also failed: " + ", ".join(failed))
+        reason = "; ".join(reasons)
+    elif failed:
+        verdict = "nonlinear"
+        reason = "failed: " + ", ".join(failed)
+    else:
+        verdict = "linear"
+        reason = "all checks passed"
+
+    return LinearityAnalysis(
+        per_eta=per_eta,
+        resolvable=flags,
+        ols=ols,
+        weighted=weighted,
+        origin=origin,
+        quadratic=quadratic,
+        lack_of_fit=lof,
+        loglog=loglog,
+        standardized_residual=z_list,
+        relative_residual=rel_list,
+        checks=checks,
+        verdict=verdict,
+        thresholds=thresholds,
+        n_failed=total_failed,
+        verdict_reason=reason,
+    )

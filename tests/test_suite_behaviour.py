@@ -1,0 +1,107 @@
+"""The linearity suite itself: it can fail, shares measurements under xdist, skips clearly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.cpu, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    pytester.makeini((ROOT / "pytest.ini").read_text())
+    pytester.makeconftest((ROOT / "conftest.py").read_text())
+    pytester.makepyfile(test_linearity=(ROOT / "tests" / "test_linearity.py").read_text())
+    return pytester.runpytest_subprocess("-p", "no:cacheprovider", *args)
+
+
+def test_suite_fails_far_outside_the_window(pytester, tiny_checkpoint):
+    report = pytester.path / "report.json"
+    result = _run(
+        pytester,
+        "-m",
+        "cpu",
+        "--learning-rates",
+        "1e-2,1e-1,1",
+        "--num-repeats",
+        "2",
+        "--eval-size",
+        "64",
+        f"--entropy-json={report}",
+    )
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    outcomes = {
+        t["nodeid"].split("::")[-1]: t["outcome"] for t in json.loads(report.read_text())["tests"]
+    }
+    assert outcomes["test_linear_window_covers_grid"] == "failed"
+    assert outcomes["test_relative_residuals"] == "failed"
+    result.stdout.fnmatch_lines(["*LINEARITY ANALYSIS*", "*DETAILED RESULTS*", "*above η_max*"])
+
+
+def test_each_eta_measured_once_under_xdist(pytester, tiny_checkpoint):
+    xml = pytester.path / "junit.xml"
+    result = _run(
+        pytester,
+        "-m",
+        "cpu",
+        "-n",
+        "2",
+        "--learning-rates",
+        "1e-8,1e-7,1e-6,1e-5",
+        "--num-repeats",
+        "3",
+        "--eval-size",
+        "64",
+        f"--basetemp={pytester.path / 'bt'}",
+        f"--junitxml={xml}",
+    )
+    result.assert_outcomes(passed=12)
+    logs = list((pytester.path / "bt").glob("entropy_store/*/measure_log.jsonl"))
+    assert len(logs) == 1
+    etas = [json.loads(line)["eta"] for line in logs[0].read_text().splitlines()]
+    assert sorted(etas) == [1e-8, 1e-7, 1e-6, 1e-5]  # each η exactly once across both workers
+    text = xml.read_text()
+    for name in (
+        "learning_rate",
+        "mean_entropy_change",
+        "stderr_entropy_change",
+        "n_samples",
+        "slope",
+        "r_squared",
+        "lack_of_fit_p",
+    ):
+        assert f'name="{name}"' in text, name
+
+
+def test_gpu_suite_skips_with_reason_and_runs_on_cpu(pytester, tiny_checkpoint):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the skip path cannot be shown here")
+    skipped = _run(pytester, "-m", "gpu", "-rs", "--checkpoint", str(tiny_checkpoint))
+    skipped.assert_outcomes(skipped=13)
+    skipped.stdout.fnmatch_lines(["*gpu suite needs CUDA; add --device cpu*"])
+    no_ckpt = _run(pytester, "-m", "gpu", "-rs")
+    no_ckpt.stdout.fnmatch_lines(["*gpu suite needs --checkpoint DIR*"])
+    ran = _run(
+        pytester,
+        "-m",
+        "gpu",
+        "--device",
+        "cpu",
+        "--dtype",
+        "fp64",
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--learning-rates",
+        "1e-8,1e-7,1e-6,1e-5",
+        "--num-repeats",
+        "3",
+        "--eval-size",
+        "64",
+    )
+    ran.assert_outcomes(passed=12)
