@@ -29,13 +29,6 @@ class SequenceSums:
     logprob: torch.Tensor  # log π(seq_i) at temperature T
     tokens: torch.Tensor  # T_i
 
-    def cat(self, other: SequenceSums) -> SequenceSums:
-        return SequenceSums(
-            torch.cat([self.entropy, other.entropy]),
-            torch.cat([self.logprob, other.logprob]),
-            torch.cat([self.tokens, other.tokens]),
-        )
-
 
 @dataclass(frozen=True)
 class EntropyReadings:
