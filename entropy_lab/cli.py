@@ -47,6 +47,7 @@ def _add_sweep_arguments(p: argparse.ArgumentParser, quick: bool) -> None:
     p.add_argument("--steps", type=int, default=1, help="optimizer steps between measurements")
     p.add_argument("--reading", default="policy", choices=["policy", "conditional"])
     p.add_argument("--no-curvature", action="store_true", help="skip the nested-jvp term")
+    p.add_argument("--r2-min", type=float, default=0.95, help="R² threshold of the verdict")
     p.add_argument("--resume", metavar="DIR", help="continue an interrupted sweep in DIR")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: auto)")
     p.add_argument("--no-progress", action="store_true")
@@ -84,7 +85,7 @@ def run_sweep_command(args: argparse.Namespace, quick: bool) -> Path:
     from entropy_lab.checkpoint import load_checkpoint
     from entropy_lab.config import ExperimentConfig, parse_learning_rates
     from entropy_lab.protocol import prepare, run_sweep
-    from entropy_lab.report import format_tables, write_report
+    from entropy_lab.report import default_thresholds, format_tables, write_report
     from entropy_lab.store import environment_info, new_results_dir
     from entropy_lab.tiny import ensure_tiny_checkpoint
 
@@ -128,6 +129,8 @@ def run_sweep_command(args: argparse.Namespace, quick: bool) -> Path:
             "checkpoint": checkpoint.metadata,
             "config": cfg.effective(),
             "environment": environment_info(args.device, args.dtype, precision),
+            # `report` re-applies exactly these, so it reproduces analysis.json.
+            "thresholds": default_thresholds(r2_min=args.r2_min),
         }
     )
     folder.write_config(cfg.effective())

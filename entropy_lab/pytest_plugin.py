@@ -146,6 +146,16 @@ class MeasurementStore:
         self._setup = None
         self._directions: dict[int, Any] = {}
         self._key_dir: Path | None = None
+        self._digest: str | None = None
+
+    @property
+    def digest(self) -> str:
+        """The checkpoint's content digest, computed once (it hashes every file)."""
+        if self._digest is None:
+            from entropy_lab.checkpoint import checkpoint_digest, resolve_layout
+
+            self._digest = checkpoint_digest(resolve_layout(self.settings.checkpoint))
+        return self._digest
 
     # Lazy: loading the checkpoint only when something must really be measured.
     def _ensure_setup(self):
@@ -179,11 +189,9 @@ class MeasurementStore:
     def key_dir(self) -> Path:
         """One folder per (checkpoint digest, measurement settings)."""
         if self._key_dir is None:
-            from entropy_lab.checkpoint import checkpoint_digest, resolve_layout
-
             s = self.settings
             ident = {
-                "digest": checkpoint_digest(resolve_layout(s.checkpoint)),
+                "digest": self.digest,
                 "repeats": s.num_repeats,
                 "device": s.device,
                 "dtype": s.dtype,
@@ -226,10 +234,11 @@ class MeasurementStore:
         return [r for eta in self.settings.learning_rates for r in self.records(eta)]
 
     def meta(self) -> dict[str, Any]:
+        from entropy_lab.report import default_thresholds
         from entropy_lab.store import environment_info
 
-        setup_free = {
-            "checkpoint": {"path": self.settings.checkpoint},
+        return {
+            "checkpoint": {"path": self.settings.checkpoint, "digest": self.digest},
             "config": {
                 "dtype": self.settings.dtype,
                 "device": self.settings.device,
@@ -237,25 +246,21 @@ class MeasurementStore:
                 "num_repeats": self.settings.num_repeats,
                 "eval_size": self.settings.eval_size,
             },
+            "environment": environment_info(
+                self.settings.device,
+                self.settings.dtype,
+                {"tf32_matmul": False, "tf32_cudnn": False},
+            ),
+            "thresholds": default_thresholds(r2_min=self.settings.r2_min),
         }
-        from entropy_lab.checkpoint import checkpoint_digest, resolve_layout
-
-        setup_free["checkpoint"]["digest"] = checkpoint_digest(
-            resolve_layout(self.settings.checkpoint)
-        )
-        setup_free["environment"] = environment_info(
-            self.settings.device, self.settings.dtype, {"tf32_matmul": False, "tf32_cudnn": False}
-        )
-        return setup_free
 
     def analysis(self) -> dict[str, Any]:
-        from entropy_lab.report import build_analysis
-        from entropy_lab.stats import Thresholds
+        from entropy_lab.report import build_analysis, thresholds_from_meta
         from entropy_lab.store import atomic_write_json
 
-        analysis = build_analysis(
-            self.all_records(), self.meta(), thresholds=Thresholds(r2_min=self.settings.r2_min)
-        )
+        meta = self.meta()
+        linearity, floor = thresholds_from_meta(meta)
+        analysis = build_analysis(self.all_records(), meta, thresholds=linearity, floor=floor)
         atomic_write_json(self.key_dir / "analysis.json", analysis)
         return analysis
 

@@ -179,6 +179,7 @@ def build_analysis(
         resolvable={eta: s.resolvable for eta, s in statuses.items()},
         thresholds=thresholds,
         n_failed=0,  # failed records enter as NaN changes and are counted there
+        repeats=[int(r["repeat"]) for r in rows],  # common random numbers: pair by repeat
     )
 
     first = _mean_stderr(_per_repeat(rows, "first_order_slope"))
@@ -269,6 +270,14 @@ def build_analysis(
         },
     }
     return json_safe(analysis)
+
+
+def default_thresholds(**linearity: Any) -> dict[str, Any]:
+    """The {linearity, precision_floor} block stored in run_meta.json["thresholds"]."""
+    return {
+        "linearity": stats.Thresholds(**linearity).to_dict(),
+        "precision_floor": dataclasses.asdict(theory.FloorThresholds()),
+    }
 
 
 def thresholds_from_meta(

@@ -28,7 +28,17 @@ high R²:
     weighted line means the data bend.
 ``loglog_slope``
     The slope of log|ΔH| against log η must be 1 for a linear law; its 95 %
-    confidence interval must lie inside [1 − m, 1 + m].
+    confidence interval must lie inside [1 − m, 1 + m] (an equivalence test).
+    With repeat ids (the sweep's common-random-numbers design) it is paired:
+    one slope per repeat, the interval from their spread.
+
+Common random numbers: every η of a repeat reuses that repeat's update batch,
+so the repeat-to-repeat spread (mostly the size of the update direction) is
+shared by all η.  The SE-based checks on per-η means (standardized residual,
+lack of fit, intercept) treat it as independent noise per η; they are then
+conservative — deviations smaller than that spread pass.  The paired log-log
+slope and the relative residual of ΔH̄/η (a ratio of means over the same
+repeats) are where the pairing pays; both are practical, scale-free bounds.
 
 Every result is a frozen dataclass with ``to_dict()`` returning JSON-safe
 built-in types (non-finite floats become ``None``).  Only numpy and scipy are
@@ -63,6 +73,7 @@ __all__ = [
     "fit_wls",
     "lack_of_fit_test",
     "loglog_slope",
+    "paired_loglog_slope",
     "relative_residuals",
     "standardized_residuals",
     "summarize_by_eta",
@@ -559,6 +570,8 @@ class LogLogSlope(_ToDict):
     weighted: bool = False
     same_sign: bool = True  # all means share one non-zero sign (else no fit)
     note: str = ""
+    paired: bool = False  # per-repeat slopes (common random numbers), CI across repeats
+    n_repeats: int = 0  # repeats entering the paired estimate
 
 
 def loglog_slope(
@@ -644,6 +657,90 @@ def loglog_slope(
         weighted=weighted,
         same_sign=True,
         note=note,
+    )
+
+
+def paired_loglog_slope(
+    etas: npt.ArrayLike,
+    changes: npt.ArrayLike,
+    repeats: npt.ArrayLike,
+    margin: float = 0.1,
+    confidence: float = 0.95,
+) -> LogLogSlope:
+    """Log-log slope for a common-random-numbers design: one slope per repeat.
+
+    In the sweep every η of repeat r reuses the same update batch, so the repeats differ
+    mainly by the size of their update direction: ΔH_r(η) ≈ s_r·η with s_r varying from
+    repeat to repeat. Across repeats that spread is shared by all η, so a fit to the
+    per-η means, weighted by their SEs, sees huge errors that cancel in the shape and
+    gives an interval far too wide to show anything. Here each repeat's own slope
+    k_r = d log|ΔH_r|/d log η (OLS over the η it has) carries the shape, and the interval
+    is mean(k) ± t_{(1+confidence)/2, R−1} · sd(k)/√R over the R repeats that have every η
+    (so the k_r are comparable). Signs need only agree within a repeat.
+    """
+    eta = _finite_vector("etas", etas)
+    dh = _vector("changes", changes)
+    rep = _vector("repeats", repeats)
+    _same_length(etas=eta, changes=dh, repeats=rep)
+    if not np.all(eta > 0):
+        raise ValueError("learning rates must be > 0 for a log-log fit")
+    grid = np.unique(eta)
+    slopes: list[float] = []
+    mixed: list[int] = []
+    for r in np.unique(rep) if grid.size >= 2 else []:
+        mine = (rep == r) & np.isfinite(dh)
+        if np.unique(eta[mine]).size != grid.size or mine.sum() != grid.size:
+            continue  # incomplete (a failed point): its slope would cover other η
+        y = dh[mine]
+        if not (np.all(y > 0) or np.all(y < 0)):
+            mixed.append(int(r))
+            continue
+        slopes.append(fit_ols(np.log(eta[mine]), np.log(np.abs(y))).slope)
+    k = np.asarray(slopes)
+    n_rep = k.size
+
+    def result(slope: float, se: float, lo: float, hi: float, note: str) -> LogLogSlope:
+        return LogLogSlope(
+            slope=slope,
+            slope_se=se,
+            ci_low=lo,
+            ci_high=hi,
+            n=int(grid.size),
+            margin=margin,
+            within_margin=bool(lo >= 1.0 - margin and hi <= 1.0 + margin),
+            confidence=confidence,
+            weighted=False,
+            same_sign=not mixed,
+            note=note,
+            paired=True,
+            n_repeats=int(n_rep),
+        )
+
+    if mixed:
+        return result(
+            _NAN,
+            _NAN,
+            _NAN,
+            _NAN,
+            f"ΔH changes sign across η within repeat(s) {mixed}: no power law fits",
+        )
+    if grid.size < 2 or n_rep < 2:
+        return result(
+            _NAN,
+            _NAN,
+            _NAN,
+            _NAN,
+            f"needs ≥ 2 η and ≥ 2 complete repeats, got {grid.size} η, {n_rep} repeats",
+        )
+    se = float(k.std(ddof=1) / math.sqrt(n_rep))
+    tq = float(sps.t.ppf(0.5 + confidence / 2.0, n_rep - 1))
+    mean = float(k.mean())
+    return result(
+        mean,
+        se,
+        mean - tq * se,
+        mean + tq * se,
+        f"paired: mean of {n_rep} per-repeat slopes over {grid.size} η",
     )
 
 
@@ -744,6 +841,7 @@ def analyze_linearity(
     resolvable: Mapping[float, bool] | None = None,
     thresholds: Thresholds = Thresholds(),  # noqa: B008 - frozen, safe to share
     n_failed: int = 0,
+    repeats: npt.ArrayLike | None = None,
 ) -> LinearityAnalysis:
     """Decide whether ΔH is linear in η from raw (η, repeat) measurements.
 
@@ -751,7 +849,9 @@ def analyze_linearity(
     failed run, dropped and added to ``n_failed``.  ``resolvable`` maps η to
     False for learning rates whose signal is below the measurement floor:
     they stay in ``per_eta`` but are left out of every fit (η missing from
-    the map count as resolvable).  Learning rates must be > 0.
+    the map count as resolvable).  Learning rates must be > 0.  ``repeats`` (one id per
+    run) marks a common-random-numbers design, where the log-log slope is taken per
+    repeat (:func:`paired_loglog_slope`) instead of from the per-η means.
 
     Verdict: "inconclusive" when fewer than ``min_resolvable_points`` usable η,
     fewer than 2 repeats at a used η, or any check undecidable (passed None);
@@ -791,11 +891,17 @@ def analyze_linearity(
     origin = fit_origin(eta_u, mean_u, se_u if se_positive else None) if m >= 1 else None
     quadratic = fit_quadratic(x_raw, y_raw) if m >= 2 else None
     lof = lack_of_fit_test(x_raw, y_raw) if m >= 2 else None
-    loglog = (
-        loglog_slope(eta_u, mean_u, se_u if se_positive else None, margin=th.loglog_margin)
-        if m >= 1
-        else None
-    )
+    if repeats is not None and m >= 1:
+        rep_all = _vector("repeats", repeats)
+        _same_length(etas=eta_all, repeats=rep_all)
+        keep = np.isin(eta_all, eta_u)
+        loglog = paired_loglog_slope(
+            eta_all[keep], dh_all[keep], rep_all[keep], margin=th.loglog_margin
+        )
+    elif m >= 1:
+        loglog = loglog_slope(eta_u, mean_u, se_u if se_positive else None, margin=th.loglog_margin)
+    else:
+        loglog = None
 
     # ---- residuals aligned with per_eta ----------------------------------------------
     z_u = np.full(m, np.nan)

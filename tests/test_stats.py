@@ -22,6 +22,7 @@ from entropy_lab.stats import (
     fit_wls,
     lack_of_fit_test,
     loglog_slope,
+    paired_loglog_slope,
     relative_residuals,
     standardized_residuals,
     summarize_by_eta,
@@ -611,3 +612,95 @@ def test_to_dict_round_trips_through_strict_json():
         d = obj.to_dict()
         assert _only_builtins(d)
         json.dumps(d, allow_nan=False)
+
+
+# --------------------------------------------------------------------------------------
+# Common random numbers: the paired log-log slope
+# --------------------------------------------------------------------------------------
+
+
+def crn_experiment(
+    *,
+    grid: np.ndarray,
+    power: float = 1.0,
+    quad: float = 0.0,
+    reps: int = 3,
+    slope_spread: float = 0.3,
+    noise: float = 1e-4,
+    seed: int = 0,
+    signs: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The sweep's design: repeat r has its own direction size s_r, shared by all its η.
+
+    ΔH_r(η) = s_r·(η^power + quad·η²)·(1 + noise·ε), s_r = ±(1 + slope_spread·z_r).
+    """
+    rng = np.random.default_rng(seed)
+    s = 1.0 + slope_spread * rng.standard_normal(reps)
+    if signs is not None:
+        s = s * signs
+    eta = np.tile(grid, reps)
+    rep = np.repeat(np.arange(reps), grid.size)
+    dh = s[rep] * (eta**power + quad * eta**2) * (1 + noise * rng.standard_normal(eta.size))
+    return eta, dh, rep
+
+
+@pytest.mark.cpu
+def test_paired_loglog_resolves_what_the_means_cannot():
+    # The quick run's shape: 3 η × 3 repeats, directions 30 % apart, ΔH/η flat to 0.3 %.
+    grid = np.array([1e-7, 1e-6, 1e-5])
+    eta, dh, rep = crn_experiment(grid=grid, quad=300.0, seed=4)
+    unpaired = analyze_linearity(eta, dh)
+    paired = analyze_linearity(eta, dh, repeats=rep)
+    assert not unpaired.loglog.paired and unpaired.checks["loglog_slope"].passed is False
+    assert paired.loglog.paired and paired.loglog.n_repeats == 3
+    assert paired.checks["loglog_slope"].passed is True, paired.checks["loglog_slope"].detail
+    assert abs(paired.loglog.slope - 1.0) < 0.01
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("power", [0.85, 1.2, 2.0])
+def test_paired_loglog_fails_a_planted_power_law(power):
+    grid = np.array([1e-7, 1e-6, 1e-5])
+    eta, dh, rep = crn_experiment(grid=grid, power=power, seed=4)
+    result = analyze_linearity(eta, dh, repeats=rep)
+    assert result.checks["loglog_slope"].passed is False
+    assert abs(result.loglog.slope - power) < 1e-3
+    assert result.verdict == "nonlinear"
+
+
+@pytest.mark.cpu
+@settings(deadline=None, max_examples=30)
+@given(seed=SEEDS, power=st.floats(0.5, 2.0), noise=st.floats(1e-4, 0.05))
+def test_paired_loglog_recovers_planted_power(seed, power, noise):
+    eta, dh, rep = crn_experiment(grid=GRID, power=power, reps=5, noise=noise, seed=seed)
+    ll = paired_loglog_slope(eta, dh, rep)
+    assert ll.paired and ll.n_repeats == 5 and ll.n == GRID.size
+    assert abs(ll.slope - power) < far(ll.n_repeats - 1) * ll.slope_se
+    assert ll.ci_low < ll.slope < ll.ci_high
+
+
+@pytest.mark.cpu
+def test_paired_loglog_signs_only_need_to_agree_within_a_repeat():
+    grid = np.array([1e-7, 1e-6, 1e-5])
+    signs = np.array([1.0, -1.0, 1.0])
+    eta, dh, rep = crn_experiment(grid=grid, seed=1, signs=signs)
+    ll = paired_loglog_slope(eta, dh, rep)
+    assert ll.same_sign and ll.within_margin
+    dh[(rep == 1) & (eta == 1e-6)] *= -1  # a sign flip inside repeat 1
+    ll = paired_loglog_slope(eta, dh, rep)
+    assert not ll.same_sign and not ll.within_margin and "repeat(s) [1]" in ll.note
+    check = analyze_linearity(eta, dh, repeats=rep).checks["loglog_slope"]
+    assert check.passed is False
+
+
+@pytest.mark.cpu
+def test_paired_loglog_skips_incomplete_repeats():
+    grid = np.array([1e-7, 1e-6, 1e-5])
+    eta, dh, rep = crn_experiment(grid=grid, reps=4, seed=2)
+    dh[(rep == 3) & (eta == 1e-6)] = np.nan  # a failed point
+    ll = paired_loglog_slope(eta, dh, rep)
+    assert ll.n_repeats == 3
+    eta2, dh2, rep2 = crn_experiment(grid=grid, reps=2, seed=2)
+    dh2[rep2 == 1] = np.nan
+    ll = paired_loglog_slope(eta2, dh2, rep2)
+    assert ll.n_repeats == 1 and math.isnan(ll.slope) and "≥ 2 complete repeats" in ll.note
