@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from entropy_lab import distributed
 from entropy_lab.rollout import SequenceBatch, filter_logits
 
 
@@ -103,6 +104,19 @@ def sequence_sums(
     )
 
 
+def gather_sums(local: SequenceSums, n: int) -> SequenceSums:
+    """Every rank's per-sequence sums in global row order (the sums themselves with one process).
+
+    The readings are ratios (and the policy reading normalises its weights over all of E), so
+    ranks exchange per-sequence sums, never per-rank readings.
+    """
+    if distributed.world_size() == 1:
+        return local
+    stacked = torch.stack([local.entropy, local.logprob, local.tokens], dim=1)
+    entropy, logprob, tokens = distributed.all_gather_rows(stacked, n).unbind(1)
+    return SequenceSums(entropy, logprob, tokens)
+
+
 def readings(sums: SequenceSums, reference_logprob: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """(H_conditional, H_policy, ESS) as tensors (differentiable)."""
     conditional = sums.entropy.sum() / sums.tokens.sum()
@@ -167,12 +181,22 @@ class EntropyScorer(nn.Module):
             )
         return out
 
+    def shard_of(self, batch: SequenceBatch) -> SequenceBatch:
+        """The rows this process scores (all of them with one process)."""
+        if distributed.world_size() == 1:
+            return batch
+        return batch.select(list(distributed.shard(len(batch))))
+
+    def global_sums(self, batch: SequenceBatch) -> SequenceSums:
+        """Per-sequence sums of the whole batch; data-parallel, each rank scores its shard."""
+        return gather_sums(self(self.shard_of(batch)), len(batch))
+
     @torch.no_grad()
     def measure(self, batch: SequenceBatch, reference_logprob: torch.Tensor) -> EntropyReadings:
         was_training = self.lm.training
         self.lm.eval()
         try:
-            conditional, policy, ess = readings(self(batch), reference_logprob)
+            conditional, policy, ess = readings(self.global_sums(batch), reference_logprob)
         finally:
             self.lm.train(was_training)
         return EntropyReadings(float(conditional), float(policy), float(ess))

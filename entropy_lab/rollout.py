@@ -4,11 +4,18 @@ A hand-written loop instead of HF ``generate``: ``generate`` silently applies to
 whatever a model's generation_config.json asks for (top_p, repetition penalty), and the
 scorer must use exactly the distribution that sampled. Batches come back right-padded
 (prompt, response, pad), so a plain forward with default position ids scores them.
+
+Tokens are drawn by inverse CDF (fp64) from uniforms pre-drawn per global row, not by one
+generator shared by the batch: a row's tokens then do not depend on which other rows share
+its batch, so data-parallel ranks that sample disjoint row subsets reproduce the
+single-process batch (up to fp rounding of the logits, which changes no token in practice).
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -58,6 +65,23 @@ class SequenceBatch:
             [self.responses[i] for i in rows_t.tolist()] if self.responses else [],
         )
 
+    @classmethod
+    def concat(cls, parts: list[SequenceBatch]) -> SequenceBatch:
+        """Rows of ``parts`` in order, right-padded to the widest (as one batch packs them)."""
+        width = max(p.input_ids.shape[1] for p in parts)
+
+        def cat(name: str) -> torch.Tensor:
+            tensors = [getattr(p, name) for p in parts]
+            return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in tensors])
+
+        return cls(
+            cat("input_ids"),
+            cat("attention_mask"),
+            cat("response_mask"),
+            torch.cat([p.prompt_index for p in parts]),
+            [text for p in parts for text in p.responses],
+        )
+
     def length_sorted_chunks(self, max_rows: int) -> list[torch.Tensor]:
         """Row indices grouped by length, so each chunk carries little padding."""
         order = torch.argsort(self.attention_mask.sum(1), descending=True, stable=True)
@@ -103,6 +127,35 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
+def row_seed(seed: int, row: int) -> int:
+    """A 63-bit seed for global row ``row`` of a batch sampled with ``seed``."""
+    digest = hashlib.sha256(f"entropy_lab/row/{int(seed)}/{int(row)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def row_uniforms(seed: int, rows: Sequence[int], steps: int) -> torch.Tensor:
+    """[len(rows), steps] fp64 uniforms in [0, 1): row r's stream depends on (seed, r) only."""
+    out = torch.empty((len(rows), steps), dtype=torch.float64)
+    for i, row in enumerate(rows):
+        generator = torch.Generator().manual_seed(row_seed(seed, row))
+        out[i] = torch.rand(steps, generator=generator, dtype=torch.float64)
+    return out
+
+
+def inverse_cdf_sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row: the first index whose cumulative probability exceeds u·total.
+
+    ``right=True`` never picks a zero-probability (truncated) token; u·total rounding up to
+    the total falls back to the last token with positive probability.
+    """
+    cdf = probs.cumsum(-1)
+    target = uniforms[:, None].to(cdf) * cdf[:, -1:]
+    token = torch.searchsorted(cdf, target, right=True).squeeze(1)
+    vocab = probs.shape[-1]
+    last_positive = vocab - 1 - torch.argmax((probs.flip(-1) > 0).to(torch.uint8), dim=-1)
+    return torch.where(token >= vocab, last_positive, token)
+
+
 @torch.no_grad()
 def sample_responses(
     model: torch.nn.Module,
@@ -116,40 +169,48 @@ def sample_responses(
     top_k: int = 0,
     top_p: float = 1.0,
     batch_rows: int = 256,
+    rows: Sequence[int] | None = None,
 ) -> SequenceBatch:
-    """``num_samples`` responses per problem; rows ordered problem-major."""
+    """``num_samples`` responses per problem; rows ordered problem-major.
+
+    Global row r answers problem r // num_samples. Each row draws its tokens by inverse CDF
+    from its own uniform stream (seeded by (seed, r)), so sampling a subset ``rows`` (one
+    rank's shard) gives exactly the tokens those rows get in the full batch.
+    """
     if hasattr(model, "get_base_model"):  # PEFT: LoRA layers live inside the base model
         model = model.get_base_model()
     device = next(model.parameters()).device
     prompt_ids = [tokenizer(p.prompt, add_special_tokens=False)["input_ids"] for p in problems]
-    rows = [(i, ids) for i, ids in enumerate(prompt_ids) for _ in range(num_samples)]
-    generator = torch.Generator(device=device).manual_seed(int(seed))
+    if rows is None:
+        rows = range(len(problems) * num_samples)
+    rows = list(rows)
+    uniforms = row_uniforms(seed, rows, max_new_tokens)
     eos_id = tokenizer.eos_token_id
     was_training = model.training
     model.eval()
     sequences: list[tuple[int, list[int], list[int]]] = []
     try:
         for start in range(0, len(rows), batch_rows):
-            chunk = rows[start : start + batch_rows]
+            chunk = [row // num_samples for row in rows[start : start + batch_rows]]
             responses = _sample_chunk(
                 model,
-                [ids for _, ids in chunk],
+                [prompt_ids[i] for i in chunk],
                 eos_id,
                 temperature,
                 max_new_tokens,
                 top_k,
                 top_p,
-                generator,
+                uniforms[start : start + batch_rows].to(device),
                 device,
             )
-            sequences += [(i, ids, resp) for (i, ids), resp in zip(chunk, responses)]
+            sequences += [(i, prompt_ids[i], resp) for i, resp in zip(chunk, responses)]
     finally:
         model.train(was_training)
     return _pack(sequences, tokenizer)
 
 
 def _sample_chunk(
-    model, prompts, eos_id, temperature, max_new_tokens, top_k, top_p, generator, device
+    model, prompts, eos_id, temperature, max_new_tokens, top_k, top_p, uniforms, device
 ) -> list[list[int]]:
     pad_id = 0
     width = max(len(p) for p in prompts)
@@ -176,7 +237,7 @@ def _sample_chunk(
         cache = getattr(result, cache_kw, None) or result.past_key_values
         logits = result.logits[:, -1, :].double() / temperature
         probs = torch.softmax(filter_logits(logits, top_k, top_p), dim=-1)
-        token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        token = inverse_cdf_sample(probs, uniforms[:, t])
         token = torch.where(done, torch.full_like(token, pad_id), token)
         out[:, t] = torch.where(done, torch.full_like(token, -1), token)
         done = done | (token == eos_id)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from entropy_lab import distributed
 from entropy_lab.entropy import decoder_and_head, token_statistics
 from entropy_lab.rollout import SequenceBatch
 
@@ -30,6 +31,12 @@ class UpdateBatch:
     num_generations: int
     max_new_tokens: int
     old_logprob: torch.Tensor | None = None  # per response token, at θ₀ (for steps > 1)
+    # Over the whole U: data-parallel, this batch holds one rank's prompts only.
+    mean_reward: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.mean_reward is None:
+            self.mean_reward = float(self.rewards.double().mean())
 
 
 @dataclass
@@ -105,12 +112,33 @@ class PolicyUpdate:
         return logp
 
     def gradient(self, update: UpdateBatch) -> Gradient:
-        """∇ of the Dr-GRPO loss over the whole buffer, micro-batched, then clipped."""
+        """∇ of the Dr-GRPO loss over the whole buffer, micro-batched, then clipped.
+
+        Data-parallel: ``update`` holds this rank's prompts (whole groups); the loss keeps the
+        global normalisation and the per-rank gradients are summed before clipping.
+        """
+        local_prompts = len(torch.unique(update.sequences.prompt_index))
+        num_prompts = round(distributed.sum_over_ranks(local_prompts))
+        grads, loss = self.local_gradient(update, num_prompts)
+        # DDP semantics: gradients are synchronised once, after the last micro-batch (DDP's
+        # no_sync() on the others). A manual all-reduce (sum) of the accumulated gradients is
+        # the same operation; the 1/num_prompts of the loss is already global, so no averaging.
+        for name in sorted(grads):  # the same order on every rank
+            distributed.all_reduce_sum_(grads[name])
+        return self._clipped(grads, distributed.sum_over_ranks(loss))
+
+    def local_gradient(
+        self, update: UpdateBatch, num_prompts: int
+    ) -> tuple[dict[str, torch.Tensor], float]:
+        """Accumulated gradient of this process's prompts, normalised by ``num_prompts``.
+
+        Per prompt: sum over generations and tokens / (G · L_max); mean over all
+        ``num_prompts`` prompts of the buffer (every rank's).
+        """
         seqs = update.sequences
         device = next(iter(self.params.values())).device
         prompts = torch.unique(seqs.prompt_index).tolist()
-        # Per prompt: sum over generations and tokens / (G · L_max); mean over prompts.
-        scale = 1.0 / (update.num_generations * update.max_new_tokens * len(prompts))
+        scale = 1.0 / (update.num_generations * update.max_new_tokens * num_prompts)
         for p in self.params.values():
             p.grad = None
         was_training = self.model.training
@@ -132,22 +160,26 @@ class PolicyUpdate:
         finally:
             self.model.train(was_training)
         grads = {n: p.grad.detach().clone() for n, p in self.params.items() if p.grad is not None}
-        missing = [n for n in self.params if n not in grads]
-        for n in missing:  # e.g. lora_A while lora_B == 0: a genuine zero gradient
-            grads[n] = torch.zeros_like(self.params[n])
+        for n in self.params:  # e.g. lora_A while lora_B == 0: a genuine zero gradient
+            if n not in grads:
+                grads[n] = torch.zeros_like(self.params[n])
+        for p in self.params.values():
+            p.grad = None
+        return grads, total
+
+    def _clipped(self, grads: dict[str, torch.Tensor], loss: float) -> Gradient:
+        """Clip on the (global) norm, as ``torch.nn.utils.clip_grad_norm_`` does."""
         norm = float(
             torch.linalg.vector_norm(torch.stack([g.double().norm() for g in grads.values()]))
         )
+        if not math.isfinite(loss) or not math.isfinite(norm):
+            raise FloatingPointError(f"non-finite loss ({loss}) or gradient norm ({norm})")
         clipped = False
         if self.grad_clip and norm > self.grad_clip:
-            factor = self.grad_clip / (norm + 1e-6)  # torch.nn.utils.clip_grad_norm_'s rule
+            factor = self.grad_clip / (norm + 1e-6)  # clip_grad_norm_'s rule
             grads = {n: g * factor for n, g in grads.items()}
             clipped = True
-        for p in self.params.values():
-            p.grad = None
-        if not math.isfinite(total) or not math.isfinite(norm):
-            raise FloatingPointError(f"non-finite loss ({total}) or gradient norm ({norm})")
-        return Gradient(grads, total, norm, clipped)
+        return Gradient(grads, loss, norm, clipped)
 
     # -- steps --------------------------------------------------------------------------
     @torch.no_grad()

@@ -1,0 +1,140 @@
+#!/usr/bin/env python
+"""Wall time, tokens/s and peak device memory of each phase of one sweep, on one checkpoint.
+
+The phases of DESIGN §2 in order: load, prepare (sample E and score it at θ₀), sample U_r,
+the Dr-GRPO gradient, the update vector v_r, the jvp oracles (∇H·v and vᵀ∇²H v), then one
+point per η (a real AdamW step, E scored again, and the mirrored step −η). Tokens are the
+response tokens the phase generates or processes. Peak memory is
+``torch.cuda.max_memory_allocated`` within the phase (None on the CPU).
+
+Usage: python scripts/profile_phases.py --checkpoint DIR [--device cuda] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class PhaseTimer:
+    def __init__(self, device: str) -> None:
+        self.cuda = torch.device(device).type == "cuda"
+        self.device = device
+        self.rows: list[dict[str, Any]] = []
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        """Time a phase; the body may set ``row["tokens"]``."""
+        row: dict[str, Any] = {"phase": name, "tokens": None}
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        started = time.perf_counter()
+        yield row
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        row["seconds"] = time.perf_counter() - started
+        row["tokens_per_s"] = row["tokens"] / row["seconds"] if row["tokens"] else None
+        row["peak_memory_bytes"] = (
+            torch.cuda.max_memory_allocated(self.device) if self.cuda else None
+        )
+        self.rows.append(row)
+        print(format_row(row), flush=True)
+
+
+def format_row(row: dict[str, Any]) -> str:
+    tps = f"{row['tokens_per_s']:>10.0f}" if row["tokens_per_s"] else f"{'-':>10}"
+    mem = row["peak_memory_bytes"]
+    mem_text = f"{mem / 2**30:>8.2f}" if mem is not None else f"{'-':>8}"
+    return f"  {row['phase']:<24} {row['seconds']:>8.2f} s  {tps} tok/s  {mem_text} GiB peak"
+
+
+def profile(checkpoint: str, device: str, dtype: str, etas: list[float], **settings) -> dict:
+    from entropy_lab.checkpoint import load_checkpoint
+    from entropy_lab.config import ExperimentConfig
+    from entropy_lab.protocol import Direction, measure_point, prepare, sample_update_batch
+    from entropy_lab.theory import directional_derivatives
+
+    timer = PhaseTimer(device)
+    with timer.phase("load checkpoint"):
+        ck = load_checkpoint(checkpoint, dtype=dtype, device=device)
+    cfg = ExperimentConfig.from_training_config(
+        ck.training_config, etas, device=device, dtype=dtype, **settings
+    )
+    with timer.phase("prepare (sample+score E)") as row:
+        setup = prepare(cfg, ck)
+        row["tokens"] = setup.eval_batch.num_response_tokens
+    with timer.phase("sample U") as row:
+        update = sample_update_batch(setup, 0)
+        row["tokens"] = update.sequences.num_response_tokens
+    with timer.phase("gradient") as row:
+        gradient = setup.updater.gradient(update)
+        row["tokens"] = update.sequences.num_response_tokens
+    with timer.phase("update vector"):
+        vector = setup.updater.update_vector(gradient)
+    with timer.phase("jvp + nested jvp") as row:
+        directional_derivatives(
+            setup.scorer, setup.eval_batch, setup.reference_logprob, setup.updater.theta0, vector
+        )
+        row["tokens"] = setup.eval_batch.num_response_tokens
+
+    direction = Direction(
+        repeat=0,
+        seed=cfg.seed,
+        update=update,
+        gradient=gradient,
+        vector=vector,
+        derivatives=None,
+        seconds=0.0,
+    )
+    for eta in etas:
+        with timer.phase(f"η={eta:g} (step, score, −η)") as row:
+            measure_point(setup, direction, eta)
+            row["tokens"] = 2 * setup.eval_batch.num_response_tokens
+    return {
+        "checkpoint": checkpoint,
+        "device": device,
+        "dtype": dtype,
+        "eval_size": cfg.eval_size,
+        "buffer_size": cfg.buffer_size,
+        "num_generations": cfg.num_generations,
+        "max_new_tokens": cfg.max_new_tokens,
+        "trainable_parameters": ck.metadata["trainable_parameters"],
+        "total_parameters": ck.metadata["total_parameters"],
+        "phases": timer.rows,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp64", "bf16"])
+    parser.add_argument("--learning-rates", default="1e-6,1e-5")
+    parser.add_argument("--eval-size", type=int, default=64)
+    parser.add_argument("--buffer-size", type=int, default=32)
+    parser.add_argument("--json", help="also write the profile to this file")
+    args = parser.parse_args(argv)
+    etas = [float(x) for x in args.learning_rates.split(",")]
+    print(f"phases on {args.device} ({args.dtype}):")
+    result = profile(
+        args.checkpoint,
+        args.device,
+        args.dtype,
+        etas,
+        eval_size=args.eval_size,
+        buffer_size=args.buffer_size,
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
