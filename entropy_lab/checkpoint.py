@@ -15,12 +15,14 @@ does not is an error naming the first mismatch, never a silent fresh optimizer.
 from __future__ import annotations
 
 import json
+import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from entropy_lab.config import load_training_config
@@ -35,6 +37,8 @@ from entropy_lab.precision import (
 from entropy_lab.tiny import directory_digest
 
 _STEP_DIR = re.compile(r"^(?:step_|checkpoint-)(\d+)$")
+# What a from_pretrained of damaged or missing files raises (beyond bugs worth a traceback).
+_LOAD_ERRORS = (OSError, ValueError, RuntimeError, SafetensorError)
 _TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json")
 
 
@@ -109,8 +113,8 @@ def resolve_base_model(layout: CheckpointLayout, base_model: str | None) -> str:
     adapter and checkpoint folders; else an offline hub cache entry."""
     if base_model:
         return base_model
-    adapter_cfg = json.loads((layout.model_dir / "adapter_config.json").read_text())
-    name = adapter_cfg.get("base_model_name_or_path")
+    adapter_cfg = _read_json(layout.model_dir / "adapter_config.json")
+    name = adapter_cfg.get("base_model_name_or_path") if isinstance(adapter_cfg, dict) else None
     if not name:
         raise CheckpointError(
             f"{layout.model_dir}/adapter_config.json names no base model: pass --base-model DIR"
@@ -150,18 +154,30 @@ def load_checkpoint(
             # the Auto class's adapter probe does not inherit local_files_only (transformers 5)
             adapter_kwargs={"local_files_only": True},
         )
-    except (OSError, ValueError) as exc:
+    except _LOAD_ERRORS as exc:
+        if Path(model_source).is_dir():  # found, but unreadable: asking for --base-model misleads
+            raise CheckpointError(
+                f"cannot load the model in {model_source} ({_first_line(exc)}): its files are "
+                "corrupt or incomplete; re-save it with save_pretrained"
+            ) from exc
         raise CheckpointError(
             f"cannot load the base model {model_source!r} offline ({type(exc).__name__}): "
             "pass --base-model with a local folder or a cached hub id"
         ) from None
     if layout.is_adapter:
-        policy = PeftModel.from_pretrained(model, str(layout.model_dir), is_trainable=True)
+        try:
+            policy = PeftModel.from_pretrained(model, str(layout.model_dir), is_trainable=True)
+        except _LOAD_ERRORS as exc:
+            raise CheckpointError(
+                f"cannot load the adapter in {layout.model_dir} ({_first_line(exc)}): its files "
+                "are corrupt or incomplete, or made for another base model; re-save the adapter"
+            ) from exc
     else:
         policy = model
         for p in policy.parameters():
             p.requires_grad_(True)
     policy.to(device=device, dtype=torch_dt)
+    _check_finite_weights(policy, layout)
     if dtype == "fp64" and faithful_fp64:
         make_faithful(policy)
     policy.eval()  # no dropout, LoRA dropout included
@@ -176,7 +192,13 @@ def load_checkpoint(
             f"no tokenizer files in {tokenizer_dir}: save the tokenizer next to the model "
             "(tokenizer.save_pretrained)"
         )
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    except _LOAD_ERRORS as exc:
+        raise CheckpointError(
+            f"cannot load the tokenizer in {tokenizer_dir} ({_first_line(exc)}): "
+            "re-save it with tokenizer.save_pretrained"
+        ) from exc
 
     optimizer, mapping = load_optimizer(policy, layout)
     cfg_path = training_config_path or layout.config_path
@@ -198,6 +220,17 @@ def load_checkpoint(
         **precision,
     }
     return LoadedCheckpoint(policy, tokenizer, optimizer, training_config, metadata)
+
+
+def _check_finite_weights(policy: nn.Module, layout: CheckpointLayout) -> None:
+    """NaN/inf in θ₀ would make every measurement NaN: say which tensor, up front."""
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if not bool(torch.isfinite(p).all()):
+                raise CheckpointError(
+                    f"{layout.root}: parameter {_strip(name)} holds NaN or inf "
+                    "(a diverged or damaged checkpoint); use an earlier step"
+                )
 
 
 def checkpoint_digest(layout: CheckpointLayout) -> str:
@@ -235,15 +268,45 @@ def _decay_split(policy: nn.Module, trainable: list[tuple[str, nn.Parameter]]):
     return decay, no_decay
 
 
+def _first_line(exc: BaseException, limit: int = 160) -> str:
+    """``Type: first line of the message`` (library messages run to many lines)."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:limit]}" if text else type(exc).__name__
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(
+            f"cannot read {path} as JSON ({_first_line(exc)}): fix or re-create the file"
+        ) from exc
+
+
+def _load_optimizer_file(path: Path) -> Any:
+    """``torch.load(weights_only=True)``, with its two failure kinds told apart."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        refused = re.search(r"Unsupported global: (GLOBAL \S+)", str(exc))
+        if refused:  # the file would run code (or build foreign objects) when unpickled
+            raise CheckpointError(
+                f"{path} was refused by torch.load(weights_only=True): it references "
+                f"{refused.group(1)}, not only tensors; re-save optimizer.state_dict() with "
+                "torch.save (never load an untrusted file with weights_only=False)"
+            ) from exc
+        reason = type(exc).__name__  # its message is advice about weights_only=False
+    except Exception as exc:  # empty, truncated, not a torch.save file, unreadable
+        reason = _first_line(exc, 80)
+    raise CheckpointError(
+        f"cannot read {path} with torch.load(weights_only=True) ({reason}): the file is "
+        "empty, truncated or not a torch.save file; re-save optimizer.state_dict()"
+    )
+
+
 def load_optimizer(policy: nn.Module, layout: CheckpointLayout):
     """AdamW over the trainable parameters with the saved state mapped onto them."""
-    try:
-        saved = torch.load(layout.optimizer_path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle refused (code in it) or a corrupt file
-        raise CheckpointError(
-            f"cannot read {layout.optimizer_path} with torch.load(weights_only=True): "
-            f"{str(exc).splitlines()[0][:200]}"
-        ) from None
+    saved = _load_optimizer_file(layout.optimizer_path)
     if not isinstance(saved, dict) or "state" not in saved or "param_groups" not in saved:
         raise CheckpointError(f"{layout.optimizer_path} is not an optimizer state_dict")
     saved_ids = [i for g in saved["param_groups"] for i in g["params"]]
@@ -252,7 +315,11 @@ def load_optimizer(policy: nn.Module, layout: CheckpointLayout):
 
     candidates: list[tuple[str, list[tuple[str, nn.Parameter]]]] = []
     if layout.param_names_path is not None:
-        names = json.loads(layout.param_names_path.read_text())
+        names = _read_json(layout.param_names_path)
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise CheckpointError(
+                f"{layout.param_names_path} must be a JSON list of parameter names"
+            )
         by_name = {_strip(n): (n, p) for n, p in all_params}
         missing = [n for n in names if _strip(n) not in by_name]
         if missing:
@@ -292,6 +359,9 @@ def _mapping_problem(saved, saved_ids, params, trainable) -> str | None:
         for key in ("exp_avg", "exp_avg_sq"):
             if key not in state:
                 return f"{name}: state has no {key} (not an AdamW state?)"
+            if not torch.is_tensor(state[key]) or not state[key].is_floating_point():
+                kind = state[key].dtype if torch.is_tensor(state[key]) else type(state[key])
+                return f"{name}: state {key} has dtype {kind}, not a floating-point type"
             if tuple(state[key].shape) != tuple(p.shape):
                 return (
                     f"first mismatch at {name}: state {key} shape {tuple(state[key].shape)} "

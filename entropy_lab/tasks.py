@@ -108,8 +108,15 @@ class JsonlTask(Task):
                 f"prompt_template cannot be filled with str.format ({type(exc).__name__}: {exc}):"
                 " write literal braces as {{ and }}"
             ) from None
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(
+                f"cannot read prompt file {path} as UTF-8 text ({type(exc).__name__}): "
+                "give a JSONL file with one JSON object per line"
+            ) from exc
         problems = []
-        for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+        for lineno, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             try:
