@@ -1,4 +1,4 @@
-"""``entropy-lab``: sweep, quick, report, make-tiny.
+"""``entropy-lab``: sweep, quick, report, make-tiny, bench.
 
 The main path of a sweep, top to bottom:
 config → checkpoint → batches (prepare) → update + entropy (run_sweep) → stats + report.
@@ -44,6 +44,9 @@ def _add_sweep_arguments(p: argparse.ArgumentParser, quick: bool) -> None:
     p.add_argument("--eval-size", type=int, default=None, help="B_E: evaluation prompts")
     p.add_argument("--buffer-size", type=int, default=None, help="update prompts per repeat")
     p.add_argument("--microbatch-size", type=int, default=None)
+    p.add_argument(
+        "--eval-chunk-tokens", type=int, default=None, help="tokens per fp64 logits chunk"
+    )
     p.add_argument("--steps", type=int, default=1, help="optimizer steps between measurements")
     p.add_argument("--reading", default="policy", choices=["policy", "conditional"])
     p.add_argument("--no-curvature", action="store_true", help="skip the nested-jvp term")
@@ -69,7 +72,30 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = sub.add_parser("make-tiny", help="build the built-in tiny checkpoint")
     tiny.add_argument("folder")
     tiny.add_argument("--seed", type=int, default=None)
+    _add_bench_arguments(sub.add_parser("bench", help="performance benchmarks (issue #8)"))
     return parser
+
+
+def _add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", help="checkpoint folder (default: the tiny one)")
+    p.add_argument("--base-model", help="base model folder or cached hub id for an adapter")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, …")
+    p.add_argument("--dtype", default=None, choices=["fp32", "fp64", "bf16"])
+    p.add_argument("--eval-size", type=int, default=None, help="B_E: evaluation prompts")
+    p.add_argument("--buffer-size", type=int, default=None, help="update prompts (rollouts)")
+    p.add_argument("--learning-rates", default=None, help="η grid timed (default: quick's)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs after a warm-up (median)")
+    p.add_argument("--directions", type=int, default=2, help="timed repeats of direction()")
+    p.add_argument("--output", metavar="PATH", help="write the results as JSON")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: auto)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory section")
+    p.add_argument("--memory-batch", type=int, default=4, help="B of the vocab-151,936 batch")
+    p.add_argument("--memory-length", type=int, default=64, help="L of that batch")
+    p.add_argument("--memory-hidden", type=int, default=32)
+    p.add_argument("--memory-chunk-tokens", type=int, default=8)
+    p.add_argument("--flops", action="store_true", help="FLOP/s section on CPU too")
+    p.add_argument("--matmul-size", type=int, default=8192, help="n of the peak matmul")
+    p.add_argument("--quick", action="store_true", help="also time `entropy-lab quick`")
 
 
 def _set_threads(threads: int | None, total_parameters: int) -> None:
@@ -81,9 +107,10 @@ def _set_threads(threads: int | None, total_parameters: int) -> None:
     torch.set_num_threads(max(1, threads))
 
 
-def run_sweep_command(args: argparse.Namespace, quick: bool) -> Path:
+def run_sweep_command(args: argparse.Namespace, quick: bool) -> Path | None:
+    from entropy_lab import distributed
     from entropy_lab.checkpoint import load_checkpoint
-    from entropy_lab.config import ExperimentConfig, parse_learning_rates
+    from entropy_lab.config import ExperimentConfig, check_num_repeats, parse_learning_rates
     from entropy_lab.protocol import prepare, run_sweep
     from entropy_lab.report import default_thresholds, format_tables, write_report
     from entropy_lab.store import environment_info, new_results_dir
@@ -91,6 +118,7 @@ def run_sweep_command(args: argparse.Namespace, quick: bool) -> Path:
 
     started = time.perf_counter()
     etas = parse_learning_rates(args.learning_rates)
+    check_num_repeats(args.num_repeats)  # before the (slow) checkpoint load
     checkpoint_path = args.checkpoint
     tiny = checkpoint_path is None
     if tiny:
@@ -117,42 +145,83 @@ def run_sweep_command(args: argparse.Namespace, quick: bool) -> Path:
         eval_size=eval_size,
         buffer_size=args.buffer_size,
         microbatch_size=args.microbatch_size,
+        eval_chunk_tokens=args.eval_chunk_tokens,
         steps=args.steps,
         reading=args.reading,
         curvature=not args.no_curvature,
     )
-    folder = _open_folder(args, cfg, checkpoint.metadata, new_results_dir)
+    # Data-parallel (torchrun): every rank measures, rank 0 alone writes and prints.
+    main_rank = distributed.is_main()
+    folder = _open_folder(args, cfg, checkpoint.metadata, new_results_dir) if main_rank else None
     setup = prepare(cfg, checkpoint)
-    precision = {k: checkpoint.metadata[k] for k in ("tf32_matmul", "tf32_cudnn")}
-    folder.write_meta(
-        {
-            "checkpoint": checkpoint.metadata,
-            "config": cfg.effective(),
-            "environment": environment_info(args.device, args.dtype, precision),
-            # `report` re-applies exactly these, so it reproduces analysis.json.
-            "thresholds": default_thresholds(r2_min=args.r2_min),
-        }
-    )
-    folder.write_config(cfg.effective())
-    folder.write_eval_batch(setup.eval_batch.to("cpu").to_dict())
-    done = folder.done_pairs()
-    if done:
+    if main_rank:
+        precision = {k: checkpoint.metadata[k] for k in ("tf32_matmul", "tf32_cudnn")}
+        environment = environment_info(args.device, args.dtype, precision)
+        folder.write_meta(
+            {
+                "checkpoint": checkpoint.metadata,
+                "config": cfg.effective(),
+                "environment": {**environment, "world_size": distributed.world_size()},
+                # `report` re-applies exactly these, so it reproduces analysis.json.
+                "thresholds": default_thresholds(r2_min=args.r2_min),
+            }
+        )
+        folder.write_config(cfg.effective())
+        eval_batch = setup.eval_batch.to("cpu").to_dict()
+        if args.resume:
+            _check_same_eval_batch(folder, eval_batch)
+        folder.write_eval_batch(eval_batch)
+    done = distributed.broadcast_from_main(folder.done_pairs() if main_rank else None)
+    if done and main_rank:
         print(f"resuming {folder.path}: {len(done)} finished points kept", file=sys.stderr)
     try:
-        run_sweep(setup, done=done, on_record=folder.write_record, progress=not args.no_progress)
+        run_sweep(
+            setup,
+            done=done,
+            on_record=folder.write_record if main_rank else None,
+            progress=main_rank and not args.no_progress,
+        )
     except KeyboardInterrupt:
-        write_report(folder.path)
+        if not main_rank:
+            raise SystemExit(130) from None
+        if folder.records():
+            write_report(folder.path)
+            done_note = f"partial analysis written to {folder.path}"
+        else:  # nothing to analyse yet (write_report would refuse an empty folder)
+            done_note = f"no point had finished in {folder.path}"
         print(
-            f"\ninterrupted: partial analysis written to {folder.path}\n"
+            f"\ninterrupted: {done_note}\n"
             f"resume with: entropy-lab {args.command} --resume {folder.path} "
             "(and the same other flags)",
             file=sys.stderr,
         )
         raise SystemExit(130) from None
+    except EntropyLabError as exc:  # e.g. out of memory even at the smallest batch sizes
+        if not main_rank:
+            raise
+        raise EntropyLabError(
+            f"{exc} (finished points are kept: fix that, then --resume {folder.path})"
+        ) from exc
+    if not main_rank:
+        return None
     analysis = write_report(folder.path)
     print(format_tables(analysis))
     print(f"\nresults: {folder.path}  ({time.perf_counter() - started:.1f} s)")
     return folder.path
+
+
+def _check_same_eval_batch(folder, eval_batch: dict[str, Any]) -> None:
+    """On --resume, E is sampled again from the seed: it must be the stored E token for token,
+    or the kept and the new points would measure H on different batches."""
+    if not (folder.path / "eval_batch.json").is_file():
+        return
+    stored = folder.read_eval_batch()
+    if any(stored.get(k) != eval_batch[k] for k in ("input_ids", "response_mask")):
+        raise EntropyLabError(
+            f"--resume {folder.path}: the evaluation batch sampled now differs from the stored "
+            "eval_batch.json (another torch/transformers version or device?); "
+            "resume where the sweep started, or start a new sweep"
+        )
 
 
 def _open_folder(args, cfg, checkpoint_meta: dict[str, Any], new_results_dir):
@@ -185,6 +254,30 @@ def _open_folder(args, cfg, checkpoint_meta: dict[str, Any], new_results_dir):
     return folder
 
 
+def legacy_main(command: str, argv: list[str]) -> int:
+    """The original scripts' flags: ``--learning-rates`` may be space-separated
+    (``--learning-rates 1e-8 1e-7``) as well as comma-separated; everything else is as
+    in ``entropy-lab sweep`` / ``quick``."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token in ("--learning-rates", "--learning_rates"):
+            values = []
+            i += 1
+            while i < len(argv) and not argv[i].startswith("--"):
+                values.append(argv[i])
+                i += 1
+            out += ["--learning-rates", ",".join(values)]
+            continue
+        if token.startswith("--"):  # --output_dir=a_b → --output-dir=a_b
+            name, sep, value = token.partition("=")
+            token = name.replace("_", "-") + sep + value
+        out.append(token)
+        i += 1
+    return main([command, *out])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -199,7 +292,12 @@ def main(argv: list[str] | None = None) -> int:
             pass
     try:
         if args.command in ("sweep", "quick"):
+            from entropy_lab import distributed
+
+            # Under torchrun: join the group (cuda -> cuda:LOCAL_RANK); else a no-op.
+            args.device = distributed.init(args.device)
             run_sweep_command(args, quick=args.command == "quick")
+            distributed.teardown()
         elif args.command == "report":
             from entropy_lab.report import format_tables, write_report
 
@@ -207,6 +305,10 @@ def main(argv: list[str] | None = None) -> int:
             if not (folder / "raw_results.json").is_file():
                 raise EntropyLabError(f"{folder}: no raw_results.json (not a results folder)")
             print(format_tables(write_report(folder)))
+        elif args.command == "bench":
+            from entropy_lab.bench import run_bench_command
+
+            run_bench_command(args)
         elif args.command == "make-tiny":
             from entropy_lab.tiny import TINY_SEED, build_tiny_checkpoint
 
@@ -221,4 +323,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"entropy-lab: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outside a sweep's points (loading, sampling E): nothing to keep
+        if args.debug:
+            raise
+        print("entropy-lab: interrupted", file=sys.stderr)
+        return 130
     return 0

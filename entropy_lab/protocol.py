@@ -12,19 +12,27 @@ from __future__ import annotations
 import math
 import random
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from entropy_lab import distributed
 from entropy_lab.checkpoint import LoadedCheckpoint
 from entropy_lab.config import ExperimentConfig
 from entropy_lab.entropy import EntropyReadings, EntropyScorer, readings
-from entropy_lab.errors import ConfigError
+from entropy_lab.errors import CheckpointError, ConfigError, EntropyLabError
 from entropy_lab.rollout import SequenceBatch, sample_responses
 from entropy_lab.tasks import Problem, Task, load_task
-from entropy_lab.theory import DirectionalDerivatives, directional_derivatives
+from entropy_lab.theory import (
+    CrudeForecasts,
+    DirectionalDerivatives,
+    covariance_identity_slope,
+    crude_forecasts,
+    directional_derivatives,
+)
 from entropy_lab.update import Gradient, PolicyUpdate, UpdateBatch, group_advantages
 
 
@@ -58,6 +66,8 @@ class Direction:
     vector: dict[str, torch.Tensor]
     derivatives: DirectionalDerivatives | None
     seconds: float
+    identity_slope: float | None = None  # dH_cond/dη by the covariance identity
+    forecasts: CrudeForecasts | None = None  # Cui et al.'s π·A and A forecasts from U
 
 
 def prepare(cfg: ExperimentConfig, checkpoint: LoadedCheckpoint) -> Setup:
@@ -70,8 +80,14 @@ def prepare(cfg: ExperimentConfig, checkpoint: LoadedCheckpoint) -> Setup:
             f"eval_size + buffer_size = {cfg.eval_size + cfg.buffer_size} (lower --eval-size "
             "or buffer_size, or give a larger prompt file)"
         )
+    if distributed.world_size() > min(cfg.eval_size, cfg.buffer_size):
+        raise ConfigError(
+            f"{distributed.world_size()} processes need eval_size and buffer_size >= "
+            f"{distributed.world_size()} (got {cfg.eval_size} and {cfg.buffer_size})"
+        )
     device = next(policy.parameters()).device
-    eval_batch = sample_responses(
+    # Data-parallel, each rank samples its shard of E; every rank then holds all of E.
+    eval_shard = sample_responses(
         policy,
         tokenizer,
         eval_problems,
@@ -81,7 +97,9 @@ def prepare(cfg: ExperimentConfig, checkpoint: LoadedCheckpoint) -> Setup:
         seed=cfg.seed,
         top_k=cfg.top_k,
         top_p=cfg.top_p,
-    ).to(device)
+        rows=distributed.shard(cfg.eval_size),
+    )
+    eval_batch = _gather_batch(eval_shard).to(device)
     scorer = EntropyScorer(
         policy, cfg.temperature, cfg.eval_chunk_tokens, top_k=cfg.top_k, top_p=cfg.top_p
     )
@@ -96,18 +114,36 @@ def prepare(cfg: ExperimentConfig, checkpoint: LoadedCheckpoint) -> Setup:
     )
     policy.eval()
     with torch.no_grad():
-        sums = scorer(eval_batch)
+        sums = with_oom_retry(
+            "scoring E at θ₀", lambda: scorer.global_sums(eval_batch), updater, scorer
+        )
     conditional, policy_h, ess = readings(sums, sums.logprob)
     baseline = EntropyReadings(float(conditional), float(policy_h), float(ess))
+    if not (math.isfinite(baseline.conditional) and math.isfinite(baseline.policy)):
+        raise CheckpointError(
+            f"H(θ₀) on the evaluation batch is not finite (conditional {baseline.conditional}, "
+            f"policy {baseline.policy}): the logits overflow in {cfg.dtype}; try --dtype fp32"
+        )
     return Setup(
         cfg, checkpoint, task, pool, eval_batch, scorer, updater, sums.logprob.detach(), baseline
     )
+
+
+def _gather_batch(shard: SequenceBatch) -> SequenceBatch:
+    """Every rank's shard of a batch, concatenated in rank (= global row) order."""
+    if distributed.world_size() == 1:
+        return shard
+    parts = distributed.all_gather_objects(shard.to("cpu").to_dict())
+    return SequenceBatch.concat([SequenceBatch.from_dict(p) for p in parts])
 
 
 def sample_update_batch(setup: Setup, repeat: int) -> UpdateBatch:
     cfg = setup.cfg
     seed = repeat_seed(cfg.seed, repeat)
     prompts = random.Random(seed).sample(setup.update_pool, cfg.buffer_size)
+    # Data-parallel, each rank samples (and later back-propagates) whole groups of its prompts.
+    g = cfg.num_generations
+    rows = [p * g + k for p in distributed.shard(len(prompts)) for k in range(g)]
     seqs = sample_responses(
         setup.checkpoint.policy,
         setup.checkpoint.tokenizer,
@@ -118,6 +154,7 @@ def sample_update_batch(setup: Setup, repeat: int) -> UpdateBatch:
         seed=seed,
         top_k=cfg.top_k,
         top_p=cfg.top_p,
+        rows=rows,
     )
     rewards = torch.tensor(
         [setup.task.reward(r, prompts[int(i)]) for r, i in zip(seqs.responses, seqs.prompt_index)],
@@ -129,6 +166,8 @@ def sample_update_batch(setup: Setup, repeat: int) -> UpdateBatch:
         group_advantages(rewards, seqs.prompt_index),
         cfg.num_generations,
         cfg.max_new_tokens,
+        mean_reward=distributed.sum_over_ranks(float(rewards.sum()))
+        / distributed.sum_over_ranks(len(rewards)),
     )
     if cfg.steps > 1:  # later steps use the clipped ratio against θ₀'s log-probs
         update.old_logprob = setup.updater.token_logprobs(seqs)
@@ -141,7 +180,7 @@ def direction(setup: Setup, repeat: int) -> Direction:
     update = sample_update_batch(setup, repeat)
     gradient = setup.updater.gradient(update)
     vector = setup.updater.update_vector(gradient)
-    derivatives = None
+    derivatives = identity = forecasts = None
     if cfg.first_order and cfg.steps == 1:
         derivatives = directional_derivatives(
             setup.scorer,
@@ -151,6 +190,11 @@ def direction(setup: Setup, repeat: int) -> Direction:
             vector,
             second_order=cfg.curvature,
         )
+        if cfg.identity_check:
+            identity = covariance_identity_slope(
+                setup.scorer, setup.eval_batch, setup.updater.theta0, vector
+            )
+        forecasts = _crude_forecasts(setup, update)
     return Direction(
         repeat,
         repeat_seed(cfg.seed, repeat),
@@ -159,7 +203,120 @@ def direction(setup: Setup, repeat: int) -> Direction:
         vector,
         derivatives,
         time.perf_counter() - started,
+        identity,
+        forecasts,
     )
+
+
+def _crude_forecasts(setup: Setup, update: UpdateBatch) -> CrudeForecasts:
+    """Cui et al.'s forecasts from U's tokens at θ₀: each token carries its row's advantage."""
+    seqs = update.sequences
+    tokens_per_row = seqs.response_mask[:, 1:].sum(1)
+    logprob = setup.updater.token_logprobs(seqs).cpu()
+    advantage = torch.repeat_interleave(update.advantages, tokens_per_row.cpu())
+    # Data-parallel: covariances over all of U's tokens, not over this rank's share.
+    return crude_forecasts(
+        distributed.cat_over_ranks(logprob), distributed.cat_over_ranks(advantage)
+    )
+
+
+@dataclass
+class FailedDirection:
+    """A repeat whose update direction is unusable (non-finite loss, gradient or v_r).
+
+    Every η of that repeat becomes a failed record (``success: false`` with the reason) and
+    the sweep goes on; the analysis counts the failures.
+    """
+
+    repeat: int
+    seed: int
+    error: str
+    seconds: float
+
+
+def direction_or_failure(setup: Setup, repeat: int) -> Direction | FailedDirection:
+    """``direction()``, retried on CUDA out-of-memory, with bad numbers turned into a failure."""
+    started = time.perf_counter()
+    try:
+        d = with_oom_retry(
+            f"the update direction of repeat {repeat}",
+            lambda: direction(setup, repeat),
+            setup.updater,
+            setup.scorer,
+        )
+        bad = [name for name, v in d.vector.items() if not bool(torch.isfinite(v).all())]
+        if bad:  # e.g. a state whose exp_avg_sq is negative: sqrt gives NaN
+            raise FloatingPointError(f"non-finite update vector v at {bad[0]}")
+        return d
+    except FloatingPointError as exc:
+        return FailedDirection(
+            repeat,
+            repeat_seed(setup.cfg.seed, repeat),
+            f"{type(exc).__name__}: {exc} (update direction of repeat {repeat})",
+            time.perf_counter() - started,
+        )
+
+
+def _halve_memory_knobs(updater: PolicyUpdate, scorer: EntropyScorer) -> str | None:
+    """Halve micro-batch, logits-chunk and scoring-row sizes; None when all are already 1."""
+    knobs = [
+        (updater, "microbatch_size"),
+        (updater, "chunk_tokens"),
+        (scorer, "chunk_tokens"),
+        (scorer, "max_rows"),
+    ]
+    if all(getattr(owner, name) <= 1 for owner, name in knobs):
+        return None
+    for owner, name in knobs:
+        setattr(owner, name, max(1, getattr(owner, name) // 2))
+    return (
+        f"microbatch_size {updater.microbatch_size}, eval_chunk_tokens {scorer.chunk_tokens}, "
+        f"scoring rows {scorer.max_rows}"
+    )
+
+
+def with_oom_retry(what: str, call: Callable[[], Any], updater, scorer) -> Any:
+    """``call()``; on CUDA out-of-memory halve the memory knobs and retry, down to 1.
+
+    The knobs only change how the work is batched, not what is computed: the result is the
+    same up to floating-point summation order. The halved sizes are kept for the rest of
+    the sweep (each later call would otherwise run out of memory first).
+    """
+    while True:
+        try:
+            return call()
+        except torch.OutOfMemoryError as exc:
+            if distributed.active():  # a retry on this rank alone would desynchronise the
+                raise  # collectives of the ranks: fail the run (torchrun stops them all)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            sizes = _halve_memory_knobs(updater, scorer)
+            if sizes is None:
+                first = (str(exc).strip().splitlines() or [""])[0][:100]
+                raise EntropyLabError(
+                    f"CUDA out of memory in {what} even at microbatch_size (--microbatch-size) "
+                    f"1 and eval_chunk_tokens (--eval-chunk-tokens) 1 ({first}): lower "
+                    "max_new_tokens or num_generations in --base-config, or --buffer-size, "
+                    "or use a GPU with more memory"
+                ) from exc
+            warnings.warn(f"CUDA out of memory in {what}: retrying with {sizes}", RuntimeWarning, 2)
+
+
+def _failed_direction_record(setup: Setup, d: FailedDirection, eta: float) -> dict[str, Any]:
+    key = "policy" if setup.cfg.reading == "policy" else "conditional"
+    return {
+        "learning_rate": eta,
+        "repeat": d.repeat,
+        "seed": d.seed,
+        "success": False,
+        "reading": setup.cfg.reading,
+        "entropy_before": getattr(setup.baseline, key),
+        "first_order_prediction": None,
+        "first_order_slope": None,
+        "curvature": None,
+        "error": d.error,
+        "duration_s": 0.0,
+    }
 
 
 def _entropy_after(setup: Setup, d: Direction, eta: float) -> tuple[EntropyReadings, float]:
@@ -172,8 +329,10 @@ def _entropy_after(setup: Setup, d: Direction, eta: float) -> tuple[EntropyReadi
         setup.updater.restore()
 
 
-def measure_point(setup: Setup, d: Direction, eta: float) -> dict[str, Any]:
+def measure_point(setup: Setup, d: Direction | FailedDirection, eta: float) -> dict[str, Any]:
     """One (η, repeat) record with the fields of raw_results.json."""
+    if isinstance(d, FailedDirection):
+        return _failed_direction_record(setup, d, eta)
     started = time.perf_counter()
     cfg = setup.cfg
     key = "policy" if cfg.reading == "policy" else "conditional"
@@ -187,7 +346,7 @@ def measure_point(setup: Setup, d: Direction, eta: float) -> dict[str, Any]:
         "entropy_before": getattr(before, key),
         "update_norm": setup.updater.update_norm(d.vector),
         "grad_norm": d.gradient.grad_norm,
-        "mean_reward": float(d.update.rewards.mean()),
+        "mean_reward": d.update.mean_reward,
     }
     if d.derivatives is not None:
         slope = getattr(d.derivatives, f"slope_{key}")
@@ -200,11 +359,19 @@ def measure_point(setup: Setup, d: Direction, eta: float) -> dict[str, Any]:
             second_order_prediction=eta * slope + 0.5 * eta**2 * curvature
             if curvature is not None
             else None,
+            identity_slope=d.identity_slope,
+            cui_vanilla_pg_slope=d.forecasts.vanilla_pg if d.forecasts else None,
+            cui_natural_pg_slope=d.forecasts.natural_pg if d.forecasts else None,
         )
     else:
         record.update(first_order_prediction=None, first_order_slope=None, curvature=None)
     try:
-        after, record["quantized_fraction"] = _entropy_after(setup, d, eta)
+        after, record["quantized_fraction"] = with_oom_retry(
+            f"the step at η={eta!r}",
+            lambda: _entropy_after(setup, d, eta),
+            setup.updater,
+            setup.scorer,
+        )
         change = getattr(after, key) - getattr(before, key)
         if not math.isfinite(change):
             raise FloatingPointError(f"non-finite entropy after the step ({change})")
@@ -216,10 +383,20 @@ def measure_point(setup: Setup, d: Direction, eta: float) -> dict[str, Any]:
             ess=after.ess,
         )
         if cfg.symmetric_check and cfg.steps == 1:
-            mirrored, _ = _entropy_after(setup, d, -eta)
+            mirrored, _ = with_oom_retry(
+                f"the step at η={-eta!r}",
+                lambda: _entropy_after(setup, d, -eta),
+                setup.updater,
+                setup.scorer,
+            )
             record["entropy_change_negative"] = getattr(mirrored, key) - getattr(before, key)
         record["success"] = True
     except (FloatingPointError, RuntimeError) as exc:
+        if distributed.active() and not isinstance(exc, FloatingPointError):
+            # Possibly this rank's alone (e.g. out of memory): the others would wait for it in
+            # the next collective. Fail the whole run instead (FloatingPointErrors come from
+            # gathered values, so every rank raises them alike and records the point).
+            raise
         record["error"] = f"{type(exc).__name__}: {exc}"
         setup.updater.restore()
     record["duration_s"] = time.perf_counter() - started
@@ -247,7 +424,7 @@ def run_sweep(
     bar = tqdm(total=sum(len(es) for _, es in todo), disable=not progress, unit="point")
     try:
         for repeat, repeat_etas in todo:
-            d = direction(setup, repeat)
+            d = direction_or_failure(setup, repeat)
             for eta in repeat_etas:
                 record = measure_point(setup, d, eta)
                 record["direction_seconds"] = d.seconds

@@ -8,6 +8,7 @@ runs alone: it measures what it needs on demand.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from entropy_lab.errors import EntropyLabError
 
 GPU_DEFAULT_GRID = "1e-8,1e-7,1e-6,1e-5,1e-4"
 CPU_DEFAULT_GRID = "1e-8,1e-7,1e-6,1e-5"  # inside the tiny model's faithful-fp64 window
@@ -49,22 +52,81 @@ def _is_worker(config: pytest.Config) -> bool:
 
 def pytest_configure(config: pytest.Config) -> None:
     if config.getoption("--device") in (None, "cuda") and _is_worker(config):
-        # Pin worker gwK to GPU K mod n before CUDA initialises.
-        worker = config.workerinput["workerid"]  # type: ignore[attr-defined]
-        index = int(worker.removeprefix("gw") or 0)
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        devices = visible.split(",") if visible else None
-        if devices is None:
-            try:
-                import torch
-
-                n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-            except Exception:
-                n = 0
-            devices = [str(i) for i in range(n)]
-        if devices:
-            os.environ["CUDA_VISIBLE_DEVICES"] = devices[index % len(devices)]
+        _pin_worker_gpu(config.workerinput["workerid"])  # type: ignore[attr-defined]
     config._entropy_reports = []  # type: ignore[attr-defined]
+    if not _is_worker(config):
+        _check_options(config)
+
+
+def worker_gpu(worker: str, visible: str | None, gpu_count: int) -> str | None:
+    """The CUDA_VISIBLE_DEVICES entry for xdist worker gwK: the (K mod n)-th visible GPU.
+
+    ``visible`` is the inherited CUDA_VISIBLE_DEVICES (None: unset, all ``gpu_count`` GPUs);
+    None means leave the environment alone (no GPU, or not an xdist worker id).
+    """
+    if not worker.startswith("gw") or not worker[2:].isdigit():
+        return None
+    if visible is None:
+        devices = [str(i) for i in range(gpu_count)]
+    else:
+        devices = [d.strip() for d in visible.split(",") if d.strip()]
+    return devices[int(worker[2:]) % len(devices)] if devices else None
+
+
+def _pin_worker_gpu(worker: str) -> None:
+    """Pin this xdist worker to one GPU, before anything initialises CUDA in the process.
+
+    The CUDA driver reads CUDA_VISIBLE_DEVICES once, at its initialisation: so the count
+    comes from ``torch.cuda.device_count()``, which asks NVML and initialises nothing, and
+    never from ``torch.cuda.is_available()``, which initialises the driver (cuInit).
+    """
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    count = 0
+    if visible is None:
+        try:
+            import torch
+
+            count = torch.cuda.device_count()
+        except Exception:  # a CPU build, or no driver: nothing to pin
+            count = 0
+    device = worker_gpu(worker, visible, count)
+    if device is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = device
+
+
+def _check_options(config: pytest.Config) -> None:
+    """Bad suite options stop the run up front with the CLI's one-line message (exit code 4),
+    instead of one traceback per test."""
+    from entropy_lab.config import check_num_repeats, load_training_config, parse_learning_rates
+
+    try:
+        if config.getoption("--learning-rates") is not None:
+            parse_learning_rates(config.getoption("--learning-rates"))
+        if config.getoption("--num-repeats") is not None:
+            check_num_repeats(config.getoption("--num-repeats"))
+        if config.getoption("--base-config"):
+            load_training_config(config.getoption("--base-config"))
+        if config.getoption("--checkpoint"):
+            from entropy_lab.checkpoint import resolve_layout
+
+            resolve_layout(config.getoption("--checkpoint"))
+    except EntropyLabError as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
+def _fail_cleanly_on_user_errors(method):
+    """A checkpoint or config problem found while measuring fails the test with the CLI's
+    one-line message, not a traceback."""
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except EntropyLabError as exc:
+            message = f"entropy-lab: error: {exc}"
+        pytest.fail(message, pytrace=False)  # outside `except`: no chained traceback
+
+    return wrapper
 
 
 # -- suite settings -------------------------------------------------------------------------
@@ -204,6 +266,7 @@ class MeasurementStore:
             self._key_dir.mkdir(parents=True, exist_ok=True)
         return self._key_dir
 
+    @_fail_cleanly_on_user_errors
     def records(self, eta: float) -> list[dict[str, Any]]:
         from filelock import FileLock
 
@@ -220,13 +283,13 @@ class MeasurementStore:
             return records
 
     def _measure(self, eta: float) -> list[dict[str, Any]]:
-        from entropy_lab.protocol import direction, measure_point
+        from entropy_lab.protocol import direction_or_failure, measure_point
 
         setup = self._ensure_setup()
         out = []
         for repeat in range(self.settings.num_repeats):
-            if repeat not in self._directions:
-                self._directions[repeat] = direction(setup, repeat)
+            if repeat not in self._directions:  # a failed one fails every η of its repeat
+                self._directions[repeat] = direction_or_failure(setup, repeat)
             out.append(measure_point(setup, self._directions[repeat], eta))
         return out
 

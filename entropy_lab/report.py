@@ -102,6 +102,32 @@ def _check_dict(check: stats.Check) -> dict[str, Any]:
     }
 
 
+def _oracle_comparison(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The conditional-reading slope three ways: jvp, Cui et al.'s identity, their forecasts.
+
+    The identity must equal the jvp (both exact at first order); the crude forecasts
+    (ż ≈ π·A, ż ≈ A) are shown with their ratio to the jvp to say how far they miss.
+    """
+    jvp = _mean_stderr(_per_repeat(rows, "first_order_slope_conditional"))
+    out: dict[str, Any] = {"jvp_conditional": jvp}
+    for name, field in (
+        ("identity", "identity_slope"),
+        ("vanilla_pg_forecast", "cui_vanilla_pg_slope"),
+        ("natural_pg_forecast", "cui_natural_pg_slope"),
+    ):
+        entry = _mean_stderr(_per_repeat(rows, field))
+        ratios = [
+            a / b
+            for a, b in zip(
+                _per_repeat(rows, field), _per_repeat(rows, "first_order_slope_conditional")
+            )
+            if b != 0
+        ]
+        entry["ratio_to_jvp"] = _mean_stderr(ratios)["mean"] if ratios else None
+        out[name] = entry
+    return out
+
+
 def _first_order_check(ols: stats.LinearFit | None, first: Mapping[str, Any]) -> dict[str, Any]:
     """|OLS slope − mean ∇H·v| ≤ max(3·combined SE, 5 % of |∇H·v|)."""
     if first["n"] == 0:
@@ -252,6 +278,7 @@ def build_analysis(
             "loglog_slope": la.loglog.to_dict() if la.loglog else None,
             "first_order_slope": first,
             "curvature": curvature,
+            "first_order_oracles": _oracle_comparison(rows),
             "linear_regime": regime,
             "fitted_learning_rates": [
                 s.learning_rate for s, f in zip(la.per_eta, la.resolvable) if f
@@ -329,6 +356,22 @@ def _table(headers: list[str], rows: list[list[str]], left: set[int]) -> list[st
     return [line(headers), rule, *(line(r) for r in rows)]
 
 
+def _oracle_line(oracles: Mapping[str, Any]) -> str:
+    """Conditional reading: identity/jvp, and the crude forecasts' ratio to the jvp."""
+    if not oracles or oracles.get("jvp_conditional", {}).get("n", 0) == 0:
+        return "n/a"
+    parts = [f"jvp (conditional) {_g(oracles['jvp_conditional']['mean'], '.6g')}"]
+    for key, label in (
+        ("identity", "Cui identity"),
+        ("vanilla_pg_forecast", "π·A forecast"),
+        ("natural_pg_forecast", "A forecast"),
+    ):
+        ratio = (oracles.get(key) or {}).get("ratio_to_jvp")
+        if ratio is not None:
+            parts.append(f"{label} ×{ratio:.6g}" if key == "identity" else f"{label} ×{ratio:.3g}")
+    return "; ".join(parts) + "  (ratio to the jvp)"
+
+
 def format_tables(analysis: Mapping[str, Any]) -> str:
     """The "LINEARITY ANALYSIS" and "DETAILED RESULTS" blocks as plain text."""
     s = analysis["summary"]
@@ -389,6 +432,7 @@ def format_tables(analysis: Mapping[str, Any]) -> str:
             f"(SE over {_plural(fo['n'], 'repeat')})",
         ),
         ("curvature vᵀ∇²H v", f"{_g(cv['mean'], '.4g')} ± {_g(cv['stderr'], '.2g')}"),
+        ("first-order oracles", _oracle_line(s.get("first_order_oracles") or {})),
         (
             "linear window",
             f"[{_g(regime['eta_min'], '.3g')}, {_g(regime['eta_max'], '.3g')}]  "

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch.func import functional_call, jvp
 
-from entropy_lab.entropy import EntropyScorer, decoder_and_head, readings
+from entropy_lab import distributed
+from entropy_lab.entropy import EntropyScorer, SequenceSums, decoder_and_head, readings
 from entropy_lab.rollout import SequenceBatch, filter_logits
 
 
@@ -57,16 +58,69 @@ def forward_ad_safe(model: torch.nn.Module) -> Iterator[None]:
             module.act_fn = act
 
 
-def _line_function(scorer: EntropyScorer, batch, reference_logprob, theta0, direction):
-    """s ↦ (H_cond, H_policy) at θ₀ + s·v (s a 0-dim tensor)."""
+def _sums_line(scorer: EntropyScorer, batch, theta0, direction):
+    """s ↦ per-sequence sums [n, 3] (entropy, log-prob, tokens) at θ₀ + s·v (s a 0-dim tensor)."""
+
+    def sums(s: torch.Tensor) -> torch.Tensor:
+        params = _prefixed({n: theta0[n] + s * direction[n].to(theta0[n].dtype) for n in theta0})
+        out = functional_call(scorer, params, (batch,))
+        return torch.stack([out.entropy, out.logprob, out.tokens], dim=1)
+
+    return sums
+
+
+def sums_jet(
+    scorer: EntropyScorer,
+    batch: SequenceBatch,
+    theta0: dict[str, torch.Tensor],
+    direction: dict[str, torch.Tensor],
+    second_order: bool = True,
+) -> torch.Tensor:
+    """[n, 3, 3]: each sequence's sums (entropy, log-prob, tokens) × (value, d/ds, d²/ds²)
+    along v at s = 0, by (nested) forward-mode AD; d²/ds² is zero when not ``second_order``."""
+    first_param = next(iter(theta0.values()))
+    zero = torch.zeros((), dtype=first_param.dtype, device=first_param.device)
+    one = torch.ones_like(zero)
+    f = _sums_line(scorer, batch, theta0, direction)
+    was_training = scorer.lm.training
+    scorer.lm.eval()
+    try:
+        with torch.no_grad(), forward_ad_safe(scorer.lm):
+            if second_order:  # one nested pass gives value, first and second derivative
+                (value, first), (_, second) = jvp(lambda s: jvp(f, (s,), (one,)), (zero,), (one,))
+            else:
+                value, first = jvp(f, (zero,), (one,))
+                second = torch.zeros_like(first)
+    finally:
+        scorer.lm.train(was_training)
+    return torch.stack([value, first, second], dim=2)
+
+
+def readings_derivatives(
+    jet: torch.Tensor, reference_logprob: torch.Tensor, second_order: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """d/ds and d²/ds² at 0 of (H_cond, H_policy), from the jets of *all* sequences of E.
+
+    The readings are ratios over sequences (the policy one with weights normalised over E),
+    so their derivatives are not sums of per-shard derivatives. By the chain rule the first
+    and second derivatives of R(S(s)) at 0 involve only S, S', S'' there; R composed with
+    the Taylor polynomial P(s) = S + s·S' + s²/2·S'' has exactly the same ones. So the jets
+    are computed per rank, gathered, and differentiated through R here: exact, not a sum.
+    """
 
     def h(s: torch.Tensor) -> torch.Tensor:
-        params = _prefixed({n: theta0[n] + s * direction[n].to(theta0[n].dtype) for n in theta0})
-        sums = functional_call(scorer, params, (batch,))
-        conditional, policy, _ = readings(sums, reference_logprob)
+        poly = jet[..., 0] + s * jet[..., 1] + 0.5 * s * s * jet[..., 2]
+        entropy, logprob, tokens = poly.unbind(1)
+        conditional, policy, _ = readings(SequenceSums(entropy, logprob, tokens), reference_logprob)
         return torch.stack([conditional, policy])
 
-    return h
+    zero = torch.zeros((), dtype=jet.dtype, device=jet.device)
+    one = torch.ones_like(zero)
+    _, slope = jvp(h, (zero,), (one,))
+    curvature = None
+    if second_order:
+        _, curvature = jvp(lambda s: jvp(h, (s,), (one,))[1], (zero,), (one,))
+    return slope, curvature
 
 
 def directional_derivatives(
@@ -77,21 +131,13 @@ def directional_derivatives(
     direction: dict[str, torch.Tensor],
     second_order: bool = True,
 ) -> DirectionalDerivatives:
-    """∇H·v and (optionally) vᵀ∇²H v for both readings, by (nested) forward-mode AD."""
-    dtype = next(iter(theta0.values())).dtype
-    zero = torch.zeros((), dtype=dtype, device=reference_logprob.device)
-    one = torch.ones_like(zero)
-    h = _line_function(scorer, batch, reference_logprob, theta0, direction)
-    was_training = scorer.lm.training
-    scorer.lm.eval()
-    try:
-        with torch.no_grad(), forward_ad_safe(scorer.lm):
-            _, slope = jvp(h, (zero,), (one,))
-            curvature = None
-            if second_order:
-                _, curvature = jvp(lambda s: jvp(h, (s,), (one,))[1], (zero,), (one,))
-    finally:
-        scorer.lm.train(was_training)
+    """∇H·v and (optionally) vᵀ∇²H v for both readings, by (nested) forward-mode AD.
+
+    Data-parallel, each rank differentiates its shard of E; the jets are gathered first.
+    """
+    local = sums_jet(scorer, scorer.shard_of(batch), theta0, direction, second_order)
+    jet = distributed.all_gather_rows(local, len(batch))
+    slope, curvature = readings_derivatives(jet, reference_logprob, second_order)
     return DirectionalDerivatives(
         float(slope[0]),
         float(slope[1]),
@@ -109,40 +155,103 @@ def covariance_identity_slope(
     """dH_cond/dη from Cui et al.'s Lemma 1, token by token: −Cov_π(log π, ż) averaged.
 
     Independent of ``directional_derivatives``: it differentiates only the logits, and the
-    entropy's derivative comes from the covariance formula, not from autodiff.
+    entropy's derivative comes from the covariance formula, not from autodiff. The trunk's
+    hidden states and their tangent come from one jvp per row chunk; the head then runs
+    ``chunk_tokens`` positions at a time, so no tokens × vocab tensor is built in full.
     """
     dtype = next(iter(theta0.values())).dtype
     zero = torch.zeros((), dtype=dtype)
     one = torch.ones_like(zero)
+    trunk, head = ResponseHidden(scorer), ResponseLogits(scorer)
+
+    def along(s: torch.Tensor) -> dict[str, torch.Tensor]:
+        return _prefixed({n: theta0[n] + s * direction[n].to(dtype) for n in theta0})
+
     total, tokens = 0.0, 0
-    logits_module = ResponseLogits(scorer)
-    for rows in batch.length_sorted_chunks(scorer.max_rows):
-        part = batch.select(rows)
-
-        def tempered_logits(s: torch.Tensor, part=part) -> torch.Tensor:
-            params = {n: theta0[n] + s * direction[n].to(dtype) for n in theta0}
-            return functional_call(logits_module, _prefixed(params), (part,))
-
-        with torch.no_grad():
-            z, z_dot = jvp(tempered_logits, (zero,), (one,))
-        z, z_dot = z.double(), z_dot.double()
-        logp = torch.log_softmax(z, dim=-1)
-        p = logp.exp()
-        finite = torch.isfinite(logp)
-        logp0 = torch.where(finite, logp, torch.zeros_like(logp))
-        zd = torch.where(finite, z_dot, torch.zeros_like(z_dot))
-        cov = (p * logp0 * zd).sum(-1) - (p * logp0).sum(-1) * (p * zd).sum(-1)
-        total += float(-cov.sum())
-        tokens += z.shape[0]
+    was_training = scorer.lm.training
+    scorer.lm.eval()
+    try:
+        for rows in batch.length_sorted_chunks(scorer.max_rows):
+            part = batch.select(rows)
+            with torch.no_grad():
+                hidden, hidden_dot = jvp(
+                    lambda s, part=part: functional_call(trunk, along(s), (part,)), (zero,), (one,)
+                )
+            for start in range(0, hidden.shape[0], scorer.chunk_tokens):
+                h = hidden[start : start + scorer.chunk_tokens]
+                hd = hidden_dot[start : start + scorer.chunk_tokens]
+                with torch.no_grad():  # the head's own parameters may move along v too
+                    z, z_dot = jvp(
+                        lambda s, h=h, hd=hd: functional_call(head, along(s), (h + s * hd,)),
+                        (zero,),
+                        (one,),
+                    )
+                total += float(-_logit_covariance(z.double(), z_dot.double()).sum())
+                tokens += z.shape[0]
+    finally:
+        scorer.lm.train(was_training)
     return total / tokens
+
+
+def _logit_covariance(z: torch.Tensor, z_dot: torch.Tensor) -> torch.Tensor:
+    """Per row, Cov_{a∼softmax(z)}(log π(a), ż(a)); truncated entries (−inf) carry no mass."""
+    logp = torch.log_softmax(z, dim=-1)
+    p = logp.exp()
+    finite = torch.isfinite(logp)
+    logp0 = torch.where(finite, logp, torch.zeros_like(logp))
+    zd = torch.where(finite, z_dot, torch.zeros_like(z_dot))
+    return (p * logp0 * zd).sum(-1) - (p * logp0).sum(-1) * (p * zd).sum(-1)
+
+
+@dataclass(frozen=True)
+class CrudeForecasts:
+    """Cui et al.'s batch-level forecasts of dH/dη from the update batch U alone.
+
+    With logits moving as ż = π·A (vanilla policy gradient on a tabular softmax) or ż = A
+    (natural policy gradient), dH/dη ≈ −Cov(log π(y_t), π(y_t)·A_t) or −Cov(log π(y_t), A_t)
+    over U's response tokens. They assume the logits themselves are the parameters; under
+    Adam on LoRA weights the logits move otherwise, so they are reported for comparison only.
+    """
+
+    vanilla_pg: float
+    natural_pg: float
+    tokens: int
+
+
+def crude_forecasts(token_logprob: torch.Tensor, token_advantage: torch.Tensor) -> CrudeForecasts:
+    """The two forecasts from U's sampled-token log-probs and per-token advantages (θ₀)."""
+    logp = token_logprob.double()
+    adv = token_advantage.double().to(logp.device)
+
+    def cov(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float(((a - a.mean()) * (b - b.mean())).mean())
+
+    return CrudeForecasts(
+        vanilla_pg=-cov(logp, logp.exp() * adv), natural_pg=-cov(logp, adv), tokens=logp.numel()
+    )
 
 
 def _prefixed(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {f"lm.{n}": t for n, t in params.items()}
 
 
+class ResponseHidden(torch.nn.Module):
+    """The trunk's last hidden state at every position that predicts a response token."""
+
+    def __init__(self, scorer: EntropyScorer) -> None:
+        super().__init__()
+        self.lm = scorer.lm
+
+    def forward(self, batch: SequenceBatch) -> torch.Tensor:
+        decoder, _ = decoder_and_head(self.lm)
+        hidden = decoder(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask
+        ).last_hidden_state
+        return hidden[:, :-1][batch.response_mask[:, 1:].bool()]
+
+
 class ResponseLogits(torch.nn.Module):
-    """Tempered (and truncated, if configured) logits at every response position."""
+    """Tempered (and truncated, if configured) logits from response-position hidden states."""
 
     def __init__(self, scorer: EntropyScorer) -> None:
         super().__init__()
@@ -150,14 +259,9 @@ class ResponseLogits(torch.nn.Module):
         self.temperature = scorer.temperature
         self.top_k, self.top_p = scorer.top_k, scorer.top_p
 
-    def forward(self, batch: SequenceBatch) -> torch.Tensor:
-        decoder, head = decoder_and_head(self.lm)
-        hidden = decoder(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask
-        ).last_hidden_state
-        mask = batch.response_mask[:, 1:].bool()
-        logits = head(hidden[:, :-1][mask]) / self.temperature
-        return filter_logits(logits, self.top_k, self.top_p)
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        _, head = decoder_and_head(self.lm)
+        return filter_logits(head(states) / self.temperature, self.top_k, self.top_p)
 
 
 def predicted_nonlinearity(eta: float, slope: float, curvature: float | None) -> float | None:
@@ -183,7 +287,9 @@ EPS = {"fp32": 2.0**-23, "fp64": 2.0**-52, "bf16": 2.0**-7}
 class FloorThresholds:
     max_quantized_fraction: float = 0.01  # updated entries rounded away by fl(θ + η·v)
     min_signal_eps: float = 10.0  # |ΔH| ≥ this × eps(dtype) × H
-    max_symmetric_residual: float = 0.02  # RMS(ΔH(η) + ΔH(−η) − η²c) / |mean ΔH(η)|
+    # RMS(ΔH(η) + ΔH(−η) − η²c) / |mean ΔH(η)| estimates √2·σ, σ the relative rounding
+    # noise of one ΔH; 0.5 % keeps 3σ ≈ 1 %, so a passing point is good to about 1 %.
+    max_symmetric_residual: float = 0.005
     nonlinearity_tol: float = 0.05  # η_max(tol)
 
 
@@ -214,7 +320,7 @@ def classify_points(
         if qf > thresholds.max_quantized_fraction:
             reasons.append(
                 f"{qf:.1%} of updated entries rounded away in {dtype} "
-                f"(> {thresholds.max_quantized_fraction:.0%})"
+                f"(> {thresholds.max_quantized_fraction:.1%})"
             )
         mean_change = sum(r["entropy_change"] for r in rows) / len(rows)
         floor = thresholds.min_signal_eps * eps * abs(rows[0]["entropy_before"])
@@ -245,7 +351,7 @@ def classify_points(
             if sym > thresholds.max_symmetric_residual:
                 reasons.append(
                     f"RMS of ΔH(η)+ΔH(−η)−η²c is {sym:.1%} of mean |ΔH| "
-                    f"(> {thresholds.max_symmetric_residual:.0%}): rounding noise"
+                    f"(> {thresholds.max_symmetric_residual:.1%}): rounding noise"
                 )
         out[eta] = PointStatus(eta, not reasons, within, reasons, qf, sym, nonlin)
     return out

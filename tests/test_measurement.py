@@ -144,3 +144,106 @@ def test_independent_recomputation_of_entropy_before(tiny_checkpoint, setup64):
     target = mask[:, 1:].bool()
     h = float(ent[target].sum() / target.sum())
     assert abs(h - setup64.baseline.conditional) <= 1e-9 * h
+
+
+# -- fp32 in its window, the window itself, bf16, k steps, the oracles in the records -------
+
+
+@pytest.fixture(scope="module")
+def fp32_points(setup32, dir32):
+    return {eta: measure_point(setup32, dir32, eta) for eta in (1e-6, 1e-5)}
+
+
+def test_fp32_decade_ratio_inside_the_window(fp32_points):
+    ratio = fp32_points[1e-5]["entropy_change"] / fp32_points[1e-6]["entropy_change"]
+    assert abs(ratio - 10) <= 0.5, ratio
+
+
+def test_fp32_matches_the_oracle_where_the_floor_says_resolvable(setup32, dir32):
+    """The precision floor is calibrated: where it passes a point, the measured ΔH agrees
+    with the theory to 1 % (first order, plus the predicted curvature term); the points
+    it rejects are ones that miss."""
+    from entropy_lab.theory import classify_points
+
+    second = direction(setup32, 1)
+    grid = (1e-7, 1e-6, 1e-5, 3e-5)
+    records = [measure_point(setup32, d, eta) for d in (dir32, second) for eta in grid]
+    status = classify_points(records, "fp32")
+    inside = [e for e, s in status.items() if s.resolvable and s.within_eta_max]
+    assert 1e-7 not in inside and 3e-5 in inside, status
+    for r in records:
+        if r["learning_rate"] in inside:
+            second_order = abs(r["entropy_change"] / r["second_order_prediction"] - 1)
+            first_order = abs(r["entropy_change"] / r["first_order_prediction"] - 1)
+            bend = status[r["learning_rate"]].predicted_nonlinearity
+            assert second_order <= 0.01, (r["learning_rate"], r["repeat"], second_order)
+            assert first_order <= 0.01 + bend, (r["learning_rate"], r["repeat"], first_order)
+    rejected = [r for r in records if r["learning_rate"] == 1e-7]
+    assert max(abs(r["entropy_change"] / r["first_order_prediction"] - 1) for r in rejected) > 0.01
+
+
+def test_wide_grid_window_excludes_both_ends(setup32, dir32):
+    """1e-10 … 1 in fp32: the low end is below the precision floor, the high end beyond η_max."""
+    from entropy_lab.report import build_analysis
+
+    grid = (1e-10, 1e-8, 1e-6, 1e-5, 3e-5, 1e-3, 1e-2, 1.0)
+    second = direction(setup32, 1)
+    records = [measure_point(setup32, d, eta) for d in (dir32, second) for eta in grid]
+    analysis = build_analysis(records, {"config": {"dtype": "fp32"}})
+    window = analysis["summary"]["linear_regime"]
+    per_eta = analysis["per_learning_rate"]
+    assert 1e-10 < window["eta_min"] <= 3e-5 < window["eta_max"] < 1e-3, window
+    assert not per_eta["1e-10"]["resolvable"]
+    assert any("rounded away" in why for why in per_eta["1e-10"]["unresolvable_reasons"])
+    assert per_eta["1.0"]["within_eta_max"] is False
+    assert per_eta["1.0"]["predicted_nonlinearity"] > 0.05
+    assert analysis["summary"]["verdict"] == "nonlinear"
+
+
+def test_bf16_floor_lies_far_above_fp32s(tiny_checkpoint, setup32, dir32):
+    from entropy_lab.theory import classify_points
+    from tests.conftest import make_setup
+
+    setup16 = make_setup(tiny_checkpoint, dtype="bf16", eval_size=64)
+    d16 = direction(setup16, 0)
+    eta = 1e-4
+    status16 = classify_points([measure_point(setup16, d16, eta)], "bf16")[eta]
+    status32 = classify_points([measure_point(setup32, dir32, eta)], "fp32")[eta]
+    assert status32.resolvable, status32.reasons
+    assert not status16.resolvable and status16.quantized_fraction > 0.1, status16
+
+
+def test_records_carry_both_first_order_oracles(setup64, dir64):
+    r = measure_point(setup64, dir64, 1e-8)
+    jvp_slope = r["first_order_slope_conditional"]
+    assert abs(r["identity_slope"] - jvp_slope) <= 1e-6 * abs(jvp_slope)
+    # Cui et al.'s crude forecasts are in other units (logit steps): finite, reported, not equal.
+    for key in ("cui_vanilla_pg_slope", "cui_natural_pg_slope"):
+        assert math.isfinite(r[key]) and abs(r[key] - jvp_slope) > 0.01 * abs(jvp_slope)
+
+
+def test_identity_check_catches_a_wrong_direction(setup64, dir64):
+    """Planted bug: the identity evaluated along another repeat's v must disagree."""
+    other = direction(setup64, 1)
+    cui = covariance_identity_slope(
+        setup64.scorer, setup64.eval_batch, setup64.updater.theta0, other.vector
+    )
+    jvp_slope = dir64.derivatives.slope_conditional
+    assert abs(cui - jvp_slope) > 1e-3 * abs(jvp_slope)
+
+
+def test_k_steps_between_the_measurements(tiny_checkpoint):
+    from tests.conftest import make_setup
+
+    one = make_setup(tiny_checkpoint, dtype="fp64", eval_size=32)
+    two = make_setup(tiny_checkpoint, dtype="fp64", eval_size=32, steps=2)
+    d1, d2 = direction(one, 0), direction(two, 0)
+    assert d2.derivatives is None  # the first-order oracle is for one step
+    k1 = {eta: measure_point(one, d1, eta)["entropy_change"] for eta in (1e-8, 1e-7)}
+    k2 = {eta: measure_point(two, d2, eta)["entropy_change"] for eta in (1e-8, 1e-7)}
+    # Still linear in η, and the second Adam step (moments updated, ratio ρ ≈ 1) moves H
+    # about as far again as the first: a k = 2 that silently stepped once gives ≈ 1.
+    assert abs(k2[1e-7] / k2[1e-8] - 10) <= 0.05
+    assert 1.5 <= k2[1e-7] / k1[1e-7] <= 2.5, k2[1e-7] / k1[1e-7]
+    for name, p in two.updater.params.items():  # θ₀ restored after the k steps
+        assert torch.equal(p.detach(), two.updater.theta0[name])

@@ -1,0 +1,125 @@
+"""The CLI end to end on the tiny checkpoint: quick → results folder → report elsewhere."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from entropy_lab import cli
+
+pytestmark = pytest.mark.cpu
+
+SMALL = ["--eval-size", "32", "--buffer-size", "8", "--num-repeats", "2", "--no-progress"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("quick")
+    code = cli.main(
+        ["quick", "--output-dir", str(out), "--learning-rates", "1e-7,1e-6,1e-5", *SMALL]
+    )
+    assert code == 0
+    (folder,) = out.glob("entropy_lr_experiment_*")
+    return folder
+
+
+def test_results_folder_has_every_artefact(quick_run):
+    names = {p.name for p in quick_run.iterdir()}
+    for expected in (
+        "raw_results.json",
+        "analysis.json",
+        "config.yaml",
+        "run_meta.json",
+        "entropy_vs_learning_rate.png",
+        "raw_measurements.png",
+    ):
+        assert expected in names, names
+    assert any(n.startswith("eval_batch.") for n in names)
+    runs = sorted(p.parent.name for p in quick_run.glob("lr_*_run_*/result.json"))
+    assert len(runs) == 6 and "lr_1e-07_run_0" in runs
+    raw = json.loads((quick_run / "raw_results.json").read_text())
+    fields = {
+        "learning_rate",
+        "repeat",
+        "seed",
+        "success",
+        "entropy_before",
+        "entropy_after",
+        "entropy_change",
+        "first_order_prediction",
+        "ess",
+        "quantized_fraction",
+        "update_norm",
+        "duration_s",
+    }
+    assert all(fields <= set(r) for r in raw)
+    config = yaml.safe_load((quick_run / "config.yaml").read_text())
+    assert config["learning_rates"] == [1e-7, 1e-6, 1e-5] and config["dtype"] == "fp64"
+    meta = json.loads((quick_run / "run_meta.json").read_text())
+    assert meta["thresholds"]["linearity"]["r2_min"] == 0.95
+
+
+def test_report_elsewhere_reproduces_analysis_exactly(quick_run, tmp_path, capsys):
+    """`report` on a copy (no checkpoint needed) rewrites analysis.json byte for byte."""
+    copy = tmp_path / "copied"
+    shutil.copytree(quick_run, copy)
+    (copy / "analysis.json").unlink()
+    assert cli.main(["report", str(copy)]) == 0
+    assert (copy / "analysis.json").read_bytes() == (quick_run / "analysis.json").read_bytes()
+    printed = capsys.readouterr().out
+    assert "LINEARITY ANALYSIS" in printed and "DETAILED RESULTS" in printed
+
+
+def test_report_applies_the_stored_thresholds(quick_run, tmp_path):
+    """A planted threshold change in run_meta.json changes the report: it is really read."""
+    copy = tmp_path / "strict"
+    shutil.copytree(quick_run, copy)
+    meta = json.loads((copy / "run_meta.json").read_text())
+    meta["thresholds"]["linearity"]["r2_min"] = 0.999999999
+    (copy / "run_meta.json").write_text(json.dumps(meta))
+    assert cli.main(["report", str(copy)]) == 0
+    analysis = json.loads((copy / "analysis.json").read_text())
+    assert analysis["summary"]["checks"]["r_squared"]["threshold"] == 0.999999999
+    assert analysis["summary"]["checks"]["r_squared"]["passed"] is False
+
+
+def test_legacy_flags_are_translated(monkeypatch):
+    seen = []
+    monkeypatch.setattr(cli, "main", lambda argv: seen.append(argv) or 0)
+    argv = ["--learning_rates", "1e-8", "1e-7", "--num_repeats", "3", "--output_dir=a_b"]
+    assert cli.legacy_main("sweep", argv) == 0
+    assert seen == [
+        ["sweep", "--learning-rates", "1e-8,1e-7", "--num-repeats", "3", "--output-dir=a_b"]
+    ]
+
+
+@pytest.mark.slow
+def test_original_quick_script_runs(tiny_checkpoint, tmp_path):
+    script = ROOT / "scripts" / "quick_entropy_lr_test.py"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--learning-rates",
+            "1e-7",
+            "1e-6",
+            "--output-dir",
+            str(tmp_path),
+            "--threads",
+            "1",
+            *SMALL,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "LINEARITY ANALYSIS" in done.stdout
+    assert len(list(tmp_path.glob("entropy_lr_experiment_*/lr_*_run_*/result.json"))) == 4
