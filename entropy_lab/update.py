@@ -188,7 +188,39 @@ class PolicyUpdate:
         for n, p in self.params.items():
             p.copy_(self.theta0[n])
             p.grad = None
-        self.optimizer.load_state_dict(copy.deepcopy(self.state0))
+        if not self._copy_state_in_place():
+            self.optimizer.load_state_dict(copy.deepcopy(self.state0))
+
+    @torch.no_grad()
+    def _copy_state_in_place(self) -> bool:
+        """S₀ copied into the live state tensors: what ``load_state_dict(deepcopy(S₀))`` does,
+        without re-allocating every moment tensor per η. False (nothing touched) when the
+        live state does not have S₀'s exact structure, e.g. before the first step."""
+        live = self.optimizer.state
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        saved = self.state0["state"]
+        if len(saved) != len(live) or len(self.state0["param_groups"]) != len(
+            self.optimizer.param_groups
+        ):
+            return False
+        pairs = []
+        for index, entries in saved.items():
+            current = live.get(params[index]) if index < len(params) else None
+            if current is None or current.keys() != entries.keys():
+                return False
+            for key, value in entries.items():
+                if not (
+                    isinstance(value, torch.Tensor)
+                    and isinstance(current[key], torch.Tensor)
+                    and value.shape == current[key].shape
+                ):
+                    return False
+                pairs.append((current[key], value))
+        for target, value in pairs:
+            target.copy_(value)
+        for group, saved_group in zip(self.optimizer.param_groups, self.state0["param_groups"]):
+            group.update({k: v for k, v in saved_group.items() if k != "params"})
+        return True
 
     def _set_lr(self, optimizer: torch.optim.Optimizer, lr: float) -> None:
         for group in optimizer.param_groups:  # after load_state_dict, never before
