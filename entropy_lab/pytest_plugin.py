@@ -94,11 +94,27 @@ def _pin_worker_gpu(worker: str) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = device
 
 
+def _check_checkpoint_spelling(config: pytest.Config) -> None:
+    """``--checkpoint DIR`` (a space) reaches pytest's rootdir search before this plugin's
+    options exist: DIR is taken for a test path, pytest.ini is lost (markers, strictness).
+    Refuse it with the fix rather than run a suite configured from the wrong folder."""
+    checkpoint = config.getoption("--checkpoint")
+    if not checkpoint:
+        return
+    # The early parse made DIR the only path argument: the rootdir is DIR, with no ini file.
+    if config.inipath is None and config.rootpath == Path(checkpoint).resolve():
+        raise pytest.UsageError(
+            f"write --checkpoint={checkpoint} (with '='): with a space pytest reads the folder "
+            "as a test path before entropy_lab's options are known, and loses pytest.ini"
+        )
+
+
 def _check_options(config: pytest.Config) -> None:
     """Bad suite options stop the run up front with the CLI's one-line message (exit code 4),
     instead of one traceback per test."""
     from entropy_lab.config import check_num_repeats, load_training_config, parse_learning_rates
 
+    _check_checkpoint_spelling(config)
     try:
         if config.getoption("--learning-rates") is not None:
             parse_learning_rates(config.getoption("--learning-rates"))

@@ -105,3 +105,12 @@ def test_gpu_suite_skips_with_reason_and_runs_on_cpu(pytester, tiny_checkpoint):
         "64",
     )
     ran.assert_outcomes(passed=12)
+
+
+def test_checkpoint_with_a_space_is_refused_with_the_fix(pytester, tiny_checkpoint):
+    """`--checkpoint DIR` would make pytest take DIR for a test path and drop pytest.ini."""
+    spaced = _run(pytester, "-m", "gpu", "--checkpoint", str(tiny_checkpoint), "--co")
+    assert spaced.ret == pytest.ExitCode.USAGE_ERROR
+    spaced.stderr.fnmatch_lines([f"*write --checkpoint={tiny_checkpoint} (with '=')*"])
+    joined = _run(pytester, "-m", "gpu", f"--checkpoint={tiny_checkpoint}", "--co")
+    assert joined.ret == pytest.ExitCode.OK
