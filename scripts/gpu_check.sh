@@ -28,7 +28,7 @@ DEVICE=${DEVICE:-cuda}
 PRESET=${PRESET:-qwen2.5-1.5b}
 PY=${PYTHON:-python}
 GRID=${GRID:-1e-6,1e-5,1e-4}
-BUDGET_S=${BUDGET_S:-470}
+BUDGET_S=${BUDGET_S:-470}  # phases stop starting after this; the last may run to its limit
 KEEP_CHECKPOINT=${KEEP_CHECKPOINT:-0}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -119,10 +119,18 @@ phase build 120 "$OUT/build.json:round(d['sft_tokens_per_s'])" -- \
     exit 1
 }
 
-# tokens/s of the profile: response tokens processed over the timed phases after loading
-phase profile 100 "$OUT/profile.json:round(sum(p['tokens'] or 0 for p in d['phases']) / sum(p['seconds'] for p in d['phases'][1:]))" -- \
+# The anchor-sized measurement of issue #8 on the GPU (E 2048 × 1, U 64 prompts × 8, 5 η, true
+# + first order; target ≤ 300 s), small sizes on the CPU smoke run. tokens/s: response tokens
+# processed over the timed phases after loading.
+if [[ "$DEVICE" == cpu ]]; then
+    PROFILE=(--eval-size 64 --buffer-size 16 --num-generations 4 --learning-rates "$GRID")
+else
+    PROFILE=(--eval-size 2048 --buffer-size 64 --num-generations 8
+        --learning-rates 1e-7,1e-6,1e-5,1e-4,1e-3 --target-s 300)
+fi
+phase profile 300 "$OUT/profile.json:round(sum(p['tokens'] or 0 for p in d['phases']) / sum(p['seconds'] for p in d['phases'][1:]))" -- \
     "$PY" scripts/profile_phases.py --checkpoint "$CKPT" --device "$DEVICE" \
-    --learning-rates "$GRID" --json "$OUT/profile.json"
+    "${PROFILE[@]}" --json "$OUT/profile.json"
 
 # Plugin options as --opt=value: pytest picks its rootdir before it loads plugins, and would
 # take the value of `--checkpoint DIR` for a test path (and lose pytest.ini).
@@ -133,7 +141,7 @@ fi
 if ((NGPU >= 2)) && [[ "$DEVICE" == cuda ]]; then
     PYTEST+=(-n "$NGPU")  # xdist worker gwK runs on GPU K mod n
 fi
-phase pytest 200 - -- "${PYTEST[@]}" --checkpoint="$CKPT" --device="$DEVICE" \
+phase pytest 90 - -- "${PYTEST[@]}" --checkpoint="$CKPT" --device="$DEVICE" \
     --learning-rates="$GRID" --num-repeats=2 --eval-size=32 \
     --junitxml="$OUT/gpu_junit.xml" --entropy-json="$OUT/gpu_report.json"
 
@@ -158,7 +166,7 @@ if "${LAB[@]}" bench --help >/dev/null 2>&1; then
             BENCH+=("${words[@]}")
         fi
     done
-    phase bench 150 - -- "${LAB[@]}" "${BENCH[@]}"
+    phase bench 90 - -- "${LAB[@]}" "${BENCH[@]}"
 else
     echo
     echo "== bench: this version has no \`entropy-lab bench\`; skipped"

@@ -119,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--learning-rates", default="1e-6,1e-5")
     parser.add_argument("--eval-size", type=int, default=64)
     parser.add_argument("--buffer-size", type=int, default=32)
+    parser.add_argument("--num-generations", type=int, default=None, help="G (default: config)")
+    parser.add_argument(
+        "--target-s", type=float, default=None, help="print the measurement time against this"
+    )
     parser.add_argument("--json", help="also write the profile to this file")
     args = parser.parse_args(argv)
     etas = [float(x) for x in args.learning_rates.split(",")]
@@ -130,7 +134,20 @@ def main(argv: list[str] | None = None) -> int:
         etas,
         eval_size=args.eval_size,
         buffer_size=args.buffer_size,
+        **({"num_generations": args.num_generations} if args.num_generations else {}),
     )
+    # The measurement itself: everything after loading the checkpoint.
+    result["measurement_s"] = sum(row["seconds"] for row in result["phases"][1:])
+    line = (
+        f"measurement (E {result['eval_size']} × 1, U {result['buffer_size']} × "
+        f"{result['num_generations']}, {len(etas)} η, true + first order): "
+        f"{result['measurement_s']:.1f} s"
+    )
+    if args.target_s:
+        result["target_s"] = args.target_s
+        verdict = "met" if result["measurement_s"] <= args.target_s else "MISSED"
+        line += f"  (target ≤ {args.target_s:g} s: {verdict})"
+    print(line)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     return 0
