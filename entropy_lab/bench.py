@@ -456,11 +456,8 @@ def rollout_section(setup, repeats: int) -> dict[str, Any]:
                 ck.tokenizer,
                 prompts,
                 cfg.num_generations,
-                temperature=cfg.temperature,
-                max_new_tokens=cfg.max_new_tokens,
                 seed=cfg.seed,
-                top_k=cfg.top_k,
-                top_p=cfg.top_p,
+                **cfg.sampling(),
             )
         )
 

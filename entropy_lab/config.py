@@ -280,6 +280,15 @@ class ExperimentConfig:
         kwargs.update({k: v for k, v in settings.items() if v is not None})
         return cls(learning_rates=learning_rates, training_config=dict(training), **kwargs)
 
+    def sampling(self) -> dict[str, Any]:
+        """The sampling distribution: rollouts and the scorer must share it exactly."""
+        return {
+            "temperature": self.temperature,
+            "max_new_tokens": self.max_new_tokens,
+            "top_k": self.top_k,
+            "top_p": self.top_p,
+        }
+
     def effective(self) -> dict[str, Any]:
         """The config as run: experiment settings plus the overridden training config."""
         out = dataclasses.asdict(self)

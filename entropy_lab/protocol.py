@@ -92,11 +92,8 @@ def prepare(cfg: ExperimentConfig, checkpoint: LoadedCheckpoint) -> Setup:
         tokenizer,
         eval_problems,
         1,
-        temperature=cfg.temperature,
-        max_new_tokens=cfg.max_new_tokens,
         seed=cfg.seed,
-        top_k=cfg.top_k,
-        top_p=cfg.top_p,
+        **cfg.sampling(),
         rows=distributed.shard(cfg.eval_size),
     )
     eval_batch = _gather_batch(eval_shard).to(device)
@@ -149,11 +146,8 @@ def sample_update_batch(setup: Setup, repeat: int) -> UpdateBatch:
         setup.checkpoint.tokenizer,
         prompts,
         cfg.num_generations,
-        temperature=cfg.temperature,
-        max_new_tokens=cfg.max_new_tokens,
         seed=seed,
-        top_k=cfg.top_k,
-        top_p=cfg.top_p,
+        **cfg.sampling(),
         rows=rows,
     )
     rewards = torch.tensor(

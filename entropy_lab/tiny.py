@@ -175,11 +175,58 @@ def build_tiny_checkpoint(
         torch.set_num_threads(threads)
 
 
-def _build(out: Path, seed: int, sft_steps: int, rl_steps: int, verbose: bool, started: float):
-    from peft import LoraConfig, get_peft_model
-
+def dr_grpo_steps(
+    policy, optimizer, scheduler, tokenizer, task, cfg: dict[str, Any], steps: int, seed: int
+) -> tuple[list[float], int]:
+    """Genuine Dr-GRPO AdamW steps with entropy_lab's own rollouts and gradient, so the saved
+    optimizer state is a real one. Returns the mean reward per step and the response tokens."""
     from entropy_lab.rollout import sample_responses
     from entropy_lab.update import PolicyUpdate, UpdateBatch, group_advantages
+
+    updater = PolicyUpdate(
+        policy,
+        optimizer,
+        temperature=cfg["temperature"],
+        clip_eps=cfg["clip_eps"],
+        grad_clip=cfg["grad_clip"],
+        microbatch_size=cfg["microbatch_size"],
+    )
+    _, pool = task.split(eval_size=0, seed=seed)
+    mean_rewards, tokens = [], 0
+    for step in range(steps):
+        prompts = pool[step * cfg["buffer_size"] : (step + 1) * cfg["buffer_size"]]
+        seqs = sample_responses(
+            policy,
+            tokenizer,
+            prompts,
+            cfg["num_generations"],
+            temperature=cfg["temperature"],
+            max_new_tokens=cfg["max_new_tokens"],
+            seed=seed + 100 + step,
+        )
+        rewards = torch.tensor(
+            [task.reward(r, prompts[int(i)]) for r, i in zip(seqs.responses, seqs.prompt_index)]
+        )
+        batch = UpdateBatch(
+            seqs,
+            rewards,
+            group_advantages(rewards, seqs.prompt_index),
+            cfg["num_generations"],
+            cfg["max_new_tokens"],
+        )
+        grad = updater.gradient(batch)
+        for name, p in updater.params.items():
+            p.grad = grad.grads[name]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        mean_rewards.append(float(rewards.mean()))
+        tokens += seqs.num_response_tokens
+    return mean_rewards, tokens
+
+
+def _build(out: Path, seed: int, sft_steps: int, rl_steps: int, verbose: bool, started: float):
+    from peft import LoraConfig, get_peft_model
 
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -210,45 +257,9 @@ def _build(out: Path, seed: int, sft_steps: int, rl_steps: int, verbose: bool, s
         policy.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"]
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    updater = PolicyUpdate(
-        policy,
-        optimizer,
-        temperature=cfg["temperature"],
-        clip_eps=cfg["clip_eps"],
-        grad_clip=cfg["grad_clip"],
-        microbatch_size=cfg["microbatch_size"],
+    mean_rewards, _ = dr_grpo_steps(
+        policy, optimizer, scheduler, tokenizer, task, cfg, rl_steps, seed
     )
-    _, pool = task.split(eval_size=0, seed=seed)
-    mean_rewards = []
-    for step in range(rl_steps):
-        start = step * cfg["buffer_size"]
-        prompts = pool[start : start + cfg["buffer_size"]]
-        seqs = sample_responses(
-            policy,
-            tokenizer,
-            prompts,
-            cfg["num_generations"],
-            temperature=cfg["temperature"],
-            max_new_tokens=cfg["max_new_tokens"],
-            seed=seed + 100 + step,
-        )
-        rewards = torch.tensor(
-            [task.reward(r, prompts[int(i)]) for r, i in zip(seqs.responses, seqs.prompt_index)]
-        )
-        batch = UpdateBatch(
-            seqs,
-            rewards,
-            group_advantages(rewards, seqs.prompt_index),
-            cfg["num_generations"],
-            cfg["max_new_tokens"],
-        )
-        grad = updater.gradient(batch)
-        for name, p in updater.params.items():
-            p.grad = grad.grads[name]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        mean_rewards.append(float(rewards.mean()))
     policy.eval()
     rl_accuracy = answer_accuracy(policy, task.problems, tokenizer)
 
@@ -268,7 +279,7 @@ def _build(out: Path, seed: int, sft_steps: int, rl_steps: int, verbose: bool, s
         "sft_greedy_accuracy": sft_accuracy,
         "rl_greedy_accuracy": rl_accuracy,
         "rl_mean_reward_per_step": mean_rewards,
-        "trainable_parameters": sum(p.numel() for p in updater.params.values()),
+        "trainable_parameters": sum(p.numel() for p in policy.parameters() if p.requires_grad),
         "total_parameters": sum(p.numel() for p in policy.parameters()),
     }
     (out / "training_info.json").write_text(json.dumps(info, indent=1) + "\n")

@@ -236,48 +236,12 @@ def warm_start(
 
 def rl_steps_(policy, optimizer, scheduler, tokenizer, task, cfg, steps: int, seed: int):
     """Real Dr-GRPO steps (entropy_lab's rollouts and gradient): a genuine AdamW state."""
-    from entropy_lab.rollout import sample_responses
-    from entropy_lab.update import PolicyUpdate, UpdateBatch, group_advantages
+    from entropy_lab.tiny import dr_grpo_steps
 
-    updater = PolicyUpdate(
-        policy,
-        optimizer,
-        temperature=cfg["temperature"],
-        clip_eps=cfg["clip_eps"],
-        grad_clip=cfg["grad_clip"],
-        microbatch_size=cfg["microbatch_size"],
+    started = time.perf_counter()
+    rewards_per_step, tokens = dr_grpo_steps(
+        policy, optimizer, scheduler, tokenizer, task, cfg, steps, seed
     )
-    _, pool = task.split(eval_size=0, seed=seed)
-    rewards_per_step, tokens, started = [], 0, time.perf_counter()
-    for step in range(steps):
-        prompts = pool[step * cfg["buffer_size"] : (step + 1) * cfg["buffer_size"]]
-        seqs = sample_responses(
-            policy,
-            tokenizer,
-            prompts,
-            cfg["num_generations"],
-            temperature=cfg["temperature"],
-            max_new_tokens=cfg["max_new_tokens"],
-            seed=seed + 100 + step,
-        )
-        rewards = torch.tensor(
-            [task.reward(r, prompts[int(i)]) for r, i in zip(seqs.responses, seqs.prompt_index)]
-        )
-        batch = UpdateBatch(
-            seqs,
-            rewards,
-            group_advantages(rewards, seqs.prompt_index),
-            cfg["num_generations"],
-            cfg["max_new_tokens"],
-        )
-        gradient = updater.gradient(batch)
-        for name, p in updater.params.items():
-            p.grad = gradient.grads[name]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        rewards_per_step.append(float(rewards.mean()))
-        tokens += seqs.num_response_tokens
     seconds = time.perf_counter() - started
     return {
         "rl_mean_reward_per_step": rewards_per_step,

@@ -82,7 +82,7 @@ def test_gpu_suite_skips_with_reason_and_runs_on_cpu(pytester, tiny_checkpoint):
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: the skip path cannot be shown here")
-    skipped = _run(pytester, "-m", "gpu", "-rs", "--checkpoint", str(tiny_checkpoint))
+    skipped = _run(pytester, "-m", "gpu", "-rs", f"--checkpoint={tiny_checkpoint}")
     skipped.assert_outcomes(skipped=13)
     skipped.stdout.fnmatch_lines(["*gpu suite needs CUDA; add --device cpu*"])
     no_ckpt = _run(pytester, "-m", "gpu", "-rs")
@@ -95,8 +95,7 @@ def test_gpu_suite_skips_with_reason_and_runs_on_cpu(pytester, tiny_checkpoint):
         "cpu",
         "--dtype",
         "fp64",
-        "--checkpoint",
-        str(tiny_checkpoint),
+        f"--checkpoint={tiny_checkpoint}",
         "--learning-rates",
         "1e-8,1e-7,1e-6,1e-5",
         "--num-repeats",
