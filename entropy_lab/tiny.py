@@ -124,11 +124,32 @@ def answer_accuracy(model, problems, tokenizer) -> float:
     return float(hit.all(1).double().mean())
 
 
+def _in_fp64(model):
+    """Faithful fp64 (no fp32 casts inside): the build then does not depend on the CPU's
+    vector width. In fp32, summation-order differences between instruction sets grow over
+    hundreds of training steps until sampled tokens differ, and the checkpoint with them."""
+    from entropy_lab.precision import make_faithful
+
+    model.double()
+    make_faithful(model)
+    return model
+
+
+def _save_fp32(model, path: Path) -> None:
+    """Saved as an fp32 checkpoint with stock attention, as a training run would save it."""
+    model.float()
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation"):
+            config._attn_implementation = "eager"
+    model.save_pretrained(path, safe_serialization=True)
+
+
 def train_base_model(tokenizer, task: ArithmeticTask, steps: int, seed: int):
     from transformers import Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(tiny_model_config())
+    model = _in_fp64(Qwen2ForCausalLM(tiny_model_config()))
     problems = task.problems
     ids, attn, target = _answer_batch(problems, tokenizer)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
@@ -157,13 +178,15 @@ def build_tiny_checkpoint(
 ) -> dict[str, Any]:
     """Build the tiny checkpoint into ``out_dir``; returns its training info.
 
-    350 SFT steps leave it mid-training (greedy accuracy ≈ 0.6, sampled reward ≈ 0.36), as
-    an RL checkpoint is, and with update directions that agree: on the cpu suite's
-    evaluation batch (256 prompts) ∇H·v of four update batches varied 6 % (policy reading).
-    Measured alternatives (same protocol): 300 steps 32 %, 450 steps 24 %, 500 steps 19 %,
-    600 steps 48 % (reward 0.95: few groups carry an advantage). With directions that differ
-    by 50 %, the raw-point R² of a perfectly linear ΔH drops to ≈ 0.8, so a fixture with
-    agreeing directions is what lets the suite test linearity rather than direction noise.
+    Trained in faithful fp64 and saved in fp32, so the same checkpoint comes out on any x86
+    CPU: built with AVX2 kernels instead of AVX-512, the RL rewards of every step were
+    identical and the saved weights differed only in fp32 rounding (the fp32 build it
+    replaces diverged from the first RL step). 350 SFT steps leave it mid-training (greedy
+    accuracy ≈ 0.6, sampled reward ≈ 0.4), as an RL checkpoint is, and with update
+    directions that agree: on the cpu suite's evaluation batch (256 prompts) ∇H·v of four
+    update batches was −2.76 ± 3 % (policy reading). That agreement is a property of this
+    checkpoint, not of RL: fp32 builds at 300–600 steps varied 6–48 %, and with directions
+    50 % apart even a perfectly linear ΔH has a raw-point R² near 0.8.
     """
 
     started = time.perf_counter()
@@ -238,8 +261,9 @@ def _build(out: Path, seed: int, sft_steps: int, rl_steps: int, verbose: bool, s
         print(
             f"tiny base model: greedy accuracy {sft_accuracy:.3f} on {len(task.problems)} problems"
         )
-    base.save_pretrained(out / "base_model", safe_serialization=True)
+    _save_fp32(base, out / "base_model")
     tokenizer.save_pretrained(out / "base_model")
+    _in_fp64(base)  # RL starts from the saved (fp32-rounded) base, as a loader will see it
 
     cfg = TINY_TRAINING_CONFIG
     lora = cfg["lora"]
@@ -263,10 +287,10 @@ def _build(out: Path, seed: int, sft_steps: int, rl_steps: int, verbose: bool, s
     policy.eval()
     rl_accuracy = answer_accuracy(policy, task.problems, tokenizer)
 
-    policy.save_pretrained(out / "model", safe_serialization=True)
+    _save_fp32(policy, out / "model")
     tokenizer.save_pretrained(out / "model")
     _point_adapter_at(out / "model" / "adapter_config.json", "../base_model")
-    torch.save(optimizer.state_dict(), out / "optimizer.pt")
+    torch.save(_state_in_fp32(optimizer.state_dict()), out / "optimizer.pt")
     torch.save(scheduler.state_dict(), out / "scheduler.pt")
     names = [name for name, _ in policy.named_parameters()]
     (out / "optimizer_param_names.json").write_text(json.dumps(names, indent=1) + "\n")
@@ -286,6 +310,20 @@ def _build(out: Path, seed: int, sft_steps: int, rl_steps: int, verbose: bool, s
     info["build_seconds"] = time.perf_counter() - started
     info["digest"] = directory_digest(out)
     return info
+
+
+def _state_in_fp32(state: dict[str, Any]) -> dict[str, Any]:
+    """The AdamW moments in the saved parameters' dtype (the step counters as they are)."""
+    return {
+        **state,
+        "state": {
+            index: {
+                k: v.float() if k != "step" and torch.is_floating_point(v) else v
+                for k, v in entries.items()
+            }
+            for index, entries in state["state"].items()
+        },
+    }
 
 
 def _point_adapter_at(config_path: Path, base: str) -> None:
@@ -321,7 +359,7 @@ def ensure_tiny_checkpoint(cache_dir: str | Path | None = None, verbose: bool = 
     root.mkdir(parents=True, exist_ok=True)
     # v3: rollouts sample per row by inverse CDF (data-parallel reproducible), which changes
     # the RL steps of the build; a v2 cache would no longer be what this code builds.
-    target = root / f"tiny-qwen2-seed{TINY_SEED}-v4"  # v4: 350 SFT steps
+    target = root / f"tiny-qwen2-seed{TINY_SEED}-v5"  # v5: built in fp64
     with FileLock(str(root / (target.name + ".lock"))):
         if (target / "training_info.json").is_file():
             return target

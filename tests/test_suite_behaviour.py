@@ -55,7 +55,7 @@ def test_each_eta_measured_once_under_xdist(pytester, tiny_checkpoint):
         "--num-repeats",
         "3",
         "--eval-size",
-        "64",
+        "256",
         f"--basetemp={pytester.path / 'bt'}",
         f"--junitxml={xml}",
     )
@@ -101,7 +101,7 @@ def test_gpu_suite_skips_with_reason_and_runs_on_cpu(pytester, tiny_checkpoint):
         "--num-repeats",
         "3",
         "--eval-size",
-        "64",
+        "256",
     )
     ran.assert_outcomes(passed=12)
 
