@@ -520,8 +520,9 @@ class LinearitySuite:
                 )
             elif row.get("within_eta_max") is False:
                 outside.append(
-                    f"η={label}: above η_max={window.get('eta_max'):.3g} "
-                    f"(predicted nonlinearity {row.get('predicted_nonlinearity'):.1%})"
+                    f"η={label}: above η_max={window.get('eta_max'):.3g} (nonlinearity "
+                    f"predicted {_percent(row.get('predicted_nonlinearity'))}, "
+                    f"measured {_percent(row.get('measured_nonlinearity'))})"
                 )
         if outside:
             pytest.fail(
@@ -530,3 +531,7 @@ class LinearitySuite:
                 + f"\n\n{format_tables(analysis)}",
                 pytrace=False,
             )
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.1%}"

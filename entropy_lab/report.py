@@ -216,16 +216,27 @@ def build_analysis(
     regime = {
         "eta_min": window["eta_min"],
         "eta_max": window["eta_max"],
+        "eta_max_predicted": window["eta_max_predicted"],
+        "eta_max_from": window["eta_max_from"],
         "tolerance": window["tolerance"],
     }
-    if window["eta_max"] is not None and math.isinf(window["eta_max"]):
-        regime["note"] = "zero measured curvature: no upper limit from second order"
-    elif window["eta_max"] is None:
-        regime["note"] = "no curvature data: upper limit unknown"
-    elif window["eta_min"] is not None and window["eta_min"] > window["eta_max"]:
-        regime["note"] = "empty: the smallest resolvable η already exceeds η_max"
+    notes = []
     if window["eta_min"] is None:
-        regime["note"] = "no resolvable η: every point is below the precision floor or failed"
+        notes.append("no resolvable η: every point is below the precision floor or failed")
+    elif window["eta_max"] is not None and window["eta_min"] > window["eta_max"]:
+        notes.append("empty: the smallest resolvable η already exceeds η_max")
+    if window["eta_max_from"] == "measured":
+        notes.append(
+            f"η_max capped by measurement: at η = {window['eta_max']:.3g} ΔH/η is already more "
+            f"than {window['tolerance']:.0%} off ∇H·v (the second order predicted "
+            f"{_g(window['eta_max_predicted'], '.3g')}; higher orders matter)"
+        )
+    elif window["eta_max"] is not None and math.isinf(window["eta_max"]):
+        notes.append("zero measured curvature: no upper limit from second order")
+    elif window["eta_max"] is None:
+        notes.append("no curvature data: upper limit unknown")
+    if notes:
+        regime["note"] = "; ".join(notes)
 
     reason = la.verdict_reason
     if checks["first_order"]["passed"] is False:
@@ -256,6 +267,7 @@ def build_analysis(
             unresolvable_reasons=list(status.reasons) if status else ["every run failed"],
             within_eta_max=status.within_eta_max if status else None,
             predicted_nonlinearity=status.predicted_nonlinearity if status else None,
+            measured_nonlinearity=status.measured_nonlinearity if status else None,
             quantized_fraction=status.quantized_fraction if status else None,
             symmetric_residual=status.symmetric_residual if status else None,
         )
@@ -436,8 +448,9 @@ def format_tables(analysis: Mapping[str, Any]) -> str:
         (
             "linear window",
             f"[{_g(regime['eta_min'], '.3g')}, {_g(regime['eta_max'], '.3g')}]  "
-            f"(η_min: smallest resolvable η; η_max: predicted nonlinearity "
-            f"{regime['tolerance']:.0%})" + (f"; {regime['note']}" if regime.get("note") else ""),
+            f"(η_min: smallest resolvable η; η_max: {regime['tolerance']:.0%} nonlinearity, "
+            f"{regime.get('eta_max_from') or 'second order'})"
+            + (f"; {regime['note']}" if regime.get("note") else ""),
         ),
     ]
     width = max(len(k) for k, _ in lines)

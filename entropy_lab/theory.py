@@ -293,6 +293,12 @@ class FloorThresholds:
     # noise of one ΔH; 0.5 % keeps 3σ ≈ 1 %, so a passing point is good to about 1 %.
     max_symmetric_residual: float = 0.005
     nonlinearity_tol: float = 0.05  # η_max(tol)
+    # The even part of ΔH beyond η²c also holds η⁴ terms. Noise moves the odd part (ΔH/η
+    # against ∇H·v) about as much as the even part; higher orders can move it far more (tiny
+    # model, fp64 and fp32 alike, at η = 1e-3: odd part 21 %, even part 2.2 %). A point whose
+    # measured nonlinearity exceeds both the tolerance and this multiple of the even part is
+    # read as nonlinear, not noisy.
+    curvature_over_noise: float = 3.0
 
 
 @dataclass(frozen=True)
@@ -304,6 +310,9 @@ class PointStatus:
     quantized_fraction: float | None
     symmetric_residual: float | None
     predicted_nonlinearity: float | None
+    # Mean over repeats of ΔH/(η·∇H·v) − 1: the nonlinearity itself, which the second-order
+    # prediction can miss when higher orders matter (a small curvature, a large third term).
+    measured_nonlinearity: float | None = None
 
 
 def classify_points(
@@ -338,10 +347,11 @@ def classify_points(
             within = nonlin <= thresholds.nonlinearity_tol
         sym = None
         sym_rows = [r for r in rows if r.get("entropy_change_negative") is not None]
+        measured = _measured_nonlinearity(eta, rows)
         if sym_rows and within is not False:
-            # Beyond η_max the even part holds η⁴ terms too: there it says nothing of noise.
-            # Rounding noise, measured: the even part of ΔH beyond its η²c/2 prediction,
-            # RMS over repeats, against the mean signal that the fit uses.
+            # Rounding noise, measured: the even part of ΔH beyond its η²c prediction, RMS
+            # over repeats, against the mean signal that the fit uses. Further out the even
+            # part holds η⁴ terms too, and there it says nothing of noise.
             residuals = [
                 r["entropy_change"]
                 + r["entropy_change_negative"]
@@ -350,17 +360,37 @@ def classify_points(
             ]
             rms = math.sqrt(sum(x * x for x in residuals) / len(residuals))
             sym = rms / max(abs(mean_change), 1e-300)
-            if sym > thresholds.max_symmetric_residual:
+            bent = measured is not None and abs(measured) > max(
+                thresholds.nonlinearity_tol, thresholds.curvature_over_noise * sym
+            )
+            if sym > thresholds.max_symmetric_residual and not bent:
+                cause = (
+                    "rounding noise"
+                    if all(c is not None for c in curvs)
+                    else "rounding noise or curvature (no vᵀ∇²H v measured: enable curvature)"
+                )
                 reasons.append(
                     f"RMS of ΔH(η)+ΔH(−η)−η²c is {sym:.1%} of mean |ΔH| "
-                    f"(> {thresholds.max_symmetric_residual:.1%}): rounding noise"
+                    f"(> {thresholds.max_symmetric_residual:.1%}): {cause}"
                 )
-        out[eta] = PointStatus(eta, not reasons, within, reasons, qf, sym, nonlin)
+        if not reasons and measured is not None and abs(measured) > thresholds.nonlinearity_tol:
+            within = False  # a resolvable point that is measurably nonlinear is beyond η_max
+        out[eta] = PointStatus(eta, not reasons, within, reasons, qf, sym, nonlin, measured)
     return out
 
 
+def _measured_nonlinearity(eta: float, rows: list[dict]) -> float | None:
+    ratios = [
+        r["entropy_change"] / (eta * r["first_order_slope"]) - 1
+        for r in rows
+        if r.get("first_order_slope")
+    ]
+    return sum(ratios) / len(ratios) if ratios else None
+
+
 def linear_window(statuses: dict[float, PointStatus], records: list[dict], tol: float = 0.05):
-    """[η_floor, η_max]: smallest resolvable η of the grid, and 2·tol·|∇H·v|/|c| (min over repeats)."""
+    """[η_floor, η_max]: the smallest resolvable η of the grid, and 2·tol·|∇H·v|/|c| (min over
+    repeats) capped at the first resolvable η whose measured nonlinearity exceeds tol."""
     resolvable = [eta for eta, s in statuses.items() if s.resolvable]
     maxima = [
         eta_max(r["first_order_slope"], r.get("curvature"), tol)
@@ -368,8 +398,20 @@ def linear_window(statuses: dict[float, PointStatus], records: list[dict], tol: 
         if r.get("success") and r.get("first_order_slope") is not None
     ]
     maxima = [m for m in maxima if m is not None]
+    predicted = min(maxima) if maxima else None
+    bent = [
+        eta
+        for eta, s in sorted(statuses.items())
+        if s.resolvable and s.measured_nonlinearity is not None
+        if abs(s.measured_nonlinearity) > tol
+    ]
+    top, bound = predicted, "second order"
+    if bent and (top is None or bent[0] < top):
+        top, bound = bent[0], "measured"
     return {
         "eta_min": min(resolvable) if resolvable else None,
-        "eta_max": min(maxima) if maxima else None,
+        "eta_max": top,
+        "eta_max_predicted": predicted,
+        "eta_max_from": bound if top is not None else None,
         "tolerance": tol,
     }

@@ -204,6 +204,12 @@ def test_wide_grid_window_excludes_both_ends(setup32, dir32):
     assert not per_eta["1e-10"]["resolvable"]
     assert any("rounded away" in why for why in per_eta["1e-10"]["unresolvable_reasons"])
     assert per_eta["1.0"]["within_eta_max"] is False
+    # On this checkpoint the second order undershoots: at 1e-3 it predicts a few per cent,
+    # ΔH/η is ≈ 20 % off. The point is resolvable (not noise) and caps the window.
+    assert per_eta["0.001"]["resolvable"] and per_eta["0.001"]["within_eta_max"] is False
+    assert abs(per_eta["0.001"]["measured_nonlinearity"]) > 0.1
+    assert abs(per_eta["0.001"]["predicted_nonlinearity"]) < 0.05
+    assert window["eta_max_from"] == "measured" and window["eta_max"] == 1e-3
     assert per_eta["1.0"]["predicted_nonlinearity"] > 0.05
     assert analysis["summary"]["verdict"] == "nonlinear"
 

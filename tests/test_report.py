@@ -334,3 +334,26 @@ def test_folder_copied_without_meta_still_reports(tmp_path, monkeypatch):
     os.remove(tmp_path / "run_meta.json")
     analysis = report.write_report(folder.path)
     assert analysis["config"] == {} and analysis["summary"]["verdict"] == "linear"
+
+
+def test_measured_nonlinearity_caps_the_window_where_the_second_order_misses():
+    """Planted third-order bend: ΔH/η is 20 % off at η = 1e-4 while c predicts 0.5 %."""
+    grid = [1e-7, 1e-6, 1e-5, 1e-4]
+    records = synthetic_records(etas=grid, curvature=-5e3)
+    plain = report.build_analysis(records, synthetic_meta())
+    assert plain["summary"]["linear_regime"]["eta_max_from"] == "second order"
+    assert all(row["within_eta_max"] for row in plain["per_learning_rate"].values())
+    bent = []
+    for r in records:
+        if r["learning_rate"] == 1e-4:
+            r = {**r, "entropy_change": r["entropy_change"] * 0.8}
+            r["entropy_change_negative"] = -r["entropy_change"] + 1e-8 * r["curvature"]
+        bent.append(r)
+    analysis = report.build_analysis(bent, synthetic_meta())
+    regime = analysis["summary"]["linear_regime"]
+    row = analysis["per_learning_rate"]["0.0001"]
+    assert regime["eta_max_from"] == "measured" and regime["eta_max"] == 1e-4, regime
+    assert regime["eta_max_predicted"] > 5e-4 and "higher orders" in regime["note"]
+    assert row["resolvable"] and row["within_eta_max"] is False
+    assert row["measured_nonlinearity"] == pytest.approx(-0.2, abs=0.01)
+    assert abs(row["predicted_nonlinearity"]) < 0.01
