@@ -49,7 +49,10 @@ def _add_sweep_arguments(p: argparse.ArgumentParser, quick: bool) -> None:
     )
     p.add_argument("--steps", type=int, default=1, help="optimizer steps between measurements")
     p.add_argument("--reading", default="policy", choices=["policy", "conditional"])
-    p.add_argument("--no-curvature", action="store_true", help="skip the nested-jvp term")
+    p.add_argument("--no-curvature", action="store_true", help="skip the nested-jvp terms")
+    p.add_argument(
+        "--no-third-order", action="store_true", help="skip ∇³H[v,v,v] (a third jvp level)"
+    )
     p.add_argument("--r2-min", type=float, default=0.95, help="R² threshold of the verdict")
     p.add_argument("--resume", metavar="DIR", help="continue an interrupted sweep in DIR")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: auto)")
@@ -149,6 +152,7 @@ def run_sweep_command(args: argparse.Namespace, quick: bool) -> Path | None:
         steps=args.steps,
         reading=args.reading,
         curvature=not args.no_curvature,
+        third_order=not args.no_third_order,
     )
     # Data-parallel (torchrun): every rank measures, rank 0 alone writes and prints.
     main_rank = distributed.is_main()

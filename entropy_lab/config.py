@@ -226,6 +226,7 @@ class ExperimentConfig:
     eval_chunk_tokens: int = 256
     first_order: bool = True
     curvature: bool = True
+    third_order: bool = True  # ∇³H[v,v,v] by a third nested jvp: η_max where c alone misleads
     identity_check: bool = True  # Cui et al.'s covariance identity: a second first-order oracle
     faithful_fp64: bool = True
     symmetric_check: bool = True  # also measure ΔH(−η): ΔH(η) + ΔH(−η) ≈ η²·c exposes noise

@@ -183,6 +183,7 @@ def direction(setup: Setup, repeat: int) -> Direction:
             setup.updater.theta0,
             vector,
             second_order=cfg.curvature,
+            third_order=cfg.curvature and cfg.third_order,
         )
         if cfg.identity_check:
             identity = covariance_identity_slope(
@@ -345,6 +346,7 @@ def measure_point(setup: Setup, d: Direction | FailedDirection, eta: float) -> d
     if d.derivatives is not None:
         slope = getattr(d.derivatives, f"slope_{key}")
         curvature = getattr(d.derivatives, f"curvature_{key}")
+        third = getattr(d.derivatives, f"third_{key}")
         record.update(
             first_order_slope=slope,
             first_order_prediction=eta * slope,
@@ -352,6 +354,10 @@ def measure_point(setup: Setup, d: Direction | FailedDirection, eta: float) -> d
             curvature=curvature,
             second_order_prediction=eta * slope + 0.5 * eta**2 * curvature
             if curvature is not None
+            else None,
+            third_derivative=third,
+            third_order_prediction=eta * slope + 0.5 * eta**2 * curvature + eta**3 * third / 6
+            if curvature is not None and third is not None
             else None,
             identity_slope=d.identity_slope,
             cui_vanilla_pg_slope=d.forecasts.vanilla_pg if d.forecasts else None,

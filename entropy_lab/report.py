@@ -210,6 +210,7 @@ def build_analysis(
 
     first = _mean_stderr(_per_repeat(rows, "first_order_slope"))
     curvature = _mean_stderr(_per_repeat(rows, "curvature"))
+    third = _mean_stderr(_per_repeat(rows, "third_derivative"))
     checks = {name: _check_dict(c) for name, c in la.checks.items()}
     checks["first_order"] = _first_order_check(la.ols, first)
 
@@ -228,11 +229,11 @@ def build_analysis(
     if window["eta_max_from"] == "measured":
         notes.append(
             f"η_max capped by measurement: at η = {window['eta_max']:.3g} ΔH/η is already more "
-            f"than {window['tolerance']:.0%} off ∇H·v (the second order predicted "
+            f"than {window['tolerance']:.0%} off ∇H·v (the theory predicted "
             f"{_g(window['eta_max_predicted'], '.3g')}; higher orders matter)"
         )
     elif window["eta_max"] is not None and math.isinf(window["eta_max"]):
-        notes.append("zero measured curvature: no upper limit from second order")
+        notes.append("zero measured curvature: no upper limit from theory")
     elif window["eta_max"] is None:
         notes.append("no curvature data: upper limit unknown")
     if notes:
@@ -290,6 +291,7 @@ def build_analysis(
             "loglog_slope": la.loglog.to_dict() if la.loglog else None,
             "first_order_slope": first,
             "curvature": curvature,
+            "third_derivative": third,
             "first_order_oracles": _oracle_comparison(rows),
             "linear_regime": regime,
             "fitted_learning_rates": [
@@ -398,6 +400,7 @@ def format_tables(analysis: Mapping[str, Any]) -> str:
     ll = s.get("loglog_slope") or {}
     fo = s["first_order_slope"]
     cv = s["curvature"]
+    d3 = s.get("third_derivative") or {}
     regime = s["linear_regime"]
     fitted = s.get("fitted_learning_rates") or []
 
@@ -444,6 +447,10 @@ def format_tables(analysis: Mapping[str, Any]) -> str:
             f"(SE over {_plural(fo['n'], 'repeat')})",
         ),
         ("curvature vᵀ∇²H v", f"{_g(cv['mean'], '.4g')} ± {_g(cv['stderr'], '.2g')}"),
+        (
+            "third order ∇³H[v,v,v]",
+            f"{_g(d3['mean'], '.4g')} ± {_g(d3['stderr'], '.2g')}" if d3.get("n") else "n/a",
+        ),
         ("first-order oracles", _oracle_line(s.get("first_order_oracles") or {})),
         (
             "linear window",
@@ -657,6 +664,8 @@ def plot_summary(analysis: Mapping[str, Any], path: str | os.PathLike[str]) -> P
     grid = np.geomspace(eta.min() / 1.6, eta.max() * 1.6, 300)
     fo = s["first_order_slope"]
     curv = s["curvature"]
+    d3 = (s.get("third_derivative") or {}).get("mean") or 0.0  # older folders lack it
+    theory_label = "theory η·∇H·v + η²c/2 + η³d/6" if d3 else "second order η·∇H·v + η²c/2"
     regime = s["linear_regime"]
 
     # (a) means ± SE -------------------------------------------------------------------
@@ -682,11 +691,11 @@ def plot_summary(analysis: Mapping[str, Any], path: str | os.PathLike[str]) -> P
         if curv["mean"] is not None:
             ax_a.plot(
                 grid,
-                sign * (fo["mean"] * grid + 0.5 * curv["mean"] * grid**2),
+                sign * (fo["mean"] * grid + 0.5 * curv["mean"] * grid**2 + d3 * grid**3 / 6),
                 color=_THEORY,
                 ls=":",
                 lw=1.3,
-                label="second order η·∇H·v + η²c/2",
+                label=theory_label,
             )
     for mask, style, label in (
         (inside, dict(fmt="o", color=_OK, ms=7), "mean ± SE (fitted)"),
@@ -784,11 +793,13 @@ def plot_summary(analysis: Mapping[str, Any], path: str | os.PathLike[str]) -> P
         if curv["mean"] is not None:
             ax_c.plot(
                 grid,
-                fo["mean"] + 0.5 * curv["mean"] * grid,
+                fo["mean"] + 0.5 * curv["mean"] * grid + d3 * grid**2 / 6,
                 color=_THEORY,
                 ls=":",
                 lw=1.2,
-                label="second order ∇H·v + ηc/2",
+                label=theory_label.replace("η·∇H·v + η²c/2 + η³d/6", "∇H·v + ηc/2 + η²d/6").replace(
+                    "η·∇H·v + η²c/2", "∇H·v + ηc/2"
+                ),
             )
     if s["slope"] is not None:
         ax_c.axhline(s["slope"], color="black", lw=1.0, label=f"OLS slope α = {s['slope']:.4g}")

@@ -33,6 +33,8 @@ class DirectionalDerivatives:
     slope_policy: float  # ∇H_policy·v
     curvature_conditional: float | None  # vᵀ∇²H_cond v
     curvature_policy: float | None
+    third_conditional: float | None = None  # ∇³H_cond[v, v, v]
+    third_policy: float | None = None
 
 
 class _SiLU(torch.nn.Module):
@@ -68,61 +70,62 @@ def _sums_at(scorer: EntropyScorer, batch):
     return sums
 
 
+def _derivatives_up_to(f, tangent, order: int):
+    """p ↦ (f, D f[t], …, Dᵏ f[t, …, t]) at p, by ``order`` nested forward-mode passes."""
+    if order == 0:
+        return lambda p: (f(p),)
+    inner = _derivatives_up_to(f, tangent, order - 1)
+
+    def g(p):
+        values, tangents = jvp(inner, (p,), (tangent,))
+        return (*values, tangents[-1])  # tangents = (D f, …, Dᵏ f): only the last is new
+
+    return g
+
+
 def sums_jet(
     scorer: EntropyScorer,
     batch: SequenceBatch,
     theta0: dict[str, torch.Tensor],
     direction: dict[str, torch.Tensor],
-    second_order: bool = True,
+    order: int = 2,
 ) -> torch.Tensor:
-    """[n, 3, 3]: each sequence's sums (entropy, log-prob, tokens) × (value, d/ds, d²/ds²)
-    along v at s = 0, by (nested) forward-mode AD; d²/ds² is zero when not ``second_order``."""
+    """[n, 3, order + 1]: each sequence's sums (entropy, log-prob, tokens) × (value, d/ds, …,
+    dᵏ/dsᵏ) along v at s = 0, by ``order`` nested forward-mode passes."""
     # θ₀ itself is the primal and v the tangent (rather than s ↦ θ₀ + s·v): the same
     # derivatives with one op fewer per parameter per forward-mode level.
     f = _sums_at(scorer, batch)
-    theta = dict(theta0)
     tangent = {n: direction[n].to(theta0[n].dtype) for n in theta0}
     was_training = scorer.lm.training
     scorer.lm.eval()
     try:
         with torch.no_grad(), forward_ad_safe(scorer.lm):
-            if second_order:  # one nested pass gives value, first and second derivative
-                (value, first), (_, second) = jvp(
-                    lambda p: jvp(f, (p,), (tangent,)), (theta,), (tangent,)
-                )
-            else:
-                value, first = jvp(f, (theta,), (tangent,))
-                second = torch.zeros_like(first)
+            terms = _derivatives_up_to(f, tangent, order)(dict(theta0))
     finally:
         scorer.lm.train(was_training)
-    return torch.stack([value, first, second], dim=2)
+    return torch.stack(terms, dim=2)
 
 
-def readings_derivatives(
-    jet: torch.Tensor, reference_logprob: torch.Tensor, second_order: bool = True
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """d/ds and d²/ds² at 0 of (H_cond, H_policy), from the jets of *all* sequences of E.
+def readings_derivatives(jet: torch.Tensor, reference_logprob: torch.Tensor) -> list[torch.Tensor]:
+    """[d/ds, …, dᵏ/dsᵏ] at 0 of (H_cond, H_policy), from the jets of *all* sequences of E
+    (k = jet.shape[2] − 1).
 
     The readings are ratios over sequences (the policy one with weights normalised over E),
     so their derivatives are not sums of per-shard derivatives. By the chain rule the first
-    and second derivatives of R(S(s)) at 0 involve only S, S', S'' there; R composed with
-    the Taylor polynomial P(s) = S + s·S' + s²/2·S'' has exactly the same ones. So the jets
-    are computed per rank, gathered, and differentiated through R here: exact, not a sum.
+    k derivatives of R(S(s)) at 0 involve only S, S', …, S⁽ᵏ⁾ there; R composed with the
+    Taylor polynomial P(s) = Σ sʲ/j!·S⁽ʲ⁾ has exactly the same ones. So the jets are
+    computed per rank, gathered, and differentiated through R here: exact, not a sum.
     """
+    order = jet.shape[2] - 1
 
     def h(s: torch.Tensor) -> torch.Tensor:
-        poly = jet[..., 0] + s * jet[..., 1] + 0.5 * s * s * jet[..., 2]
+        poly = sum(s**j / math.factorial(j) * jet[..., j] for j in range(order + 1))
         entropy, logprob, tokens = poly.unbind(1)
         conditional, policy, _ = readings(SequenceSums(entropy, logprob, tokens), reference_logprob)
         return torch.stack([conditional, policy])
 
     zero = torch.zeros((), dtype=jet.dtype, device=jet.device)
-    one = torch.ones_like(zero)
-    _, slope = jvp(h, (zero,), (one,))
-    curvature = None
-    if second_order:
-        _, curvature = jvp(lambda s: jvp(h, (s,), (one,))[1], (zero,), (one,))
-    return slope, curvature
+    return list(_derivatives_up_to(h, torch.ones_like(zero), order)(zero)[1:])
 
 
 def directional_derivatives(
@@ -132,19 +135,20 @@ def directional_derivatives(
     theta0: dict[str, torch.Tensor],
     direction: dict[str, torch.Tensor],
     second_order: bool = True,
+    third_order: bool = False,
 ) -> DirectionalDerivatives:
-    """∇H·v and (optionally) vᵀ∇²H v for both readings, by (nested) forward-mode AD.
+    """∇H·v and, optionally, vᵀ∇²H v and ∇³H[v, v, v] for both readings, by nested
+    forward-mode AD (one nesting level per order).
 
     Data-parallel, each rank differentiates its shard of E; the jets are gathered first.
     """
-    local = sums_jet(scorer, scorer.shard_of(batch), theta0, direction, second_order)
-    jet = distributed.all_gather_rows(local, len(batch))
-    slope, curvature = readings_derivatives(jet, reference_logprob, second_order)
+    order = 3 if third_order else 2 if second_order else 1
+    local = sums_jet(scorer, scorer.shard_of(batch), theta0, direction, order)
+    terms = readings_derivatives(distributed.all_gather_rows(local, len(batch)), reference_logprob)
+    terms += [None] * (3 - len(terms))
     return DirectionalDerivatives(
-        float(slope[0]),
-        float(slope[1]),
-        float(curvature[0]) if curvature is not None else None,
-        float(curvature[1]) if curvature is not None else None,
+        *(None if t is None else float(t[i]) for t in terms[:2] for i in (0, 1)),
+        *(None if terms[2] is None else float(terms[2][i]) for i in (0, 1)),
     )
 
 
@@ -266,18 +270,35 @@ class ResponseLogits(torch.nn.Module):
         return filter_logits(head(states) / self.temperature, self.top_k, self.top_p)
 
 
-def predicted_nonlinearity(eta: float, slope: float, curvature: float | None) -> float | None:
-    """Relative departure from linearity at η: η·c / (2·∇H·v)."""
+def predicted_nonlinearity(
+    eta: float, slope: float, curvature: float | None, third: float | None = None
+) -> float | None:
+    """Relative departure from linearity at η: η·c/(2·∇H·v) + η²·d/(6·∇H·v), d = ∇³H[v,v,v]
+    (the second term only when d is known)."""
     if curvature is None or slope == 0:
         return None
-    return eta * curvature / (2 * slope)
+    return eta * curvature / (2 * slope) + (eta**2 * third / (6 * slope) if third else 0.0)
 
 
-def eta_max(slope: float, curvature: float | None, tol: float = 0.05) -> float | None:
-    """Largest η whose predicted relative nonlinearity stays within tol."""
-    if curvature is None or curvature == 0:
-        return math.inf if curvature == 0 else None
-    return 2 * tol * abs(slope) / abs(curvature)
+def eta_max(
+    slope: float, curvature: float | None, tol: float = 0.05, third: float | None = None
+) -> float | None:
+    """Smallest η > 0 whose predicted relative nonlinearity reaches ±tol (inf: never)."""
+    if curvature is None or slope == 0:
+        return None
+    a = curvature / (2 * slope)  # p(η) = a·η + b·η²
+    b = third / (6 * slope) if third else 0.0
+    roots = []
+    for target in (tol, -tol):
+        if b == 0:
+            if a != 0:
+                roots.append(target / a)
+            continue
+        disc = a * a + 4 * b * target
+        if disc >= 0:
+            roots += [(-a + sign * math.sqrt(disc)) / (2 * b) for sign in (1, -1)]
+    positive = [r for r in roots if r > 0]
+    return min(positive) if positive else math.inf
 
 
 # -- precision floor and linear window (pure functions of the records: `report` reuses them) --
@@ -340,9 +361,11 @@ def classify_points(
         slopes = [r.get("first_order_slope") for r in rows]
         curvs = [r.get("curvature") for r in rows]
         nonlin = within = None
+        thirds = [r.get("third_derivative") for r in rows]
         if all(s is not None for s in slopes) and all(c is not None for c in curvs):
             nonlin = max(
-                abs(predicted_nonlinearity(eta, s, c) or 0.0) for s, c in zip(slopes, curvs)
+                abs(predicted_nonlinearity(eta, s, c, d) or 0.0)
+                for s, c, d in zip(slopes, curvs, thirds)
             )
             within = nonlin <= thresholds.nonlinearity_tol
         sym = None
@@ -393,7 +416,7 @@ def linear_window(statuses: dict[float, PointStatus], records: list[dict], tol: 
     repeats) capped at the first resolvable η whose measured nonlinearity exceeds tol."""
     resolvable = [eta for eta, s in statuses.items() if s.resolvable]
     maxima = [
-        eta_max(r["first_order_slope"], r.get("curvature"), tol)
+        eta_max(r["first_order_slope"], r.get("curvature"), tol, r.get("third_derivative"))
         for r in records
         if r.get("success") and r.get("first_order_slope") is not None
     ]
@@ -405,7 +428,8 @@ def linear_window(statuses: dict[float, PointStatus], records: list[dict], tol: 
         if s.resolvable and s.measured_nonlinearity is not None
         if abs(s.measured_nonlinearity) > tol
     ]
-    top, bound = predicted, "second order"
+    theory = "third order" if any(r.get("third_derivative") for r in records) else "second order"
+    top, bound = predicted, theory
     if bent and (top is None or bent[0] < top):
         top, bound = bent[0], "measured"
     return {
