@@ -8,7 +8,8 @@ and the same batch, so a busy machine slows both alike:
 - peak memory of the chunked fp64 entropy against the naive B×L×V computation at Qwen's
   vocabulary (151,936) on a tiny random Qwen2, each in a fresh process;
 - one more η of a sweep against the first (which pays for sampling U and the gradient);
-- ∇H·v (jvp) and vᵀ∇²H v (nested jvp) against one entropy evaluation;
+- ∇H·v (jvp), vᵀ∇²H v (nested jvp) and ∇³H[v,v,v] (three levels) against one entropy
+  evaluation;
 - rollout sampling tokens/s;
 - on CUDA (or with ``flops``): achieved FLOP/s against a matmul peak measured in the run.
 
@@ -404,27 +405,30 @@ def eta_sweep_section(setup, repeats: int, directions: int = 2):
 
 
 def jvp_section(setup, d, repeats: int) -> dict[str, Any]:
-    """∇H·v alone, and ∇H·v with vᵀ∇²H v (what direction() runs), against scoring E."""
+    """∇H·v alone, with vᵀ∇²H v, and with ∇³H[v,v,v] (what direction() runs by default),
+    against scoring E."""
     from entropy_lab.theory import directional_derivatives
 
     eval_batch, scorer = setup.eval_batch, setup.scorer
 
-    def derivatives(second_order: bool):
+    def derivatives(order: int):
         return lambda: directional_derivatives(
             scorer,
             eval_batch,
             setup.reference_logprob,
             setup.updater.theta0,
             d.vector,
-            second_order=second_order,
+            second_order=order >= 2,
+            third_order=order >= 3,
         )
 
     seconds = interleaved_medians(
         {
             "forward": lambda: bare_forward(scorer.lm, eval_batch),
             "eval": lambda: scorer.measure(eval_batch, setup.reference_logprob),
-            "jvp": derivatives(False),
-            "nested_jvp": derivatives(True),
+            "jvp": derivatives(1),
+            "nested_jvp": derivatives(2),
+            "third_order_jvp": derivatives(3),
         },
         repeats,
         eval_batch.input_ids.device,
@@ -438,6 +442,9 @@ def jvp_section(setup, d, repeats: int) -> dict[str, Any]:
         "jvp_over_forward": seconds["jvp"] / seconds["forward"],
         "nested_jvp_over_eval": seconds["nested_jvp"] / seconds["eval"],
         "nested_jvp_over_forward": seconds["nested_jvp"] / seconds["forward"],
+        "third_order_jvp_s": seconds["third_order_jvp"],
+        "third_order_jvp_over_eval": seconds["third_order_jvp"] / seconds["eval"],
+        "third_order_jvp_over_forward": seconds["third_order_jvp"] / seconds["forward"],
     }
 
 
@@ -639,7 +646,11 @@ def format_table(results: dict[str, Any]) -> str:
         )
     )
     jvp = results["jvp"]
-    for name, key in (("jvp ∇H·v", "jvp"), ("nested jvp ∇H·v + vᵀ∇²Hv", "nested_jvp")):
+    for name, key in (
+        ("jvp ∇H·v", "jvp"),
+        ("nested jvp ∇H·v + vᵀ∇²Hv", "nested_jvp"),
+        ("3-level jvp, + ∇³H[v,v,v]", "third_order_jvp"),
+    ):
         rows.append(
             (
                 name,

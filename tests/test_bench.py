@@ -35,7 +35,14 @@ EXPECTED_FIELDS = {
         "marginal_over_first",
         "marginal_eta_over_eval",
     ],
-    "jvp": ["jvp_s", "nested_jvp_s", "jvp_over_eval", "nested_jvp_over_eval", "jvp_over_forward"],
+    "jvp": [
+        "jvp_s",
+        "nested_jvp_s",
+        "third_order_jvp_s",
+        "jvp_over_eval",
+        "nested_jvp_over_eval",
+        "jvp_over_forward",
+    ],
     "rollout": ["tokens_per_s", "response_tokens"],
     "flops": ["matmul_peak_flops_per_s", "forward_flops_per_s", "eval_fraction_of_peak"],
 }
