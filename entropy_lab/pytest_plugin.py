@@ -101,8 +101,9 @@ def _check_checkpoint_spelling(config: pytest.Config) -> None:
     checkpoint = config.getoption("--checkpoint")
     if not checkpoint:
         return
-    # The early parse made DIR the only path argument: the rootdir is DIR, with no ini file.
-    if config.inipath is None and config.rootpath == Path(checkpoint).resolve():
+    # Harmful only when pytest then found no ini file (a checkpoint inside the repo is fine).
+    spaced = "--checkpoint" in (str(a) for a in config.invocation_params.args)
+    if spaced and config.inipath is None:
         raise pytest.UsageError(
             f"write --checkpoint={checkpoint} (with '='): with a space pytest reads the folder "
             "as a test path before entropy_lab's options are known, and loses pytest.ini"
