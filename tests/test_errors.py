@@ -373,7 +373,7 @@ def test_pytest_broken_checkpoint_fails_with_the_cli_text(
     cli_message = run_cli(capsys, tmp_path, "--checkpoint", str(ck))
     result = _pytester_run(
         pytester,
-        *("-m", "gpu", "--device", "cpu", "--checkpoint", str(ck), "--learning-rates", "1e-6"),
+        *("-m", "gpu", "--device", "cpu", f"--checkpoint={ck}", "--learning-rates", "1e-6"),
         *("-k", "test_entropy_change or test_r_squared"),
     )
     result.assert_outcomes(failed=2)
