@@ -287,14 +287,7 @@ def _build(out: Path, seed: int, sft_steps: int, rl_steps: int, verbose: bool, s
     policy.eval()
     rl_accuracy = answer_accuracy(policy, task.problems, tokenizer)
 
-    _save_fp32(policy, out / "model")
-    tokenizer.save_pretrained(out / "model")
-    _point_adapter_at(out / "model" / "adapter_config.json", "../base_model")
-    torch.save(_state_in_fp32(optimizer.state_dict()), out / "optimizer.pt")
-    torch.save(scheduler.state_dict(), out / "scheduler.pt")
-    names = [name for name, _ in policy.named_parameters()]
-    (out / "optimizer_param_names.json").write_text(json.dumps(names, indent=1) + "\n")
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    save_rl_practice(out, policy, tokenizer, optimizer, scheduler, cfg)
     info = {
         "step": rl_steps,
         "seed": seed,
@@ -310,6 +303,19 @@ def _build(out: Path, seed: int, sft_steps: int, rl_steps: int, verbose: bool, s
     info["build_seconds"] = time.perf_counter() - started
     info["digest"] = directory_digest(out)
     return info
+
+
+def save_rl_practice(out: Path, policy, tokenizer, optimizer, scheduler, cfg: dict) -> None:
+    """The RL_Practice step layout beside ``out/base_model``: adapter (fp32), AdamW state over
+    all policy parameters with its names file, scheduler, training config."""
+    _save_fp32(policy, out / "model")
+    tokenizer.save_pretrained(out / "model")
+    _point_adapter_at(out / "model" / "adapter_config.json", "../base_model")
+    torch.save(_state_in_fp32(optimizer.state_dict()), out / "optimizer.pt")
+    torch.save(scheduler.state_dict(), out / "scheduler.pt")
+    names = [name for name, _ in policy.named_parameters()]
+    (out / "optimizer_param_names.json").write_text(json.dumps(names, indent=1) + "\n")
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
 
 
 def _state_in_fp32(state: dict[str, Any]) -> dict[str, Any]:

@@ -35,15 +35,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from entropy_lab.tasks import ArithmeticTask
 from entropy_lab.tiny import (
     LORA_TARGETS,
     TINY_TRAINING_CONFIG,
     _answer_batch,
-    _point_adapter_at,
     build_tokenizer,
+    save_rl_practice,
 )
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -170,14 +169,7 @@ def build_random_checkpoint(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     rl = rl_steps_(policy, optimizer, scheduler, tokenizer, task, cfg, rl_steps, seed)
 
-    policy.save_pretrained(out / "model", safe_serialization=True)
-    tokenizer.save_pretrained(out / "model")
-    _point_adapter_at(out / "model" / "adapter_config.json", "../base_model")
-    torch.save(optimizer.state_dict(), out / "optimizer.pt")
-    torch.save(scheduler.state_dict(), out / "scheduler.pt")
-    names = [name for name, _ in policy.named_parameters()]
-    (out / "optimizer_param_names.json").write_text(json.dumps(names, indent=1) + "\n")
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    save_rl_practice(out, policy, tokenizer, optimizer, scheduler, cfg)
     info = {
         "step": rl_steps,
         "seed": seed,
