@@ -157,7 +157,12 @@ def run_sweep_command(args: argparse.Namespace, quick: bool) -> Path | None:
     # Data-parallel (torchrun): every rank measures, rank 0 alone writes and prints.
     main_rank = distributed.is_main()
     folder = _open_folder(args, cfg, checkpoint.metadata, new_results_dir) if main_rank else None
-    setup = prepare(cfg, checkpoint)
+    try:
+        setup = prepare(cfg, checkpoint)
+    except BaseException:
+        if folder is not None and not args.resume and not any(folder.path.iterdir()):
+            folder.path.rmdir()  # a run that never started leaves no empty results folder
+        raise
     if main_rank:
         precision = {k: checkpoint.metadata[k] for k in ("tf32_matmul", "tf32_cudnn")}
         environment = environment_info(args.device, args.dtype, precision)

@@ -307,6 +307,8 @@ def test_cli_bad_input_is_one_clear_line(build, message, tiny_checkpoint, tmp_pa
     torch.set_num_threads(1)
     extra = build(tiny_checkpoint, tmp_path)
     assert re.fullmatch(message, run_cli(capsys, tmp_path, *extra)), message
+    # A run refused before its first point leaves no (empty) results folder behind.
+    assert not list((tmp_path / "out").glob("entropy_lr_experiment_*"))
 
 
 def test_cli_sweep_needs_a_checkpoint(tmp_path, capsys):
