@@ -730,14 +730,14 @@ def bad_measurements(results: dict[str, Any]) -> dict[str, float]:
 def run_bench_command(args) -> dict[str, Any]:
     """``entropy-lab bench``: load the checkpoint, prepare E, run every section, report."""
     from entropy_lab.checkpoint import load_checkpoint
-    from entropy_lab.cli import QUICK_LEARNING_RATES, TINY_EVAL_SIZE, _set_threads
+    from entropy_lab.cli import QUICK_LEARNING_RATES, _set_threads, checkpoint_defaults
     from entropy_lab.config import ExperimentConfig, parse_learning_rates
     from entropy_lab.protocol import prepare
-    from entropy_lab.tiny import ensure_tiny_checkpoint
 
-    tiny = args.checkpoint is None
-    checkpoint_path = ensure_tiny_checkpoint() if tiny else args.checkpoint
-    dtype = args.dtype or ("fp64" if tiny else "fp32")  # as `entropy-lab quick`
+    # The same defaults as `entropy-lab quick`.
+    checkpoint_path, dtype, eval_size = checkpoint_defaults(
+        args.checkpoint, args.dtype, args.eval_size
+    )
     checkpoint = load_checkpoint(
         checkpoint_path, dtype=dtype, device=args.device, base_model=args.base_model
     )
@@ -748,7 +748,7 @@ def run_bench_command(args) -> dict[str, Any]:
         parse_learning_rates(args.learning_rates or QUICK_LEARNING_RATES),
         device=args.device,
         dtype=dtype,
-        eval_size=args.eval_size or (TINY_EVAL_SIZE if tiny else 64),
+        eval_size=eval_size,
         buffer_size=args.buffer_size,
     )
     setup = prepare(cfg, checkpoint)

@@ -189,7 +189,7 @@ def direction(setup: Setup, repeat: int) -> Direction:
             identity = covariance_identity_slope(
                 setup.scorer, setup.eval_batch, setup.updater.theta0, vector
             )
-        forecasts = _crude_forecasts(setup, update)
+        forecasts = _crude_forecasts(gradient)
     return Direction(
         repeat,
         repeat_seed(cfg.seed, repeat),
@@ -203,15 +203,12 @@ def direction(setup: Setup, repeat: int) -> Direction:
     )
 
 
-def _crude_forecasts(setup: Setup, update: UpdateBatch) -> CrudeForecasts:
-    """Cui et al.'s forecasts from U's tokens at θ₀: each token carries its row's advantage."""
-    seqs = update.sequences
-    tokens_per_row = seqs.response_mask[:, 1:].sum(1)
-    logprob = setup.updater.token_logprobs(seqs).cpu()
-    advantage = torch.repeat_interleave(update.advantages, tokens_per_row.cpu())
+def _crude_forecasts(gradient: Gradient) -> CrudeForecasts:
+    """Cui et al.'s forecasts from U's tokens at θ₀, as the gradient pass scored them."""
     # Data-parallel: covariances over all of U's tokens, not over this rank's share.
     return crude_forecasts(
-        distributed.cat_over_ranks(logprob), distributed.cat_over_ranks(advantage)
+        distributed.cat_over_ranks(gradient.token_logprob.cpu()),
+        distributed.cat_over_ranks(gradient.token_advantage.cpu()),
     )
 
 
@@ -297,15 +294,25 @@ def with_oom_retry(what: str, call: Callable[[], Any], updater, scorer) -> Any:
             warnings.warn(f"CUDA out of memory in {what}: retrying with {sizes}", RuntimeWarning, 2)
 
 
-def _failed_direction_record(setup: Setup, d: FailedDirection, eta: float) -> dict[str, Any]:
-    key = "policy" if setup.cfg.reading == "policy" else "conditional"
+def _record_head(setup: Setup, d: Direction | FailedDirection, eta: float) -> dict[str, Any]:
+    """The fields every (η, repeat) record starts with; ``success`` until proven."""
     return {
         "learning_rate": eta,
         "repeat": d.repeat,
         "seed": d.seed,
         "success": False,
         "reading": setup.cfg.reading,
-        "entropy_before": getattr(setup.baseline, key),
+        "entropy_before": getattr(setup.baseline, _reading_key(setup.cfg)),
+    }
+
+
+def _reading_key(cfg: ExperimentConfig) -> str:
+    return "policy" if cfg.reading == "policy" else "conditional"
+
+
+def _failed_direction_record(setup: Setup, d: FailedDirection, eta: float) -> dict[str, Any]:
+    return {
+        **_record_head(setup, d, eta),
         "first_order_prediction": None,
         "first_order_slope": None,
         "curvature": None,
@@ -330,15 +337,10 @@ def measure_point(setup: Setup, d: Direction | FailedDirection, eta: float) -> d
         return _failed_direction_record(setup, d, eta)
     started = time.perf_counter()
     cfg = setup.cfg
-    key = "policy" if cfg.reading == "policy" else "conditional"
+    key = _reading_key(cfg)
     before = setup.baseline
     record: dict[str, Any] = {
-        "learning_rate": eta,
-        "repeat": d.repeat,
-        "seed": d.seed,
-        "success": False,
-        "reading": cfg.reading,
-        "entropy_before": getattr(before, key),
+        **_record_head(setup, d, eta),
         "update_norm": setup.updater.update_norm(d.vector),
         "grad_norm": d.gradient.grad_norm,
         "mean_reward": d.update.mean_reward,

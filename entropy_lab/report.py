@@ -84,13 +84,18 @@ def _mean_stderr(values: Sequence[float]) -> dict[str, Any]:
     return {"mean": mean, "stderr": stderr, "n": n}
 
 
-def _per_repeat(records: Iterable[Mapping[str, Any]], field: str) -> list[float]:
-    """One value of ``field`` per repeat (it is a property of v_r, shared by every η)."""
+def _by_repeat(records: Iterable[Mapping[str, Any]], field: str) -> dict[int, float]:
+    """{repeat: its value of ``field``} (a property of v_r, shared by every η), in order."""
     by_repeat: dict[int, list[float]] = {}
     for r in records:
         if _finite(r.get(field)):
             by_repeat.setdefault(int(r["repeat"]), []).append(float(r[field]))
-    return [float(np.mean(v)) for _, v in sorted(by_repeat.items())]
+    return {rep: float(np.mean(v)) for rep, v in sorted(by_repeat.items())}
+
+
+def _per_repeat(records: Iterable[Mapping[str, Any]], field: str) -> list[float]:
+    """One value of ``field`` per repeat that has it."""
+    return list(_by_repeat(records, field).values())
 
 
 def _check_dict(check: stats.Check) -> dict[str, Any]:
@@ -108,21 +113,17 @@ def _oracle_comparison(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     The identity must equal the jvp (both exact at first order); the crude forecasts
     (ż ≈ π·A, ż ≈ A) are shown with their ratio to the jvp to say how far they miss.
     """
-    jvp = _mean_stderr(_per_repeat(rows, "first_order_slope_conditional"))
-    out: dict[str, Any] = {"jvp_conditional": jvp}
+    jvp = _by_repeat(rows, "first_order_slope_conditional")
+    out: dict[str, Any] = {"jvp_conditional": _mean_stderr(list(jvp.values()))}
     for name, field in (
         ("identity", "identity_slope"),
         ("vanilla_pg_forecast", "cui_vanilla_pg_slope"),
         ("natural_pg_forecast", "cui_natural_pg_slope"),
     ):
-        entry = _mean_stderr(_per_repeat(rows, field))
-        ratios = [
-            a / b
-            for a, b in zip(
-                _per_repeat(rows, field), _per_repeat(rows, "first_order_slope_conditional")
-            )
-            if b != 0
-        ]
+        values = _by_repeat(rows, field)
+        entry = _mean_stderr(list(values.values()))
+        # Paired by repeat: each oracle against the jvp of the same update direction.
+        ratios = [v / jvp[rep] for rep, v in values.items() if jvp.get(rep)]
         entry["ratio_to_jvp"] = _mean_stderr(ratios)["mean"] if ratios else None
         out[name] = entry
     return out
@@ -665,7 +666,10 @@ def plot_summary(analysis: Mapping[str, Any], path: str | os.PathLike[str]) -> P
     fo = s["first_order_slope"]
     curv = s["curvature"]
     d3 = (s.get("third_derivative") or {}).get("mean") or 0.0  # older folders lack it
-    theory_label = "theory η·∇H·v + η²c/2 + η³d/6" if d3 else "second order η·∇H·v + η²c/2"
+    if d3:
+        theory_label, ratio_label = "theory η·∇H·v + η²c/2 + η³d/6", "theory ∇H·v + ηc/2 + η²d/6"
+    else:
+        theory_label, ratio_label = "second order η·∇H·v + η²c/2", "second order ∇H·v + ηc/2"
     regime = s["linear_regime"]
 
     # (a) means ± SE -------------------------------------------------------------------
@@ -797,9 +801,7 @@ def plot_summary(analysis: Mapping[str, Any], path: str | os.PathLike[str]) -> P
                 color=_THEORY,
                 ls=":",
                 lw=1.2,
-                label=theory_label.replace("η·∇H·v + η²c/2 + η³d/6", "∇H·v + ηc/2 + η²d/6").replace(
-                    "η·∇H·v + η²c/2", "∇H·v + ηc/2"
-                ),
+                label=ratio_label,
             )
     if s["slope"] is not None:
         ax_c.axhline(s["slope"], color="black", lw=1.0, label=f"OLS slope α = {s['slope']:.4g}")
@@ -809,28 +811,14 @@ def plot_summary(analysis: Mapping[str, Any], path: str | os.PathLike[str]) -> P
     limits = _padded(shown or list(ratio))
     if limits:
         ax_c.set_ylim(*limits)
-    if inside.any():
-        ax_c.errorbar(
-            eta[inside],
-            ratio[inside],
-            yerr=ratio_se[inside],
-            fmt="o",
-            color=_OK,
-            ms=7,
-            capsize=3,
-            label="ΔH/η ± SE/η (fitted)",
-        )
-    if beyond.any():
-        ax_c.errorbar(
-            eta[beyond],
-            ratio[beyond],
-            yerr=ratio_se[beyond],
-            fmt="D",
-            color=_BEYOND,
-            ms=7,
-            capsize=3,
-            label="beyond η_max (fitted)",
-        )
+    for mask, style, label in (
+        (inside, dict(fmt="o", color=_OK, ms=7), "ΔH/η ± SE/η (fitted)"),
+        (beyond, dict(fmt="D", color=_BEYOND, ms=7), "beyond η_max (fitted)"),
+    ):
+        if mask.any():
+            ax_c.errorbar(
+                eta[mask], ratio[mask], yerr=ratio_se[mask], capsize=3, label=label, **style
+            )
     if (~ok).any():
         _clip_to_ylim(
             ax_c,

@@ -300,6 +300,45 @@ def _check_line_inputs(x: npt.ArrayLike, y: npt.ArrayLike) -> tuple[np.ndarray, 
     return xa, ya
 
 
+@dataclass(frozen=True)
+class _LineSums:
+    """Centred weighted sums of a straight-line least-squares fit."""
+
+    slope: float
+    intercept: float
+    sw: float  # Σw
+    xm: float  # weighted mean of x
+    dx: np.ndarray  # x − xm
+    sxx: float  # Σw·dx²
+    resid: np.ndarray  # y − ŷ
+    wsse: float  # Σw·resid²
+    wsst: float  # Σw·(y − ȳ_w)²
+
+
+def _weighted_line(xa: np.ndarray, ya: np.ndarray, w: np.ndarray) -> _LineSums:
+    """The fit shared by OLS (w = 1) and WLS: centred sums keep full precision for x on the
+    1e-8 … 1e-4 scale."""
+    sw = float(w.sum())
+    xm = float(w @ xa) / sw
+    ym = float(w @ ya) / sw
+    dx = xa - xm
+    dy = ya - ym
+    sxx = float(w @ (dx * dx))
+    slope = float(w @ (dx * dy)) / sxx
+    resid = dy - slope * dx
+    return _LineSums(
+        slope=slope,
+        intercept=ym - slope * xm,
+        sw=sw,
+        xm=xm,
+        dx=dx,
+        sxx=sxx,
+        resid=resid,
+        wsse=float(w @ (resid * resid)),
+        wsst=float(w @ (dy * dy)),
+    )
+
+
 def fit_ols(x: npt.ArrayLike, y: npt.ArrayLike) -> LinearFit:
     """Ordinary least squares line through every point.
 
@@ -308,31 +347,22 @@ def fit_ols(x: npt.ArrayLike, y: npt.ArrayLike) -> LinearFit:
     """
     xa, ya = _check_line_inputs(x, y)
     n = xa.size
-    xm = float(xa.mean())
-    ym = float(ya.mean())
-    dx = xa - xm
-    dy = ya - ym
-    sxx = float(dx @ dx)
-    slope = float(dx @ dy) / sxx
-    intercept = ym - slope * xm
-    resid = dy - slope * dx
-    sse = float(resid @ resid)
-    sst = float(dy @ dy)
+    line = _weighted_line(xa, ya, np.ones_like(xa))
     dof = n - 2
-    s2 = sse / dof if dof > 0 else _NAN
-    slope_se = math.sqrt(s2 / sxx)
-    intercept_se = math.sqrt(s2 * (1.0 / n + xm * xm / sxx))
-    t_stat = _ratio(intercept, intercept_se)
+    s2 = line.wsse / dof if dof > 0 else _NAN
+    slope_se = math.sqrt(s2 / line.sxx)
+    intercept_se = math.sqrt(s2 * (1.0 / n + line.xm * line.xm / line.sxx))
+    t_stat = _ratio(line.intercept, intercept_se)
     return LinearFit(
-        slope=slope,
-        intercept=intercept,
+        slope=line.slope,
+        intercept=line.intercept,
         slope_se=slope_se,
         intercept_se=intercept_se,
-        r_squared=1.0 - sse / sst if sst > 0 else _NAN,
+        r_squared=1.0 - line.wsse / line.wsst if line.wsst > 0 else _NAN,
         n=n,
         dof=dof,
-        residuals=[float(v) for v in resid],
-        leverage=[float(v) for v in 1.0 / n + dx * dx / sxx],
+        residuals=[float(v) for v in line.resid],
+        leverage=[float(v) for v in 1.0 / n + line.dx * line.dx / line.sxx],
         intercept_t=t_stat,
         intercept_p=_two_sided_p(t_stat, dof),
         chi2=None,
@@ -367,32 +397,22 @@ def fit_wls(x: npt.ArrayLike, y: npt.ArrayLike, sigma: npt.ArrayLike) -> LinearF
     # Normalise weights to max 1 (avoids overflow for tiny σ); undo in variances.
     smin = float(sig.min())
     w = (smin / sig) ** 2
-    sw = float(w.sum())
-    xw = float(w @ xa) / sw
-    yw = float(w @ ya) / sw
-    dx = xa - xw
-    dy = ya - yw
-    sxx = float(w @ (dx * dx))
-    slope = float(w @ (dx * dy)) / sxx
-    intercept = yw - slope * xw
-    resid = dy - slope * dx
-    wsse = float(w @ (resid * resid))
-    wsst = float(w @ (dy * dy))
-    chi2 = wsse / smin**2
+    line = _weighted_line(xa, ya, w)
+    chi2 = line.wsse / smin**2
     dof = n - 2
-    slope_se = smin / math.sqrt(sxx)
-    intercept_se = smin * math.sqrt(1.0 / sw + xw * xw / sxx)
-    z_stat = _ratio(intercept, intercept_se)
+    slope_se = smin / math.sqrt(line.sxx)
+    intercept_se = smin * math.sqrt(1.0 / line.sw + line.xm * line.xm / line.sxx)
+    z_stat = _ratio(line.intercept, intercept_se)
     return LinearFit(
-        slope=slope,
-        intercept=intercept,
+        slope=line.slope,
+        intercept=line.intercept,
         slope_se=slope_se,
         intercept_se=intercept_se,
-        r_squared=1.0 - wsse / wsst if wsst > 0 else _NAN,
+        r_squared=1.0 - line.wsse / line.wsst if line.wsst > 0 else _NAN,
         n=n,
         dof=dof,
-        residuals=[float(v) for v in resid],
-        leverage=[float(v) for v in w * (1.0 / sw + dx * dx / sxx)],
+        residuals=[float(v) for v in line.resid],
+        leverage=[float(v) for v in w * (1.0 / line.sw + line.dx * line.dx / line.sxx)],
         intercept_t=z_stat,
         intercept_p=_two_sided_p(z_stat, None),
         chi2=chi2,
@@ -687,7 +707,7 @@ def paired_loglog_slope(
     grid = np.unique(eta)
     slopes: list[float] = []
     mixed: list[int] = []
-    for r in np.unique(rep) if grid.size >= 2 else []:
+    for r in np.unique(rep) if grid.size >= 2 else []:  # one η: no slope to fit
         mine = (rep == r) & np.isfinite(dh)
         if np.unique(eta[mine]).size != grid.size or mine.sum() != grid.size:
             continue  # incomplete (a failed point): its slope would cover other η

@@ -145,11 +145,9 @@ def directional_derivatives(
     order = 3 if third_order else 2 if second_order else 1
     local = sums_jet(scorer, scorer.shard_of(batch), theta0, direction, order)
     terms = readings_derivatives(distributed.all_gather_rows(local, len(batch)), reference_logprob)
-    terms += [None] * (3 - len(terms))
-    return DirectionalDerivatives(
-        *(None if t is None else float(t[i]) for t in terms[:2] for i in (0, 1)),
-        *(None if terms[2] is None else float(terms[2][i]) for i in (0, 1)),
-    )
+    # (conditional, policy) per order; None for the orders not computed.
+    pairs = [(float(t[0]), float(t[1])) for t in terms] + [(None, None)] * (3 - len(terms))
+    return DirectionalDerivatives(*pairs[0], *pairs[1], *pairs[2])
 
 
 def covariance_identity_slope(

@@ -45,6 +45,10 @@ class Gradient:
     loss: float
     grad_norm: float  # before clipping
     clipped: bool
+    # This process's sampled response tokens, as the loss saw them: log π(token) at the
+    # parameters of the gradient, and the token's advantage (any order, for statistics).
+    token_logprob: torch.Tensor | None = None
+    token_advantage: torch.Tensor | None = None
 
 
 def group_advantages(rewards: torch.Tensor, prompt_index: torch.Tensor) -> torch.Tensor:
@@ -99,7 +103,7 @@ class PolicyUpdate:
         adv = advantages[rows].to(logp.dtype)
         clipped = torch.clamp(ratio, 1 - self.clip_eps, 1 + self.clip_eps)
         token_loss = -torch.minimum(ratio * adv, clipped * adv)
-        return token_loss.sum() * scale
+        return token_loss.sum() * scale, logp.detach(), adv
 
     @torch.no_grad()
     def token_logprobs(self, seqs: SequenceBatch) -> torch.Tensor:
@@ -119,18 +123,21 @@ class PolicyUpdate:
         """
         local_prompts = len(torch.unique(update.sequences.prompt_index))
         num_prompts = round(distributed.sum_over_ranks(local_prompts))
-        grads, loss = self.local_gradient(update, num_prompts)
+        grads, loss, tokens = self.local_gradient(update, num_prompts)
         # DDP semantics: gradients are synchronised once, after the last micro-batch (DDP's
         # no_sync() on the others). A manual all-reduce (sum) of the accumulated gradients is
         # the same operation; the 1/num_prompts of the loss is already global, so no averaging.
         for name in sorted(grads):  # the same order on every rank
             distributed.all_reduce_sum_(grads[name])
-        return self._clipped(grads, distributed.sum_over_ranks(loss))
+        gradient = self._clipped(grads, distributed.sum_over_ranks(loss))
+        gradient.token_logprob, gradient.token_advantage = tokens
+        return gradient
 
     def local_gradient(
         self, update: UpdateBatch, num_prompts: int
-    ) -> tuple[dict[str, torch.Tensor], float]:
-        """Accumulated gradient of this process's prompts, normalised by ``num_prompts``.
+    ) -> tuple[dict[str, torch.Tensor], float, tuple[torch.Tensor, torch.Tensor]]:
+        """Accumulated gradient of this process's prompts, normalised by ``num_prompts``,
+        its loss, and the (log-prob, advantage) of every response token the loss saw.
 
         Per prompt: sum over generations and tokens / (G · L_max); mean over all
         ``num_prompts`` prompts of the buffer (every rank's).
@@ -144,6 +151,7 @@ class PolicyUpdate:
         was_training = self.model.training
         self.model.eval()  # no dropout (LoRA dropout included): the gradient is deterministic
         total = 0.0
+        logps, advs = [], []
         token_offsets = _token_offsets(seqs)
         try:
             for start in range(0, len(prompts), self.microbatch_size):
@@ -154,9 +162,11 @@ class PolicyUpdate:
                 if update.old_logprob is not None:
                     old = torch.cat([update.old_logprob[token_offsets[i]] for i in rows]).to(device)
                 adv = update.advantages[rows].to(device)
-                loss = self.loss_on(micro, adv, old, scale)
+                loss, logp, token_adv = self.loss_on(micro, adv, old, scale)
                 loss.backward()
                 total += float(loss.detach())
+                logps.append(logp)
+                advs.append(token_adv)
         finally:
             self.model.train(was_training)
         grads = {n: p.grad.detach().clone() for n, p in self.params.items() if p.grad is not None}
@@ -165,7 +175,7 @@ class PolicyUpdate:
                 grads[n] = torch.zeros_like(self.params[n])
         for p in self.params.values():
             p.grad = None
-        return grads, total
+        return grads, total, (torch.cat(logps), torch.cat(advs))
 
     def _clipped(self, grads: dict[str, torch.Tensor], loss: float) -> Gradient:
         """Clip on the (global) norm, as ``torch.nn.utils.clip_grad_norm_`` does."""

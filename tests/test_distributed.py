@@ -133,7 +133,9 @@ def _combined(updater, update, world, *, normalise_by=None, drop_last=False, cli
     total, loss = None, 0.0
     shards = _shards(6, world)[: world - 1 if drop_last else world]
     for prompts in shards:
-        grads, part_loss = updater.local_gradient(_rank_update(update, prompts), normalise_by or 6)
+        grads, part_loss, _ = updater.local_gradient(
+            _rank_update(update, prompts), normalise_by or 6
+        )
         if clip_per_rank:
             grads = updater._clipped(grads, part_loss).grads
         total = grads if total is None else {n: total[n] + g for n, g in grads.items()}
