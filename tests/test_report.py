@@ -357,3 +357,14 @@ def test_measured_nonlinearity_caps_the_window_where_the_second_order_misses():
     assert row["resolvable"] and row["within_eta_max"] is False
     assert row["measured_nonlinearity"] == pytest.approx(-0.2, abs=0.01)
     assert abs(row["predicted_nonlinearity"]) < 0.01
+
+
+def test_oracle_ratios_pair_each_repeat_with_its_own_jvp():
+    """The identity missing in one repeat must not shift the others onto the wrong jvp."""
+    records = [
+        {**r, "identity_slope": r["first_order_slope_conditional"]} if r["repeat"] else r
+        for r in synthetic_records()
+    ]
+    oracles = report.build_analysis(records, synthetic_meta())["summary"]["first_order_oracles"]
+    assert oracles["identity"]["n"] == 3 and oracles["jvp_conditional"]["n"] == 4
+    assert oracles["identity"]["ratio_to_jvp"] == pytest.approx(1.0, abs=1e-12)
