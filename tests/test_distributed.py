@@ -301,6 +301,8 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
+# The torchrun tests share one xdist worker (`--dist loadgroup` in pytest.ini): two elastic
+# agents starting at once each pick a "free" port and release it before their workers bind it.
 def _launch(out: Path, extra: list[str], processes: int, module: str = "entropy_lab"):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     launcher = [*torchrun, f"--nproc_per_node={processes}"] if processes > 1 else [sys.executable]
@@ -333,6 +335,7 @@ def _max_differences(single: dict, dual: dict) -> dict[str, float]:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("torchrun")
 def test_torchrun_two_processes_reproduce_one_process_fp64(tmp_path, tiny_checkpoint):
     single, dual, two = _sweep_pair(tmp_path, "fp64")
     diff = _max_differences(single, dual)
@@ -351,6 +354,7 @@ def test_torchrun_two_processes_reproduce_one_process_fp64(tmp_path, tiny_checkp
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("torchrun")
 def test_torchrun_fp32_difference_is_small(tmp_path, tiny_checkpoint, record_property):
     """fp32: reported (record_property and stdout); bounded loosely, as summation order may
     differ between one process and two."""
@@ -363,6 +367,7 @@ def test_torchrun_fp32_difference_is_small(tmp_path, tiny_checkpoint, record_pro
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("torchrun")
 def test_a_failing_rank_fails_the_run_with_its_error(tmp_path, tiny_checkpoint):
     """Rank 1 raises in its first measurement while rank 0 waits in a collective: the run
     must end (not hang) with a non-zero status and rank 1's message."""
