@@ -347,11 +347,19 @@ def test_crafted_pickle_is_live_and_refused_without_running(tiny_checkpoint, tmp
 # ----------------------------------------------------------------------------- 2. pytest
 
 
-def _pytester_run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+def _pytester_run(request: pytest.FixtureRequest, *args: str) -> pytest.RunResult:
+    """Runs the suite in a child pytest.
+
+    A subprocess, and the pytester fixture taken only now: pytester drops at
+    teardown every module imported while it was set up, so an in-process run
+    (or a CLI call after setup) left later tests re-importing numpy/torch C
+    extensions, which fails when these tests run alone.
+    """
+    pytester: pytest.Pytester = request.getfixturevalue("pytester")
     pytester.makeini((ROOT / "pytest.ini").read_text())
     pytester.makeconftest((ROOT / "conftest.py").read_text())
     pytester.makepyfile(test_linearity=(ROOT / "tests" / "test_linearity.py").read_text())
-    return pytester.runpytest_inprocess("-p", "no:cacheprovider", *args)
+    return pytester.runpytest_subprocess("-p", "no:cacheprovider", *args)
 
 
 @pytest.mark.parametrize(
@@ -359,28 +367,30 @@ def _pytester_run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
     [("--num-repeats", "1"), ("--learning-rates", "1e-6,nan"), ("--checkpoint", "nowhere")],
 )
 def test_pytest_bad_option_is_a_usage_error_with_the_cli_text(
-    pytester, tmp_path, capsys, option, value
+    request, tmp_path, capsys, option, value
 ):
     cli_message = run_cli(capsys, tmp_path, option, value)
-    result = _pytester_run(pytester, "-m", "cpu", option, value)
+    result = _pytester_run(request, "-m", "cpu", option, value)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     assert f"ERROR: {cli_message}" in result.stderr.lines
     assert "Traceback" not in result.stderr.str() + result.stdout.str()
 
 
 def test_pytest_broken_checkpoint_fails_with_the_cli_text(
-    pytester, tiny_checkpoint, tmp_path, capsys
+    request, tiny_checkpoint, tmp_path, capsys
 ):
     ck = _save_state(_copy(tiny_checkpoint, tmp_path / "ck"), _wrong_shape)
     cli_message = run_cli(capsys, tmp_path, "--checkpoint", str(ck))
     result = _pytester_run(
-        pytester,
+        request,
         *("-m", "gpu", "--device", "cpu", f"--checkpoint={ck}", "--learning-rates", "1e-6"),
         *("-k", "test_entropy_change or test_r_squared"),
     )
     result.assert_outcomes(failed=2)
+    # One failure section per test prints the message as its own line; the
+    # short summary may repeat it (how much depends on the terminal width).
+    assert result.stdout.lines.count(f"entropy-lab: error: {cli_message}") == 2
     out = result.stdout.str()
-    assert out.count(f"entropy-lab: error: {cli_message}") == 2
     assert "Traceback" not in out and "raise CheckpointError" not in out
 
 
