@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from entropy_lab.errors import EntropyLabError
 from entropy_lab.tasks import Problem
 
 
@@ -189,24 +191,54 @@ def sample_responses(
     was_training = model.training
     model.eval()
     sequences: list[tuple[int, list[int], list[int]]] = []
+    start = 0
     try:
-        for start in range(0, len(rows), batch_rows):
+        while start < len(rows):
             chunk = [row // num_samples for row in rows[start : start + batch_rows]]
-            responses = _sample_chunk(
-                model,
-                [prompt_ids[i] for i in chunk],
-                eos_id,
-                temperature,
-                max_new_tokens,
-                top_k,
-                top_p,
-                uniforms[start : start + batch_rows].to(device),
-                device,
-            )
+            try:
+                responses = _sample_chunk(
+                    model,
+                    [prompt_ids[i] for i in chunk],
+                    eos_id,
+                    temperature,
+                    max_new_tokens,
+                    top_k,
+                    top_p,
+                    uniforms[start : start + len(chunk)].to(device),
+                    device,
+                )
+            except torch.OutOfMemoryError as exc:
+                batch_rows = _fewer_rows(batch_rows, max_new_tokens, exc)
+                continue  # the same rows again, fewer at a time: a row's tokens do not change
             sequences += [(i, prompt_ids[i], resp) for i, resp in zip(chunk, responses)]
+            start += len(chunk)
     finally:
         model.train(was_training)
     return _pack(sequences, tokenizer)
+
+
+def _fewer_rows(batch_rows: int, max_new_tokens: int, exc: torch.OutOfMemoryError) -> int:
+    """Half as many rows per generation batch after an out-of-memory error; at 1, an error.
+
+    Rows draw from their own uniform streams, so the batch size changes no token. No
+    collective runs while sampling, so a data-parallel rank may retry on its own.
+    """
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if batch_rows <= 1:
+        first = (str(exc).strip().splitlines() or [""])[0][:100]
+        raise EntropyLabError(
+            f"CUDA out of memory sampling responses even one row at a time ({first}): lower "
+            f"max_new_tokens (now {max_new_tokens}) in --base-config, or use a GPU with more "
+            "memory"
+        ) from exc
+    batch_rows //= 2
+    warnings.warn(
+        f"CUDA out of memory sampling responses: retrying with {batch_rows} rows per batch",
+        RuntimeWarning,
+        3,
+    )
+    return batch_rows
 
 
 def _sample_chunk(

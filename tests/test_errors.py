@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from entropy_lab import protocol
+from entropy_lab import protocol, rollout
 from entropy_lab.cli import main
 from entropy_lab.entropy import EntropyReadings, EntropyScorer
 from entropy_lab.errors import EntropyLabError
@@ -568,6 +568,56 @@ def test_oom_at_the_smallest_sizes_is_a_clear_error(small, monkeypatch):
     )
     assert _knobs(small) == (1, 1, 1, 1)
     assert _at_theta0(small)
+
+
+def _sample(setup, batch_rows: int):
+    return rollout.sample_responses(
+        setup.checkpoint.policy,
+        setup.checkpoint.tokenizer,
+        setup.update_pool[:6],
+        2,
+        seed=7,
+        **setup.cfg.sampling(),
+        batch_rows=batch_rows,
+    )
+
+
+def _oom_above(monkeypatch, rows: int | None) -> list[int]:
+    """Generation batches of more than ``rows`` rows (every batch: None) run out of memory."""
+    sizes: list[int] = []
+    original = rollout._sample_chunk
+
+    def flaky(model, prompts, *args):
+        sizes.append(len(prompts))
+        if rows is None or len(prompts) > rows:
+            raise torch.OutOfMemoryError(OOM)
+        return original(model, prompts, *args)
+
+    monkeypatch.setattr(rollout, "_sample_chunk", flaky)
+    return sizes
+
+
+def test_oom_in_sampling_retries_fewer_rows_with_the_same_tokens(small, monkeypatch):
+    reference = _sample(small, batch_rows=8)
+    sizes = _oom_above(monkeypatch, 2)
+    with pytest.warns(RuntimeWarning, match="retrying with 2 rows per batch"):
+        again = _sample(small, batch_rows=8)
+    # 12 rows: 8 fails, 4 fails, then 2 at a time, and the halved size is kept.
+    assert sizes == [8, 4, 2, 2, 2, 2, 2, 2]
+    assert again.responses == reference.responses
+    for name in ("input_ids", "attention_mask", "response_mask", "prompt_index"):
+        assert torch.equal(getattr(again, name), getattr(reference, name)), name
+
+
+def test_oom_sampling_one_row_is_a_clear_error(small, monkeypatch):
+    _oom_above(monkeypatch, None)
+    with pytest.warns(RuntimeWarning), pytest.raises(EntropyLabError) as e:
+        _sample(small, batch_rows=4)
+    assert str(e.value) == (
+        f"CUDA out of memory sampling responses even one row at a time ({OOM}): lower "
+        f"max_new_tokens (now {small.cfg.max_new_tokens}) in --base-config, or use a GPU with "
+        "more memory"
+    )
 
 
 def test_oom_in_the_cli_names_the_knobs_and_how_to_resume(tmp_path, capsys, monkeypatch):
