@@ -422,8 +422,18 @@ def jvp_section(setup, d, repeats: int) -> dict[str, Any]:
             third_order=order >= 3,
         )
 
+    # Why a jvp costs more than two forwards: what a frozen layer's all-zero weight tangent
+    # costs. torch's mm rule forms x·Ẇᵀ too, and a ZeroTensor Ẇ has no mm fast path.
+    decoder, _ = decoder_and_head(scorer.lm)
+    hidden, inner = decoder.config.hidden_size, decoder.config.intermediate_size
+    tokens = eval_batch.num_response_tokens
+    like = {"dtype": next(scorer.lm.parameters()).dtype, "device": eval_batch.input_ids.device}
+    x, w = torch.randn(tokens, hidden, **like), torch.randn(hidden, inner, **like)
+    w_dot = torch._efficientzerotensor((hidden, inner), **like)
     seconds = interleaved_medians(
         {
+            "mm": lambda: x @ w,
+            "zero_tangent_mm": lambda: x @ w_dot,
             "forward": lambda: bare_forward(scorer.lm, eval_batch),
             "eval": lambda: scorer.measure(eval_batch, setup.reference_logprob),
             "jvp": derivatives(1),
@@ -445,6 +455,8 @@ def jvp_section(setup, d, repeats: int) -> dict[str, Any]:
         "third_order_jvp_s": seconds["third_order_jvp"],
         "third_order_jvp_over_eval": seconds["third_order_jvp"] / seconds["eval"],
         "third_order_jvp_over_forward": seconds["third_order_jvp"] / seconds["forward"],
+        "mlp_matmul_shape": [tokens, hidden, inner],
+        "zero_tangent_mm_over_mm": seconds["zero_tangent_mm"] / seconds["mm"],
     }
 
 
@@ -657,6 +669,16 @@ def format_table(results: dict[str, Any]) -> str:
                 f"{jvp[f'{key}_s'] * 1e3:.1f} ms",
                 f"eval of E {jvp['eval_s'] * 1e3:.1f} ms",
                 f"{jvp[f'{key}_over_eval']:.2f}× ({jvp[f'{key}_over_forward']:.2f}× bare)",
+            )
+        )
+    if "zero_tangent_mm_over_mm" in jvp:
+        t, h, i = jvp["mlp_matmul_shape"]
+        rows.append(
+            (
+                f"x·0 (zero tangent), {t}×{h}×{i}",
+                "",
+                "x·W, same shape",
+                f"{jvp['zero_tangent_mm_over_mm']:.2f}×",
             )
         )
     roll = results["rollout"]

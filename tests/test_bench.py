@@ -3,8 +3,10 @@ B×T×V fp64 tensor exists, measured at Qwen's vocabulary (151,936) on a tiny ra
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -42,6 +44,7 @@ EXPECTED_FIELDS = {
         "jvp_over_eval",
         "nested_jvp_over_eval",
         "jvp_over_forward",
+        "zero_tangent_mm_over_mm",
     ],
     "rollout": ["tokens_per_s", "response_tokens"],
     "flops": ["matmul_peak_flops_per_s", "forward_flops_per_s", "eval_fraction_of_peak"],
@@ -108,3 +111,27 @@ def test_planted_bad_measurements_and_missed_targets_are_reported():
     assert targets["jvp.jvp_over_eval"]["met"] is False
     assert targets["entropy_eval.overhead_ratio"]["met"] is True
     assert "memory.chunked_over_naive" not in targets  # not measured: not claimed
+
+
+def test_jvp_scaling_script_measures_every_ratio(tmp_path, capsys):
+    # The script behind README's jvp-scaling table, at a toy size.
+    spec = importlib.util.spec_from_file_location(
+        "jvp_scaling", Path(__file__).parents[1] / "benchmarks" / "jvp_scaling.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "jvp.json"
+    sizes = "--hidden 64 --layers 1 --vocab 256 --rows 2 --length 24 --prompt-length 8"
+    result = script.main([*sizes.split(), "--repeats", "1", "--output", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert set(result["ratios"]) == {
+        "eval_over_forward",
+        "jvp_over_forward",
+        "nested_jvp_over_forward",
+        "third_order_jvp_over_forward",
+        "jvp_over_eval",
+        "trunk_jvp_over_trunk_forward",
+        "zero_tangent_mm_over_mm",
+    }
+    assert bad_measurements(result) == {}
+    assert "trunk_jvp_over_trunk_forward" in capsys.readouterr().out

@@ -1,0 +1,147 @@
+"""Does the jvp's cost relative to a forward pass shrink with the model? (issue #8)
+
+A random Qwen2-shaped model of the given size with LoRA on every projection, a random
+batch, and the same timings as ``entropy-lab bench``'s jvp section: bare forward, entropy
+evaluation, jvp to first, second and third order, and the trunk alone (forward vs jvp),
+plus a matmul against an all-zero tangent at the MLP's shape.
+
+python benchmarks/jvp_scaling.py                                # hidden 512, 4 layers, CPU
+python benchmarks/jvp_scaling.py --hidden 1536 --layers 28 --vocab 151936 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+from torch.func import functional_call, jvp
+
+from entropy_lab.bench import bare_forward, interleaved_medians
+from entropy_lab.entropy import EntropyScorer
+from entropy_lab.precision import torch_dtype
+from entropy_lab.rollout import SequenceBatch
+from entropy_lab.theory import ResponseHidden, _prefixed, directional_derivatives, forward_ad_safe
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def build(args) -> tuple[torch.nn.Module, SequenceBatch]:
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=int(2.75 * args.hidden),
+        num_hidden_layers=args.layers,
+        num_attention_heads=max(1, args.hidden // 64),
+        num_key_value_heads=max(1, args.hidden // 256),
+        max_position_embeddings=args.length,
+        tie_word_embeddings=True,
+    )
+    config._attn_implementation = "eager"  # forward-mode AD has no SDPA rule
+    torch.manual_seed(args.seed)
+    model = Qwen2ForCausalLM(config).to(torch_dtype(args.dtype)).to(args.device).eval()
+    lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=LORA_TARGETS)
+    model = get_peft_model(model, lora)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # PEFT starts B at 0; a trained adapter has B ≠ 0
+            torch.nn.init.normal_(p, std=0.02)
+    gen = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(2, args.vocab, (args.rows, args.length), generator=gen)
+    response = torch.zeros_like(ids)
+    response[:, args.prompt_length :] = 1
+    batch = SequenceBatch(ids, torch.ones_like(ids), response, torch.arange(args.rows))
+    return model, batch.to(args.device)
+
+
+def measure(args) -> dict:
+    model, batch = build(args)
+    scorer = EntropyScorer(model, 1.0, args.chunk_tokens)
+    theta0 = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    gen = torch.Generator(device=args.device).manual_seed(args.seed + 1)
+    v = {n: torch.randn(p.shape, generator=gen, device=p.device).to(p) for n, p in theta0.items()}
+    with torch.no_grad():
+        reference = scorer(batch).logprob
+    trunk = ResponseHidden(scorer)
+
+    def derivatives(order: int):
+        return lambda: directional_derivatives(
+            scorer, batch, reference, theta0, v, order >= 2, order >= 3
+        )
+
+    def trunk_jvp():
+        with torch.no_grad(), forward_ad_safe(model):
+            jvp(lambda p: functional_call(trunk, _prefixed(p), (batch,)), (theta0,), (v,))
+
+    def trunk_forward():
+        with torch.no_grad():
+            trunk(batch)
+
+    hidden, inner = args.hidden, int(2.75 * args.hidden)
+    like = {"dtype": torch_dtype(args.dtype), "device": args.device}
+    x, w = (
+        torch.randn(batch.num_response_tokens, hidden, **like),
+        torch.randn(hidden, inner, **like),
+    )
+    w_dot = torch._efficientzerotensor((hidden, inner), **like)
+    fns = {
+        "forward": lambda: bare_forward(model, batch),
+        "eval": lambda: scorer.measure(batch, reference),
+        "jvp": derivatives(1),
+        "nested_jvp": derivatives(2),
+        "third_order_jvp": derivatives(3),
+        "trunk_forward": trunk_forward,
+        "trunk_jvp": trunk_jvp,
+        "mm": lambda: x @ w,
+        "zero_tangent_mm": lambda: x @ w_dot,
+    }
+    if args.no_third_order:
+        del fns["third_order_jvp"]
+    seconds = interleaved_medians(fns, args.repeats, args.device)
+    ratios = {
+        f"{k}_over_forward": seconds[k] / seconds["forward"]
+        for k in ("eval", "jvp", "nested_jvp", "third_order_jvp")
+        if k in seconds
+    }
+    ratios["jvp_over_eval"] = seconds["jvp"] / seconds["eval"]
+    ratios["trunk_jvp_over_trunk_forward"] = seconds["trunk_jvp"] / seconds["trunk_forward"]
+    ratios["zero_tangent_mm_over_mm"] = seconds["zero_tangent_mm"] / seconds["mm"]
+    return {"settings": vars(args), "threads": torch.get_num_threads(), "seconds": seconds,
+            "ratios": ratios}  # fmt: skip
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--rows", type=int, default=8)
+    parser.add_argument("--length", type=int, default=192)
+    parser.add_argument("--prompt-length", type=int, default=64)
+    parser.add_argument("--chunk-tokens", type=int, default=256)
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp64", "bf16"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-third-order", action="store_true")
+    parser.add_argument("--output", default=None, help="also write the result as JSON here")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = measure(args)
+    for key, value in result["seconds"].items():
+        print(f"{key:18} {value * 1e3:10.1f} ms")
+    for key, value in result["ratios"].items():
+        print(f"{key:30} {value:6.2f}×")
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as fh:
+            json.dump(result, fh, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()
