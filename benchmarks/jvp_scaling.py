@@ -7,16 +7,19 @@ plus a matmul against an all-zero tangent at the MLP's shape.
 
 python benchmarks/jvp_scaling.py                                # hidden 512, 4 layers, CPU
 python benchmarks/jvp_scaling.py --hidden 1536 --layers 28 --vocab 151936 --device cuda
+python benchmarks/jvp_scaling.py --stock-mm       # without the zero-tangent mm fast path
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 
 import torch
 from torch.func import functional_call, jvp
 
+from entropy_lab import theory
 from entropy_lab.bench import bare_forward, interleaved_medians
 from entropy_lab.entropy import EntropyScorer
 from entropy_lab.precision import torch_dtype
@@ -128,10 +131,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-third-order", action="store_true")
+    parser.add_argument(
+        "--stock-mm", action="store_true", help="let torch form x·Ẇ for all-zero tangents Ẇ"
+    )
     parser.add_argument("--output", default=None, help="also write the result as JSON here")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.stock_mm:
+        theory._zero_tangent_mm = contextlib.nullcontext
     result = measure(args)
     for key, value in result["seconds"].items():
         print(f"{key:18} {value * 1e3:10.1f} ms")

@@ -422,8 +422,9 @@ def jvp_section(setup, d, repeats: int) -> dict[str, Any]:
             third_order=order >= 3,
         )
 
-    # Why a jvp costs more than two forwards: what a frozen layer's all-zero weight tangent
-    # costs. torch's mm rule forms x·Ẇᵀ too, and a ZeroTensor Ẇ has no mm fast path.
+    # What a frozen layer's all-zero weight tangent costs in stock torch: mm's forward-mode
+    # rule also forms x·Ẇᵀ, and torch has no ZeroTensor mm kernel. Inside the jvps the
+    # theory module supplies one (theory._zero_tangent_mm); this row is what it saves.
     decoder, _ = decoder_and_head(scorer.lm)
     hidden, inner = decoder.config.hidden_size, decoder.config.intermediate_size
     tokens = eval_batch.num_response_tokens

@@ -44,9 +44,44 @@ class _SiLU(torch.nn.Module):
         return x / (1 + torch.exp(-x))
 
 
+def _mm_with_a_zero(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    return torch._efficientzerotensor((a.shape[0], b.shape[1]), dtype=dtype, device=a.device)
+
+
+@contextlib.contextmanager
+def _zero_tangent_mm() -> Iterator[None]:
+    """While active, a matmul with an all-zero (ZeroTensor) factor returns a ZeroTensor.
+
+    Forward-mode AD gives a frozen weight (every base weight and the head under LoRA) an
+    all-zero tangent Ẇ, and mm's rule forms x·Ẇᵀ; torch has no ZeroTensor kernel for mm,
+    so that product ran in full (measured: as slow as x·Wᵀ). The kernel sits below
+    autograd, so every nesting level sees the exact same values, only without the work.
+    """
+    if torch._C._dispatch_has_kernel_for_dispatch_key("aten::mm", "ZeroTensor"):
+        yield  # torch has one (a newer release), or an enclosing context registered ours
+        return
+    library = torch.library.Library("aten", "IMPL")
+    try:
+        library.impl("mm", _mm_with_a_zero, "ZeroTensor")
+        yield
+    finally:
+        library._destroy()  # unregisters: outside the jvp, torch is as it was
+
+
+# The zero-tangent kernel is Python, called once per frozen matmul and nesting level: it
+# pays from this width on (measured, CPU, nested jvp: hidden 64 +9 %, 128 −10 %, 1024 −40 %).
+ZERO_TANGENT_MIN_HIDDEN = 128
+
+
 @contextlib.contextmanager
 def forward_ad_safe(model: torch.nn.Module) -> Iterator[None]:
-    """Temporarily swap SiLU activations for a nested-jvp-safe equivalent."""
+    """Temporarily swap SiLU activations for a nested-jvp-safe equivalent, and (for models
+    of hidden size ≥ ZERO_TANGENT_MIN_HIDDEN) skip the products with the all-zero tangents
+    of frozen weights."""
+    decoder, _ = decoder_and_head(model)
+    hidden = getattr(getattr(decoder, "config", None), "hidden_size", 0)
+    skip_zero_products = hidden >= ZERO_TANGENT_MIN_HIDDEN
     swapped = []
     for module in model.modules():
         act = getattr(module, "act_fn", None)
@@ -54,7 +89,8 @@ def forward_ad_safe(model: torch.nn.Module) -> Iterator[None]:
             swapped.append((module, act))
             module.act_fn = _SiLU()
     try:
-        yield
+        with _zero_tangent_mm() if skip_zero_products else contextlib.nullcontext():
+            yield
     finally:
         for module, act in swapped:
             module.act_fn = act

@@ -322,3 +322,39 @@ def test_eta_max_solves_the_cubic_model():
         below = [abs(predicted_nonlinearity(f * top, slope, c, d)) for f in (0.25, 0.5, 0.9)]
         assert max(below) < 0.05
     assert eta_max(1.0, 0.0, 0.05) == math.inf and eta_max(1.0, None, 0.05) is None
+
+
+def test_zero_tangent_mm_fast_path_changes_no_bit(setup64, dir64, monkeypatch):
+    """Skipping x·Ẇ for frozen weights is exact: the jet to third order is bit-identical."""
+    from entropy_lab import theory
+
+    def jet():
+        return theory.sums_jet(
+            setup64.scorer, setup64.eval_batch, setup64.updater.theta0, dir64.vector, order=3
+        )
+
+    stock = jet()  # the tiny model is narrower than ZERO_TANGENT_MIN_HIDDEN
+    monkeypatch.setattr(theory, "ZERO_TANGENT_MIN_HIDDEN", 0)
+    registrations = []
+    fast_path = theory._zero_tangent_mm
+    monkeypatch.setattr(theory, "_zero_tangent_mm", lambda: registrations.append(1) or fast_path())
+    assert torch.equal(jet(), stock)
+    assert registrations == [1]
+
+
+def test_zero_tangent_mm_is_registered_only_inside_the_context():
+    from entropy_lab.theory import _zero_tangent_mm
+
+    def registered() -> bool:
+        return torch._C._dispatch_has_kernel_for_dispatch_key("aten::mm", "ZeroTensor")
+
+    x, zero = torch.randn(2, 4), torch._efficientzerotensor((4, 3))
+    assert not registered() and not (x @ zero)._is_zerotensor()
+    with _zero_tangent_mm():
+        product = x @ zero
+        assert product._is_zerotensor() and product.shape == (2, 3)
+        assert torch.equal(product, torch.zeros(2, 3))
+        with _zero_tangent_mm():  # nested: the inner one leaves the outer's kernel alone
+            pass
+        assert registered()
+    assert not registered() and not (x @ zero)._is_zerotensor()
