@@ -198,6 +198,7 @@ def covariance_identity_slope(
     entropy's derivative comes from the covariance formula, not from autodiff. The trunk's
     hidden states and their tangent come from one jvp per row chunk; the head then runs
     ``chunk_tokens`` positions at a time, so no tokens × vocab tensor is built in full.
+    Data-parallel, each rank takes its shard of E's rows; the sums are added over ranks.
     """
     dtype = next(iter(theta0.values())).dtype
     zero = torch.zeros((), dtype=dtype)
@@ -211,8 +212,9 @@ def covariance_identity_slope(
     was_training = scorer.lm.training
     scorer.lm.eval()
     try:
-        for rows in batch.length_sorted_chunks(scorer.max_rows):
-            part = batch.select(rows)
+        local = scorer.shard_of(batch)
+        for rows in local.length_sorted_chunks(scorer.max_rows):
+            part = local.select(rows)
             with torch.no_grad():
                 hidden, hidden_dot = jvp(
                     lambda s, part=part: functional_call(trunk, along(s), (part,)), (zero,), (one,)
@@ -230,7 +232,7 @@ def covariance_identity_slope(
                 tokens += z.shape[0]
     finally:
         scorer.lm.train(was_training)
-    return total / tokens
+    return distributed.sum_over_ranks(total) / distributed.sum_over_ranks(tokens)
 
 
 def _logit_covariance(z: torch.Tensor, z_dot: torch.Tensor) -> torch.Tensor:

@@ -330,7 +330,7 @@ def _max_differences(single: dict, dual: dict) -> dict[str, float]:
     assert all(r["success"] for r in [*single.values(), *dual.values()])
     return {
         field: max(_rel(dual[k][field], single[k][field]) for k in single)
-        for field in ("entropy_change", "first_order_prediction")
+        for field in ("entropy_change", "first_order_prediction", "identity_slope")
     }
 
 

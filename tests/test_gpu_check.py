@@ -99,7 +99,7 @@ def test_a_fresh_optimizer_is_not_a_genuine_state(tmp_path):
 def test_compare_runs_agrees_and_differs(tmp_path):
     compare = _script("compare_runs")
 
-    def write(name: str, change: float) -> Path:
+    def write(name: str, change: float, identity: float | None = -1.0) -> Path:
         folder = tmp_path / name / "entropy_lr_experiment_2026-01-01_00-00-00"
         folder.mkdir(parents=True)
         records = [
@@ -109,6 +109,7 @@ def test_compare_runs_agrees_and_differs(tmp_path):
                 "success": True,
                 "entropy_change": change * eta,
                 "first_order_prediction": -eta,
+                "identity_slope": identity,
             }
             for eta in (1e-7, 1e-6)
             for r in (0, 1)
@@ -119,6 +120,11 @@ def test_compare_runs_agrees_and_differs(tmp_path):
     one, same, off = write("one", -1.0), write("same", -1.0), write("off", -1.00001)
     assert compare.main([str(one), str(same), "--rtol", "1e-6"]) == 0
     assert compare.main([str(one), str(off), "--rtol", "1e-6"]) == 1  # planted: 1e-5 off
+    identity_off = write("identity_off", -1.0, identity=-1.00001)
+    assert compare.main([str(one), str(identity_off), "--rtol", "1e-6"]) == 1
+    # runs without the identity check (null identity) compare on the other fields
+    plain, plain_too = write("plain", -1.0, None), write("plain_too", -1.0, None)
+    assert compare.main([str(plain), str(plain_too), "--rtol", "1e-6"]) == 0
 
 
 def test_gpu_check_script_parses():
