@@ -20,7 +20,7 @@ import torch
 from torch.func import functional_call, jvp
 
 from entropy_lab import theory
-from entropy_lab.bench import bare_forward, interleaved_medians
+from entropy_lab.bench import bare_forward, interleaved_medians, zero_tangent_matmuls
 from entropy_lab.entropy import EntropyScorer
 from entropy_lab.precision import torch_dtype
 from entropy_lab.rollout import SequenceBatch
@@ -82,13 +82,7 @@ def measure(args) -> dict:
         with torch.no_grad():
             trunk(batch)
 
-    hidden, inner = args.hidden, int(2.75 * args.hidden)
-    like = {"dtype": torch_dtype(args.dtype), "device": args.device}
-    x, w = (
-        torch.randn(batch.num_response_tokens, hidden, **like),
-        torch.randn(hidden, inner, **like),
-    )
-    w_dot = torch._efficientzerotensor((hidden, inner), **like)
+    _, matmuls = zero_tangent_matmuls(model, batch.num_response_tokens)
     fns = {
         "forward": lambda: bare_forward(model, batch),
         "eval": lambda: scorer.measure(batch, reference),
@@ -97,8 +91,7 @@ def measure(args) -> dict:
         "third_order_jvp": derivatives(3),
         "trunk_forward": trunk_forward,
         "trunk_jvp": trunk_jvp,
-        "mm": lambda: x @ w,
-        "zero_tangent_mm": lambda: x @ w_dot,
+        **matmuls,
     }
     if args.no_third_order:
         del fns["third_order_jvp"]

@@ -404,6 +404,24 @@ def eta_sweep_section(setup, repeats: int, directions: int = 2):
     return section, d
 
 
+def zero_tangent_matmuls(
+    causal_lm: torch.nn.Module, tokens: int
+) -> tuple[list[int], dict[str, Callable[[], object]]]:
+    """x·W and x·0 (an all-zero ZeroTensor) at the model's MLP shape, to time side by side.
+
+    What a frozen layer's all-zero weight tangent costs in stock torch: mm's forward-mode
+    rule also forms x·Ẇᵀ, and torch has no ZeroTensor mm kernel. Inside the jvps the theory
+    module supplies one (theory._zero_tangent_mm); x·0 against x·W is what it saves.
+    """
+    decoder, _ = decoder_and_head(causal_lm)
+    hidden, inner = decoder.config.hidden_size, decoder.config.intermediate_size
+    weight = next(causal_lm.parameters())
+    like = {"dtype": weight.dtype, "device": weight.device}
+    x, w = torch.randn(tokens, hidden, **like), torch.randn(hidden, inner, **like)
+    w_dot = torch._efficientzerotensor((hidden, inner), **like)
+    return [tokens, hidden, inner], {"mm": lambda: x @ w, "zero_tangent_mm": lambda: x @ w_dot}
+
+
 def jvp_section(setup, d, repeats: int) -> dict[str, Any]:
     """∇H·v alone, with vᵀ∇²H v, and with ∇³H[v,v,v] (what direction() runs by default),
     against scoring E."""
@@ -422,19 +440,10 @@ def jvp_section(setup, d, repeats: int) -> dict[str, Any]:
             third_order=order >= 3,
         )
 
-    # What a frozen layer's all-zero weight tangent costs in stock torch: mm's forward-mode
-    # rule also forms x·Ẇᵀ, and torch has no ZeroTensor mm kernel. Inside the jvps the
-    # theory module supplies one (theory._zero_tangent_mm); this row is what it saves.
-    decoder, _ = decoder_and_head(scorer.lm)
-    hidden, inner = decoder.config.hidden_size, decoder.config.intermediate_size
-    tokens = eval_batch.num_response_tokens
-    like = {"dtype": next(scorer.lm.parameters()).dtype, "device": eval_batch.input_ids.device}
-    x, w = torch.randn(tokens, hidden, **like), torch.randn(hidden, inner, **like)
-    w_dot = torch._efficientzerotensor((hidden, inner), **like)
+    shape, matmuls = zero_tangent_matmuls(scorer.lm, eval_batch.num_response_tokens)
     seconds = interleaved_medians(
         {
-            "mm": lambda: x @ w,
-            "zero_tangent_mm": lambda: x @ w_dot,
+            **matmuls,
             "forward": lambda: bare_forward(scorer.lm, eval_batch),
             "eval": lambda: scorer.measure(eval_batch, setup.reference_logprob),
             "jvp": derivatives(1),
@@ -456,7 +465,7 @@ def jvp_section(setup, d, repeats: int) -> dict[str, Any]:
         "third_order_jvp_s": seconds["third_order_jvp"],
         "third_order_jvp_over_eval": seconds["third_order_jvp"] / seconds["eval"],
         "third_order_jvp_over_forward": seconds["third_order_jvp"] / seconds["forward"],
-        "mlp_matmul_shape": [tokens, hidden, inner],
+        "mlp_matmul_shape": shape,
         "zero_tangent_mm_over_mm": seconds["zero_tangent_mm"] / seconds["mm"],
     }
 

@@ -13,3 +13,13 @@ class ConfigError(EntropyLabError):
 
 class CheckpointError(EntropyLabError):
     """A checkpoint folder that cannot be loaded as asked."""
+
+
+def release_after_oom(exc: BaseException) -> str:
+    """Frees the CUDA cache after an out-of-memory error; returns the error's first line
+    (≤ 100 characters) for a one-line message."""
+    import torch  # here, not at the top: the CLI's usage errors come before torch loads
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return (str(exc).strip().splitlines() or [""])[0][:100]

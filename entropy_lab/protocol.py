@@ -23,7 +23,7 @@ from entropy_lab import distributed
 from entropy_lab.checkpoint import LoadedCheckpoint
 from entropy_lab.config import ExperimentConfig
 from entropy_lab.entropy import EntropyReadings, EntropyScorer, readings
-from entropy_lab.errors import CheckpointError, ConfigError, EntropyLabError
+from entropy_lab.errors import CheckpointError, ConfigError, EntropyLabError, release_after_oom
 from entropy_lab.rollout import SequenceBatch, sample_responses
 from entropy_lab.tasks import Problem, Task, load_task
 from entropy_lab.theory import (
@@ -280,11 +280,9 @@ def with_oom_retry(what: str, call: Callable[[], Any], updater, scorer) -> Any:
         except torch.OutOfMemoryError as exc:
             if distributed.active():  # a retry on this rank alone would desynchronise the
                 raise  # collectives of the ranks: fail the run (torchrun stops them all)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            first = release_after_oom(exc)
             sizes = _halve_memory_knobs(updater, scorer)
             if sizes is None:
-                first = (str(exc).strip().splitlines() or [""])[0][:100]
                 raise EntropyLabError(
                     f"CUDA out of memory in {what} even at microbatch_size (--microbatch-size) "
                     f"1 and eval_chunk_tokens (--eval-chunk-tokens) 1 ({first}): lower "

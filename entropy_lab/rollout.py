@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from entropy_lab.errors import EntropyLabError
+from entropy_lab.errors import EntropyLabError, release_after_oom
 from entropy_lab.tasks import Problem
 
 
@@ -223,10 +223,8 @@ def _fewer_rows(batch_rows: int, max_new_tokens: int, exc: torch.OutOfMemoryErro
     Rows draw from their own uniform streams, so the batch size changes no token. No
     collective runs while sampling, so a data-parallel rank may retry on its own.
     """
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    first = release_after_oom(exc)
     if batch_rows <= 1:
-        first = (str(exc).strip().splitlines() or [""])[0][:100]
         raise EntropyLabError(
             f"CUDA out of memory sampling responses even one row at a time ({first}): lower "
             f"max_new_tokens (now {max_new_tokens}) in --base-config, or use a GPU with more "
