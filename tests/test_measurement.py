@@ -348,6 +348,8 @@ def test_zero_tangent_mm_is_registered_only_inside_the_context():
     def registered() -> bool:
         return torch._C._dispatch_has_kernel_for_dispatch_key("aten::mm", "ZeroTensor")
 
+    if registered():
+        pytest.skip("this torch has a ZeroTensor mm kernel of its own: ours is never registered")
     x, zero = torch.randn(2, 4), torch._efficientzerotensor((4, 3))
     assert not registered() and not (x @ zero)._is_zerotensor()
     with _zero_tangent_mm():
