@@ -13,6 +13,8 @@ Two readings of H(θ₁), both from the same per-sequence sums:
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -38,15 +40,80 @@ class EntropyReadings:
     ess: float  # effective sample size of the importance weights (= B_E at θ₀)
 
 
-def decoder_and_head(causal_lm: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """The transformer trunk (returns hidden states) and the output projection."""
+class ModelLogits:
+    """The model's own logits from its last hidden states: the output projection (tied or
+    untied) followed by whatever the architecture's ``forward`` applies after it.
+
+    The steps after the projection come from the model's config and module, per family:
+    Gemma 2/3's ``final_logit_softcapping`` (z ↦ c·tanh(z/c)), Cohere's ``logit_scale``
+    (z ↦ s·z) and Granite's ``logits_scaling`` (z ↦ z/s). Any other architecture is taken to
+    use the projection alone; ``checkpoint.load_checkpoint`` verifies the result against
+    ``model(...).logits`` on a few sequences, so an architecture that does something else is
+    refused at load, not measured wrongly. Position-wise, so the scorer can apply it to a
+    chunk of response positions at a time.
+    """
+
+    def __init__(self, causal_lm: nn.Module) -> None:
+        self.projection = causal_lm.get_output_embeddings()
+        config = causal_lm.config
+        self.softcap = getattr(config, "final_logit_softcapping", None)
+        scale = getattr(causal_lm, "logit_scale", None)  # Cohere keeps it on the module
+        self.scale = float(scale) if isinstance(scale, (int, float)) else None
+        divisor = getattr(config, "logits_scaling", None)  # Granite
+        self.divisor = float(divisor) if divisor not in (None, 1, 1.0) else None
+
+    @property
+    def steps(self) -> list[str]:
+        """The steps after the projection, in order, for messages and records."""
+        out = []
+        if self.scale is not None:
+            out.append(f"logit_scale {self.scale:g}")
+        if self.divisor is not None:
+            out.append(f"logits_scaling {self.divisor:g}")
+        if self.softcap is not None:
+            out.append(f"final_logit_softcapping {self.softcap:g}")
+        return out
+
+    def __call__(self, states: torch.Tensor) -> torch.Tensor:
+        logits = self.projection(states)
+        if self.scale is not None:
+            logits = logits * self.scale
+        if self.divisor is not None:
+            logits = logits / self.divisor
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+def decoder_and_head(causal_lm: nn.Module) -> tuple[nn.Module, ModelLogits]:
+    """The transformer trunk (returns hidden states) and the model's own logits from them
+    (projection and final transform: ``ModelLogits``)."""
     lm = causal_lm.get_base_model() if hasattr(causal_lm, "get_base_model") else causal_lm
-    return lm.get_decoder(), lm.get_output_embeddings()
+    return lm.get_decoder(), ModelLogits(lm)
+
+
+def probe_batch(causal_lm: nn.Module, rows: int = 3, length: int = 16) -> SequenceBatch:
+    """A few fixed random sequences for load-time checks: one row right-padded, responses
+    from position 4 on (so the scorer's selection of response positions is exercised)."""
+    lm = causal_lm.get_base_model() if hasattr(causal_lm, "get_base_model") else causal_lm
+    vocab = int(lm.get_input_embeddings().weight.shape[0])
+    device = next(lm.parameters()).device
+    generator = torch.Generator().manual_seed(15)
+    input_ids = torch.randint(0, vocab, (rows, length), generator=generator)
+    lengths = [length] * (rows - 1) + [max(6, length - 5)]
+    attention_mask = torch.zeros_like(input_ids)
+    response_mask = torch.zeros_like(input_ids)
+    for row, n in enumerate(lengths):
+        attention_mask[row, :n] = 1
+        response_mask[row, 4:n] = 1
+    input_ids = input_ids * attention_mask  # padding id 0, as the rollouts pack
+    batch = SequenceBatch(input_ids, attention_mask, response_mask, torch.arange(rows))
+    return batch.to(device)
 
 
 def token_statistics(
     decoder: nn.Module,
-    head: nn.Module,
+    head: Callable[[torch.Tensor], torch.Tensor],
     batch: SequenceBatch,
     temperature: float,
     chunk_tokens: int = 1024,
@@ -85,7 +152,7 @@ def token_statistics(
 
 def sequence_sums(
     decoder: nn.Module,
-    head: nn.Module,
+    head: Callable[[torch.Tensor], torch.Tensor],
     batch: SequenceBatch,
     temperature: float,
     chunk_tokens: int = 1024,
@@ -127,6 +194,54 @@ def readings(sums: SequenceSums, reference_logprob: torch.Tensor) -> tuple[torch
     return conditional, policy, ess
 
 
+def routers_of(causal_lm: nn.Module) -> list[nn.Module]:
+    """The model's top-k MoE routers, in layer order (none for a dense model)."""
+    from entropy_lab.precision import is_router
+
+    return [m for m in causal_lm.modules() if is_router(m)]
+
+
+@dataclass
+class Routing:
+    """The top-k experts every router picked for every token of a batch: sorted expert ids,
+    [routers, rows, positions, k] (−1 at padding), and the batch's attention mask."""
+
+    experts: torch.Tensor
+    attention_mask: torch.Tensor
+
+    def changed_tokens(self, other: Routing) -> tuple[int, int]:
+        """(tokens whose top-k set differs at any router, real tokens), this process's rows."""
+        if self.experts.shape != other.experts.shape:
+            raise ValueError("routing of different batches cannot be compared")
+        real = self.attention_mask.bool()
+        changed = (self.experts != other.experts).any(-1).any(0) & real
+        return int(changed.sum()), int(real.sum())
+
+
+class _RoutingRecorder:
+    """While active, each router's chosen experts are placed at their (row, position)."""
+
+    def __init__(self, routers: list[nn.Module], batch: SequenceBatch, top_k: int) -> None:
+        n, width = batch.input_ids.shape
+        self.routers = routers
+        self.experts = torch.full((len(routers), n, width, top_k), -1, dtype=torch.int32)
+        self.attention_mask = batch.attention_mask.cpu()
+        self.rows: torch.Tensor | None = None  # the rows of the chunk being scored
+        self.calls: list[torch.Tensor] = []
+
+    def hook(self, module, args, output) -> None:
+        index = next(t for t in output if torch.is_tensor(t) and not t.is_floating_point())
+        self.calls.append(index.sort(-1).values.cpu().to(torch.int32))
+
+    def place(self) -> None:
+        """The router outputs of the chunk just scored, into the batch's coordinates."""
+        rows = self.rows.cpu()
+        for r, chosen in enumerate(self.calls):
+            chosen = chosen.reshape(len(rows), -1, chosen.shape[-1])
+            self.experts[r, rows, : chosen.shape[1]] = chosen
+        self.calls = []
+
+
 class EntropyScorer(nn.Module):
     """Scores an evaluation batch; a Module so ``torch.func.functional_call`` can swap θ.
 
@@ -149,12 +264,20 @@ class EntropyScorer(nn.Module):
         self.max_rows = max_rows
         self.top_k = top_k
         self.top_p = top_p
+        # MoE: routing is discrete and the jvp holds it fixed, so ``measure`` records which
+        # experts each token of E went to, against ``reference_routing`` (θ₀).
+        self.routers = routers_of(causal_lm)
+        self.reference_routing: Routing | None = None
+        self.last_routing: Routing | None = None
+        self._recorder: _RoutingRecorder | None = None
 
     def forward(self, batch: SequenceBatch) -> SequenceSums:
         decoder, head = decoder_and_head(self.lm)
         n = len(batch)
         parts: list[tuple[torch.Tensor, SequenceSums]] = []
         for rows in batch.length_sorted_chunks(self.max_rows):
+            if self._recorder is not None:
+                self._recorder.rows = rows
             sums = sequence_sums(
                 decoder,
                 head,
@@ -164,6 +287,8 @@ class EntropyScorer(nn.Module):
                 self.top_k,
                 self.top_p,
             )
+            if self._recorder is not None:
+                self._recorder.place()
             parts.append((rows, sums))
         # Back to the batch's row order.
         device = batch.input_ids.device
@@ -193,10 +318,55 @@ class EntropyScorer(nn.Module):
 
     @torch.no_grad()
     def measure(self, batch: SequenceBatch, reference_logprob: torch.Tensor) -> EntropyReadings:
+        """The readings at the current θ; for an MoE model, its routing into ``last_routing``."""
         was_training = self.lm.training
         self.lm.eval()
         try:
-            conditional, policy, ess = readings(self.global_sums(batch), reference_logprob)
+            with self._recording(batch):
+                sums = self.global_sums(batch)
+            conditional, policy, ess = readings(sums, reference_logprob)
         finally:
             self.lm.train(was_training)
         return EntropyReadings(float(conditional), float(policy), float(ess))
+
+    @contextlib.contextmanager
+    def _recording(self, batch: SequenceBatch):
+        """Records the routing of this process's rows of ``batch`` (MoE only; else a no-op)."""
+        if not self.routers:
+            yield
+            return
+        top_k = max(int(r.top_k) for r in self.routers)
+        local = self.shard_of(batch)
+        self._recorder = recorder = _RoutingRecorder(self.routers, local, top_k)
+        handles = [r.register_forward_hook(recorder.hook) for r in self.routers]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            self._recorder = None
+        self.last_routing = Routing(recorder.experts, recorder.attention_mask)
+
+    @torch.no_grad()
+    def record_reference_routing(self, batch: SequenceBatch) -> None:
+        """θ₀'s routing of E (call at θ₀; a no-op for a dense model)."""
+        if not self.routers:
+            return
+        was_training = self.lm.training
+        self.lm.eval()
+        try:
+            with self._recording(batch):
+                self.global_sums(batch)
+        finally:
+            self.lm.train(was_training)
+        self.reference_routing = self.last_routing
+
+    def routing_changed_fraction(self) -> float | None:
+        """Fraction of E's real tokens (prompt and response) whose top-k experts, at any MoE
+        layer, differ between θ₀ (``reference_routing``) and the last ``measure``; None for a
+        dense model. Data-parallel, the counts are summed over ranks."""
+        if not self.routers or self.reference_routing is None or self.last_routing is None:
+            return None
+        changed, real = self.last_routing.changed_tokens(self.reference_routing)
+        total = distributed.sum_over_ranks(real)
+        return distributed.sum_over_ranks(changed) / total if total else 0.0
