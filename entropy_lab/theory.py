@@ -21,7 +21,13 @@ import torch
 from torch.func import functional_call, jvp
 
 from entropy_lab import distributed
-from entropy_lab.entropy import EntropyScorer, SequenceSums, decoder_and_head, readings
+from entropy_lab.entropy import (
+    EntropyScorer,
+    SequenceSums,
+    decoder_and_head,
+    probe_batch,
+    readings,
+)
 from entropy_lab.rollout import SequenceBatch, filter_logits
 
 
@@ -42,6 +48,34 @@ class _SiLU(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x / (1 + torch.exp(-x))
+
+
+class _Mish(torch.nn.Module):
+    """x·tanh(softplus(x)) from its parts: aten's mish has no second-order forward-mode rule."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.tanh(torch.nn.functional.softplus(x))
+
+
+def _unsafe_activation_types() -> dict[type, type]:
+    """Activation module types whose aten kernel has no nested forward-mode rule, each with
+    its safe equivalent (measured, torch 2.13: silu and mish fail at the second order; every
+    GELU variant, ReLU, tanh and sigmoid pass): torch's classes and the classes transformers
+    builds for ``hidden_act`` silu / swish / mish."""
+    safe: dict[type, type] = {torch.nn.SiLU: _SiLU, torch.nn.Mish: _Mish}
+    try:
+        from transformers.activations import ACT2CLS
+    except ImportError:
+        return safe
+    for name, replacement in (("silu", _SiLU), ("swish", _SiLU), ("mish", _Mish)):
+        cls = ACT2CLS.get(name)
+        cls = cls[0] if isinstance(cls, tuple) else cls
+        if isinstance(cls, type):
+            safe[cls] = replacement
+    return safe
+
+
+UNSAFE_ACTIVATIONS = _unsafe_activation_types()
 
 
 def _mm_with_a_zero(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -76,24 +110,55 @@ ZERO_TANGENT_MIN_HIDDEN = 128
 
 @contextlib.contextmanager
 def forward_ad_safe(model: torch.nn.Module) -> Iterator[None]:
-    """Temporarily swap SiLU activations for a nested-jvp-safe equivalent, and (for models
-    of hidden size ≥ ZERO_TANGENT_MIN_HIDDEN) skip the products with the all-zero tangents
-    of frozen weights."""
+    """Temporarily swap activations that nested forward-mode AD cannot pass (SiLU, Mish) for
+    equivalents computed from their parts, found by module type wherever they sit (``act_fn``,
+    Phi-3's ``activation_fn``, an expert's ``act_fn``, …), and (for models of hidden size ≥
+    ZERO_TANGENT_MIN_HIDDEN) skip the products with the all-zero tangents of frozen weights."""
     decoder, _ = decoder_and_head(model)
     hidden = getattr(getattr(decoder, "config", None), "hidden_size", 0)
     skip_zero_products = hidden >= ZERO_TANGENT_MIN_HIDDEN
-    swapped = []
-    for module in model.modules():
-        act = getattr(module, "act_fn", None)
-        if isinstance(act, torch.nn.Module) and "silu" in type(act).__name__.lower():
-            swapped.append((module, act))
-            module.act_fn = _SiLU()
+    swapped = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if type(child) in UNSAFE_ACTIVATIONS
+    ]
+    for parent, name, child in swapped:
+        setattr(parent, name, UNSAFE_ACTIVATIONS[type(child)]())
     try:
         with _zero_tangent_mm() if skip_zero_products else contextlib.nullcontext():
             yield
     finally:
-        for module, act in swapped:
-            module.act_fn = act
+        for parent, name, child in swapped:
+            setattr(parent, name, child)
+
+
+def check_forward_ad(causal_lm: torch.nn.Module, order: int) -> None:
+    """A tiny jvp of the sweep's order (1: ∇H·v, 2: + vᵀ∇²H v, 3: + ∇³H) through the model on
+    two short probe sequences, along a random direction of the trainable parameters: a model
+    forward-mode AD cannot pass through is refused in one line before anything is sampled."""
+    from entropy_lab.errors import EntropyLabError
+
+    lm = causal_lm.get_base_model() if hasattr(causal_lm, "get_base_model") else causal_lm
+    theta0 = {n: p.detach() for n, p in causal_lm.named_parameters() if p.requires_grad}
+    generator = torch.Generator().manual_seed(0)
+    direction = {
+        n: torch.randn(p.shape, generator=generator, dtype=torch.float64).to(p.device)
+        for n, p in theta0.items()
+    }
+    scorer = EntropyScorer(causal_lm, temperature=1.0)
+    try:
+        sums_jet(scorer, probe_batch(causal_lm, rows=2, length=8), theta0, direction, order)
+    except (NotImplementedError, RuntimeError) as exc:
+        what = ("∇H·v", "vᵀ∇²H v", "∇³H[v,v,v]")[order - 1]
+        fix = "--no-first-order (ΔH is still measured, without the jvp oracles)"
+        if order > 1:
+            fix = f"--no-{'third-order' if order == 3 else 'curvature'} or {fix}"
+        first = (str(exc).strip().splitlines() or [""])[0][:120]
+        raise EntropyLabError(
+            f"forward-mode AD cannot pass through {type(lm).__name__} for {what} "
+            f"({type(exc).__name__}: {first}); run with {fix}"
+        ) from exc
 
 
 def _sums_at(scorer: EntropyScorer, batch):
