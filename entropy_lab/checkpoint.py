@@ -14,9 +14,12 @@ does not is an error naming the first mismatch, never a silent fresh optimizer.
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import pickle
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from entropy_lab.config import load_training_config
+from entropy_lab.entropy import probe_batch
 from entropy_lab.errors import CheckpointError
 from entropy_lab.precision import (
     attention_for,
@@ -150,6 +154,9 @@ def load_checkpoint(
             model_source,
             dtype=torch_dt,
             attn_implementation=load_attn,
+            # MoE experts as plain per-expert matmuls: the grouped kernels take no fp64 and
+            # have no forward-mode AD (dense models ignore it)
+            experts_implementation="eager",
             local_files_only=True,
             # the Auto class's adapter probe does not inherit local_files_only (transformers 5)
             adapter_kwargs={"local_files_only": True},
@@ -178,9 +185,8 @@ def load_checkpoint(
             p.requires_grad_(True)
     policy.to(device=device, dtype=torch_dt)
     _check_finite_weights(policy, layout)
-    if dtype == "fp64" and faithful_fp64:
-        make_faithful(policy)
     policy.eval()  # no dropout, LoRA dropout included
+    load_checks = verify_model_function(policy, dtype, faithful=dtype == "fp64" and faithful_fp64)
 
     tokenizer_dir = layout.model_dir
     if not (tokenizer_dir / "tokenizer_config.json").is_file() and base_name:
@@ -217,9 +223,172 @@ def load_checkpoint(
         "dtype": dtype,
         "device": device,
         "attention": attention_for(dtype, device, faithful_fp64),
+        **load_checks,
         **precision,
     }
     return LoadedCheckpoint(policy, tokenizer, optimizer, training_config, metadata)
+
+
+# -- the model's own function, checked at load -------------------------------------------
+
+# Scorer logits against model(...).logits, relative to the largest |logit| (DESIGN §9).
+LOGITS_TOLERANCE = {"fp32": 1e-6, "fp64": 1e-10, "bf16": 1e-2}
+FAITHFUL_TOLERANCE = 1e-6  # faithful fp64 H against the stock fp32 model's, relative
+
+
+def verify_model_function(policy: nn.Module, dtype: str, faithful: bool) -> dict[str, Any]:
+    """Checks, on a few probe sequences, that entropy_lab computes the model's own function.
+
+    1. The scorer's logits (trunk, then ``ModelLogits``: projection and final transform)
+       equal ``model(...).logits``; else an error naming the architecture and the first
+       module whose output differs.
+    2. Faithful fp64 (``faithful``): every norm / router patched, and H equal to the stock
+       fp32 model's; else faithful mode is refused with the reason.
+    Returns what was checked and measured, for the run's metadata.
+    """
+    from entropy_lab.entropy import decoder_and_head
+
+    started = time.perf_counter()
+    lm = _causal_lm(policy)
+    architecture = type(lm).__name__
+    out: dict[str, Any] = {"architecture": architecture}
+    stock32 = copy.deepcopy(policy).float() if faithful else None
+    if faithful:
+        report = make_faithful(policy)
+        out["faithful"] = report.summary()
+        if not report.complete:
+            _refuse_faithful(architecture, report.reason())
+    batch = probe_batch(policy)
+    out["logits_check"] = _check_logits(policy, batch, dtype)
+    if faithful:
+        try:
+            h_faithful = _probe_entropy(policy, batch)
+        except (NotImplementedError, RuntimeError) as exc:
+            _refuse_faithful(architecture, f"its forward fails ({_first_line(exc)})")
+        h_stock = _probe_entropy(stock32, batch.to(next(stock32.parameters()).device))
+        del stock32
+        difference = abs(h_faithful - h_stock) / abs(h_stock)
+        out["faithful"]["entropy_vs_stock_fp32"] = difference
+        if not difference <= FAITHFUL_TOLERANCE:
+            _refuse_faithful(
+                architecture,
+                f"its H on probe sequences differs from the stock fp32 model's by "
+                f"{difference:.1e} (relative, > {FAITHFUL_TOLERANCE:g})",
+            )
+    out["logits_transform"] = decoder_and_head(policy)[1].steps
+    out["load_check_seconds"] = time.perf_counter() - started
+    return out
+
+
+def _causal_lm(policy: nn.Module) -> nn.Module:
+    return policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+
+
+def _refuse_faithful(architecture: str, reason: str) -> None:
+    raise CheckpointError(
+        f"faithful fp64 refused for {architecture}: {reason}; run with --dtype fp32, or "
+        "--dtype fp64 --no-faithful (stock fp64, its fp32 casts kept)"
+    )
+
+
+@torch.no_grad()
+def _probe_entropy(policy: nn.Module, batch) -> float:
+    """H (conditional reading, T = 1) of the probe sequences, by the scorer's own path."""
+    from entropy_lab.entropy import decoder_and_head, sequence_sums
+
+    decoder, head = decoder_and_head(policy)
+    sums = sequence_sums(decoder, head, batch, temperature=1.0)
+    return float(sums.entropy.sum() / sums.tokens.sum())
+
+
+def _relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.shape != b.shape:
+        return math.inf
+    scale = float(b.double().abs().max()) or 1.0
+    return float((a.double() - b.double()).abs().max()) / scale
+
+
+class _OutputRecorder:
+    """The first tensor each module returns, per call, keyed by module name."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.outputs: dict[str, list[torch.Tensor]] = {}
+        self.order: list[tuple[str, int]] = []
+        self.handles = [
+            module.register_forward_hook(self._hook(name))
+            for name, module in model.named_modules()
+            if name
+        ]
+
+    def _hook(self, name: str):
+        def hook(module, args, output) -> None:
+            tensor = output if torch.is_tensor(output) else None
+            if tensor is None and isinstance(output, (tuple, list)):
+                tensor = next((t for t in output if torch.is_tensor(t)), None)
+            if tensor is None and hasattr(output, "to_tuple"):
+                tensor = next((t for t in output.to_tuple() if torch.is_tensor(t)), None)
+            if tensor is not None and tensor.is_floating_point():
+                calls = self.outputs.setdefault(name, [])
+                self.order.append((name, len(calls)))
+                calls.append(tensor.detach())
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def _check_logits(policy: nn.Module, batch, dtype: str) -> float:
+    """Scorer logits vs ``model(...).logits`` at the probe's response positions; returns the
+    relative difference, or raises naming the first module whose output differs."""
+    from entropy_lab.entropy import decoder_and_head
+
+    lm = _causal_lm(policy)
+    target = batch.response_mask[:, 1:].bool()
+    stock_rec = _OutputRecorder(lm)
+    try:
+        stock = lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    finally:
+        stock_rec.remove()
+    decoder, head = decoder_and_head(policy)
+    ours_rec = _OutputRecorder(lm)
+    try:
+        hidden = decoder(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask
+        ).last_hidden_state
+        ours = head(hidden[:, :-1][target])
+    finally:
+        ours_rec.remove()
+    difference = _relative_difference(ours, stock[:, :-1][target])
+    tolerance = LOGITS_TOLERANCE[dtype]
+    if difference <= tolerance:
+        return difference
+    projection = head.projection
+    head_name = next((n for n, m in lm.named_modules() if m is projection), "the output head")
+    culprit = f"after {head_name}: {type(lm).__name__}.forward transforms the logits further"
+    real = batch.attention_mask.bool()
+    for name, call in stock_rec.order:
+        a = stock_rec.outputs[name][call]
+        mine = ours_rec.outputs.get(name, [])
+        if call >= len(mine):
+            culprit = f"{name} (not run by the scorer)"
+            break
+        b = mine[call]
+        if name == head_name:
+            a = a[:, :-1][target]
+        elif a.dim() >= 2 and a.shape[:2] == real.shape == b.shape[:2]:
+            a, b = a[real], b[real]  # padding positions carry no meaning
+        if _relative_difference(b, a) > tolerance:
+            culprit = name
+            break
+    applied = ", ".join(head.steps) or "the projection alone"
+    raise CheckpointError(
+        f"{type(lm).__name__}: the scorer's logits differ from model(...).logits by "
+        f"{difference:.1e} (relative, > {tolerance:g} in {dtype}); first difference at "
+        f"{culprit} (the scorer applies {applied}); this architecture is not supported yet"
+    )
 
 
 def _check_finite_weights(policy: nn.Module, layout: CheckpointLayout) -> None:

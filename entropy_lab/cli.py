@@ -49,6 +49,8 @@ def _add_sweep_arguments(p: argparse.ArgumentParser, quick: bool) -> None:
     )
     p.add_argument("--steps", type=int, default=1, help="optimizer steps between measurements")
     p.add_argument("--reading", default="policy", choices=["policy", "conditional"])
+    p.add_argument("--no-first-order", action="store_true", help="skip every jvp oracle")
+    p.add_argument("--no-faithful", action="store_true", help="fp64 with the stock fp32 casts")
     p.add_argument("--no-curvature", action="store_true", help="skip the nested-jvp terms")
     p.add_argument(
         "--no-third-order", action="store_true", help="skip ∇³H[v,v,v] (a third jvp level)"
@@ -148,6 +150,7 @@ def run_sweep_command(args: argparse.Namespace, quick: bool) -> Path | None:
         dtype=args.dtype,
         device=args.device,
         base_model=args.base_model,
+        faithful_fp64=not args.no_faithful,
         training_config_path=args.base_config,
     )
     _set_threads(args.threads, checkpoint.metadata["total_parameters"])
@@ -164,6 +167,8 @@ def run_sweep_command(args: argparse.Namespace, quick: bool) -> Path | None:
         eval_chunk_tokens=args.eval_chunk_tokens,
         steps=args.steps,
         reading=args.reading,
+        first_order=not args.no_first_order,
+        faithful_fp64=not args.no_faithful,
         curvature=not args.no_curvature,
         third_order=not args.no_third_order,
     )

@@ -29,6 +29,7 @@ from entropy_lab.tasks import Problem, Task, load_task
 from entropy_lab.theory import (
     CrudeForecasts,
     DirectionalDerivatives,
+    check_forward_ad,
     covariance_identity_slope,
     crude_forecasts,
     directional_derivatives,
@@ -85,6 +86,10 @@ def prepare(cfg: ExperimentConfig, checkpoint: LoadedCheckpoint) -> Setup:
             f"{distributed.world_size()} processes need eval_size and buffer_size >= "
             f"{distributed.world_size()} (got {cfg.eval_size} and {cfg.buffer_size})"
         )
+    if cfg.first_order and cfg.steps == 1:  # before sampling: a jvp the sweep could not take
+        check_forward_ad(
+            policy, 3 if cfg.curvature and cfg.third_order else 2 if cfg.curvature else 1
+        )
     device = next(policy.parameters()).device
     # Data-parallel, each rank samples its shard of E; every rank then holds all of E.
     eval_shard = sample_responses(
@@ -114,6 +119,7 @@ def prepare(cfg: ExperimentConfig, checkpoint: LoadedCheckpoint) -> Setup:
         sums = with_oom_retry(
             "scoring E at θ₀", lambda: scorer.global_sums(eval_batch), updater, scorer
         )
+    scorer.record_reference_routing(eval_batch)  # MoE: θ₀'s experts per token of E
     conditional, policy_h, ess = readings(sums, sums.logprob)
     baseline = EntropyReadings(float(conditional), float(policy_h), float(ess))
     if not (math.isfinite(baseline.conditional) and math.isfinite(baseline.policy)):
@@ -372,6 +378,7 @@ def measure_point(setup: Setup, d: Direction | FailedDirection, eta: float) -> d
             setup.updater,
             setup.scorer,
         )
+        record["routing_changed_fraction"] = setup.scorer.routing_changed_fraction()
         change = getattr(after, key) - getattr(before, key)
         if not math.isfinite(change):
             raise FloatingPointError(f"non-finite entropy after the step ({change})")
