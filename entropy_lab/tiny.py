@@ -377,3 +377,168 @@ def ensure_tiny_checkpoint(cache_dir: str | Path | None = None, verbose: bool = 
         build_tiny_checkpoint(staging, verbose=verbose)
         staging.rename(target)
     return target
+
+
+# -- tiny random models of other architectures (the test matrix, DESIGN §9) ----------------
+#
+# The transformers way: a tiny config of the *same architecture* (hidden 64, 2 layers, the
+# built-in 128-token vocabulary), briefly taught the format of arithmetic:6 (so that rewards
+# vary and the RL gradient is not zero), then LoRA on attention and MLP and a few genuine
+# Dr-GRPO AdamW steps, saved in the RL_Practice layout like the built-in checkpoint.
+
+_ATTENTION_MLP = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+_SMALL = {
+    "vocab_size": 128,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+    "bos_token_id": None,
+    "eos_token_id": 1,
+    "pad_token_id": 0,
+}
+# name: (config class, model class, config overrides, LoRA targets)
+ARCHITECTURES: dict[str, tuple[str, str, dict[str, Any], list[str]]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}, _ATTENTION_MLP),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": True}, _ATTENTION_MLP),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}, _ATTENTION_MLP),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 4}, _ATTENTION_MLP),
+    "gemma2": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        # both softcaps small enough to matter at these logit sizes; a window of 4 tokens
+        {
+            "head_dim": 16,
+            "query_pre_attn_scalar": 24,
+            "sliding_window": 4,
+            "final_logit_softcapping": 3.0,
+            "attn_logit_softcapping": 5.0,
+        },
+        _ATTENTION_MLP,
+    ),
+    "gemma3": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        {
+            "head_dim": 16,
+            "query_pre_attn_scalar": 24,
+            "sliding_window": 4,
+            "layer_types": ["sliding_attention", "full_attention"],
+            "final_logit_softcapping": 3.0,
+        },
+        _ATTENTION_MLP,
+    ),
+    "phi3": (
+        "Phi3Config",
+        "Phi3ForCausalLM",
+        {},
+        ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    ),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}, _ATTENTION_MLP),
+    "gpt_neox": (
+        "GPTNeoXConfig",
+        "GPTNeoXForCausalLM",
+        {"num_key_value_heads": None},
+        ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    ),
+    "gpt2": (
+        "GPT2Config",
+        "GPT2LMHeadModel",
+        {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 64, "n_inner": 128},
+        ["c_attn", "c_proj", "c_fc"],  # Conv1D: LoRA with fan_in_fan_out
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        # two MoE layers, four experts, top-2. LoRA on attention only: PEFT maps MLP targets
+        # (gate_proj, …) of Qwen3-MoE onto the fused expert tensors through a parametrization
+        # that torch.func.functional_call cannot pass (the load-time jvp refuses it)
+        {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
+        ["q_proj", "k_proj", "v_proj", "o_proj"],
+    ),
+}
+ARCHITECTURE_TASK = "arithmetic:6"
+
+
+def tiny_architecture_config(name: str):
+    import transformers
+
+    config_class, _, overrides, _ = ARCHITECTURES[name]
+    settings = {**_SMALL, **overrides}
+    if name == "gpt2":  # GPT-2 names its sizes itself
+        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads"):
+            settings.pop(key)
+        for key in ("intermediate_size", "num_key_value_heads", "max_position_embeddings"):
+            settings.pop(key)
+    settings = {k: v for k, v in settings.items() if v is not None or k == "bos_token_id"}
+    config = getattr(transformers, config_class)(**settings)
+    config._attn_implementation = "eager"
+    config._experts_implementation = "eager"
+    return config
+
+
+def build_tiny_architecture(
+    name: str, out_dir: str | Path, sft_steps: int = 40, rl_steps: int = 2, seed: int = 0
+) -> Path:
+    """A tiny random ``name`` checkpoint (``ARCHITECTURES``) in the RL_Practice layout."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(seed)
+        tokenizer = build_tokenizer()
+        task = ArithmeticTask(max_operand=6)
+        model = getattr(transformers, ARCHITECTURES[name][1])(tiny_architecture_config(name))
+        ids, attn, target = _answer_batch(task.problems, tokenizer)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        model.train()
+        for _ in range(sft_steps):  # the answer format: digits, then <eos>
+            logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
+            mask = target[:, 1:].bool()
+            loss = torch.nn.functional.cross_entropy(logits[mask], ids[:, 1:][mask])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        model.eval()
+        model.save_pretrained(out / "base_model", safe_serialization=True)
+        tokenizer.save_pretrained(out / "base_model")
+        cfg = {
+            **TINY_TRAINING_CONFIG,
+            "buffer_size": 4,
+            "num_generations": 4,
+            "total_steps": rl_steps,
+            "save_every": rl_steps,
+            "scheduler": {"dataset": ARCHITECTURE_TASK},
+            "lora": {**TINY_TRAINING_CONFIG["lora"], "target_modules": ARCHITECTURES[name][3]},
+        }
+        lora = cfg["lora"]
+        policy = get_peft_model(
+            model,
+            LoraConfig(
+                r=lora["r"],
+                lora_alpha=lora["alpha"],
+                lora_dropout=lora["dropout"],
+                target_modules=lora["target_modules"],
+                fan_in_fan_out=name == "gpt2",
+                task_type="CAUSAL_LM",
+            ),
+        )
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg["lr"], weight_decay=0.01)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        rewards, _ = dr_grpo_steps(
+            policy, optimizer, scheduler, tokenizer, task, cfg, rl_steps, seed
+        )
+        policy.eval()
+        save_rl_practice(out, policy, tokenizer, optimizer, scheduler, cfg)
+        info = {"architecture": name, "step": rl_steps, "rl_mean_reward_per_step": rewards}
+        (out / "training_info.json").write_text(json.dumps(info, indent=1) + "\n")
+    finally:
+        torch.set_num_threads(threads)
+    return out
