@@ -361,19 +361,36 @@ def _check_logits(policy: nn.Module, batch, dtype: str) -> float:
         ours = head(hidden[:, :-1][target])
     finally:
         ours_rec.remove()
-    difference = _relative_difference(ours, stock[:, :-1][target])
+    reference = stock[:, :-1][target]
+    if not bool(torch.isfinite(reference).all()):
+        first = next(
+            (
+                name
+                for name, call in stock_rec.order
+                if not bool(torch.isfinite(stock_rec.outputs[name][call]).all())
+            ),
+            "?",
+        )
+        raise CheckpointError(
+            f"{type(lm).__name__} in {dtype}: model(...).logits are not finite on probe "
+            f"sequences (first non-finite output: {_strip(first)}); try --dtype fp32"
+            + (" or faithful fp64" if dtype == "fp64" else "")
+        )
+    difference = _relative_difference(ours, reference)
     tolerance = LOGITS_TOLERANCE[dtype]
     if difference <= tolerance:
         return difference
     projection = head.projection
     head_name = next((n for n, m in lm.named_modules() if m is projection), "the output head")
-    culprit = f"after {head_name}: {type(lm).__name__}.forward transforms the logits further"
+    culprit = (
+        f"after {_strip(head_name)}: {type(lm).__name__}.forward transforms the logits further"
+    )
     real = batch.attention_mask.bool()
     for name, call in stock_rec.order:
         a = stock_rec.outputs[name][call]
         mine = ours_rec.outputs.get(name, [])
         if call >= len(mine):
-            culprit = f"{name} (not run by the scorer)"
+            culprit = f"{_strip(name)} (not run by the scorer)"
             break
         b = mine[call]
         if name == head_name:
@@ -381,7 +398,7 @@ def _check_logits(policy: nn.Module, batch, dtype: str) -> float:
         elif a.dim() >= 2 and a.shape[:2] == real.shape == b.shape[:2]:
             a, b = a[real], b[real]  # padding positions carry no meaning
         if _relative_difference(b, a) > tolerance:
-            culprit = name
+            culprit = _strip(name)
             break
     applied = ", ".join(head.steps) or "the projection alone"
     raise CheckpointError(

@@ -241,6 +241,7 @@ class FaithfulReport:
         if self.complete:
             return ""
         name, why = next(iter(self.refused.items()))
+        name = name.removeprefix("base_model.model.")  # PEFT's wrapper prefix
         more = f" (and {len(self.refused) - 1} more)" if len(self.refused) > 1 else ""
         return f"{name} was not patched: {why}{more}"
 

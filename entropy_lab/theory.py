@@ -147,18 +147,31 @@ def check_forward_ad(causal_lm: torch.nn.Module, order: int) -> None:
         for n, p in theta0.items()
     }
     scorer = EntropyScorer(causal_lm, temperature=1.0)
-    try:
-        sums_jet(scorer, probe_batch(causal_lm, rows=2, length=8), theta0, direction, order)
-    except (NotImplementedError, RuntimeError) as exc:
-        what = ("∇H·v", "vᵀ∇²H v", "∇³H[v,v,v]")[order - 1]
-        fix = "--no-first-order (ΔH is still measured, without the jvp oracles)"
-        if order > 1:
-            fix = f"--no-{'third-order' if order == 3 else 'curvature'} or {fix}"
-        first = (str(exc).strip().splitlines() or [""])[0][:120]
-        raise EntropyLabError(
-            f"forward-mode AD cannot pass through {type(lm).__name__} for {what} "
-            f"({type(exc).__name__}: {first}); run with {fix}"
-        ) from exc
+    batch = probe_batch(causal_lm, rows=2, length=8)
+
+    def failure(k: int) -> BaseException | None:
+        try:
+            sums_jet(scorer, batch, theta0, direction, k)
+        except (NotImplementedError, RuntimeError) as exc:
+            return exc
+        return None
+
+    exc = failure(order)
+    if exc is None:
+        return
+    # The highest order that does pass decides the advice.
+    passing = next((k for k in range(order - 1, 0, -1) if failure(k) is None), 0)
+    fix = {
+        2: "--no-third-order",
+        1: "--no-curvature (first order only)",
+        0: "--no-first-order (ΔH is still measured, without the jvp oracles)",
+    }[passing]
+    what = ("∇H·v", "vᵀ∇²H v", "∇³H[v,v,v]")[passing]
+    first = (str(exc).strip().splitlines() or [""])[0][:120]
+    raise EntropyLabError(
+        f"forward-mode AD cannot pass through {type(lm).__name__} for {what} "
+        f"({type(exc).__name__}: {first}); run with {fix}"
+    ) from exc
 
 
 def _sums_at(scorer: EntropyScorer, batch):
@@ -400,6 +413,27 @@ def eta_max(
             roots += [(-a + sign * math.sqrt(disc)) / (2 * b) for sign in (1, -1)]
     positive = [r for r in roots if r > 0]
     return min(positive) if positive else math.inf
+
+
+def routing_caveat(rows: list[dict]) -> str | None:
+    """Why the jet cannot vouch for linearity at one η (its records ``rows``), or None.
+
+    The jvp differentiates the MoE model with every token's top-k experts held fixed (the
+    routing is discrete). When the step changes some token's experts, ΔH holds a jump the jet
+    cannot see, so agreement or disagreement with it is no evidence: such a point must not be
+    called resolvable-and-linear on the jet's word alone.
+    """
+    changed = [
+        float(r["routing_changed_fraction"])
+        for r in rows
+        if r.get("success") and r.get("routing_changed_fraction")
+    ]
+    if not changed:
+        return None
+    return (
+        f"top-k routing changed for up to {max(changed):.2%} of E's tokens (the jet holds "
+        "routing fixed)"
+    )
 
 
 # -- precision floor and linear window (pure functions of the records: `report` reuses them) --
