@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from entropy_lab import checkpoint
 from entropy_lab.checkpoint import load_checkpoint
 from entropy_lab.config import ExperimentConfig
 from entropy_lab.entropy import EntropyScorer, routers_of
@@ -61,15 +62,32 @@ def _median_seconds(fn, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
+def _load_check_seconds(path, dtype: str) -> float:
+    """Median over 5 loads of the time ``verify_model_function`` takes inside the load."""
+    times = []
+    verify = checkpoint.verify_model_function
+
+    def timed(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return verify(*args, **kwargs)
+        finally:
+            times.append(time.perf_counter() - started)
+
+    checkpoint.verify_model_function = timed
+    try:
+        for _ in range(5):
+            load_checkpoint(path, dtype=dtype)
+    finally:
+        checkpoint.verify_model_function = verify
+    return statistics.median(times)
+
+
 def load_check_cost(path, setup) -> dict:
     """The load-time checks (fp32 and faithful fp64 loads) and the sweep's jvp probe (third
     order), against one evaluation of E at θ₀ (``scorer.measure``), medians of 5."""
-    fp32 = statistics.median(
-        load_checkpoint(path, dtype="fp32").metadata["load_check_seconds"] for _ in range(5)
-    )
-    fp64 = statistics.median(
-        load_checkpoint(path, dtype="fp64").metadata["load_check_seconds"] for _ in range(5)
-    )
+    fp32 = _load_check_seconds(path, "fp32")
+    fp64 = _load_check_seconds(path, "fp64")
     policy = setup.checkpoint.policy
     probe = _median_seconds(lambda: check_forward_ad(policy, 3))
     evaluation = _median_seconds(

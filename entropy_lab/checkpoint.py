@@ -19,7 +19,6 @@ import json
 import math
 import pickle
 import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -248,7 +247,6 @@ def verify_model_function(policy: nn.Module, dtype: str, faithful: bool) -> dict
     """
     from entropy_lab.entropy import decoder_and_head
 
-    started = time.perf_counter()
     lm = _causal_lm(policy)
     architecture = type(lm).__name__
     out: dict[str, Any] = {"architecture": architecture}
@@ -276,7 +274,6 @@ def verify_model_function(policy: nn.Module, dtype: str, faithful: bool) -> dict
                 f"{difference:.1e} (relative, > {FAITHFUL_TOLERANCE:g})",
             )
     out["logits_transform"] = decoder_and_head(policy)[1].steps
-    out["load_check_seconds"] = time.perf_counter() - started
     return out
 
 

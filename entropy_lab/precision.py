@@ -229,10 +229,6 @@ class FaithfulReport:
     refused: dict[str, str] = field(default_factory=dict)  # module name → why not
 
     @property
-    def count(self) -> int:
-        return len(self.patched)
-
-    @property
     def complete(self) -> bool:
         return not self.refused
 

@@ -131,7 +131,9 @@ def _in_fp64(model):
     from entropy_lab.precision import make_faithful
 
     model.double()
-    make_faithful(model)
+    report = make_faithful(model)
+    if not report.complete:
+        raise RuntimeError(f"tiny build: faithful fp64 incomplete ({report.reason()})")
     return model
 
 
