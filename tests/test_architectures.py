@@ -355,3 +355,33 @@ def test_the_first_order_probe_names_its_fix(arch_root, monkeypatch):
     assert str(caught.value).endswith(
         "run with --no-first-order (ΔH is still measured, without the jvp oracles)"
     )
+
+
+def test_a_trunk_called_differently_is_named_by_its_first_differing_module(arch_root, monkeypatch):
+    """The scorer's trunk given positions 0, 2, 4, … (RoPE is relative: a plain shift would
+    change nothing): the check names the rotary embedding, the first module whose output
+    differs from the model's own forward."""
+    decoder_and_head = entropy.decoder_and_head
+
+    def shifted(lm):
+        decoder, head = decoder_and_head(lm)
+
+        def call(input_ids, attention_mask):
+            positions = 2 * torch.arange(input_ids.shape[1])[None].expand_as(input_ids)
+            return decoder(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=positions
+            )
+
+        return call, head
+
+    monkeypatch.setattr(entropy, "decoder_and_head", shifted)
+    with pytest.raises(CheckpointError, match=r"first difference at model\.rotary_emb "):
+        load_checkpoint(arch_checkpoint(arch_root, "llama"), dtype="fp32")
+
+
+def test_stock_fp64_with_a_sliding_window_is_refused_for_its_non_finite_logits(arch_root):
+    """transformers' fp32 softmax over an fp64 mask: a padded query row fully masked → NaN."""
+    with pytest.raises(
+        CheckpointError, match=r"MistralForCausalLM in fp64: model\(\.\.\.\)\.logits"
+    ):
+        load_checkpoint(arch_checkpoint(arch_root, "mistral"), dtype="fp64", faithful_fp64=False)
