@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import pickle
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -308,3 +309,108 @@ class ExperimentConfig:
         for key in ("learning_rates", "num_repeats", "training_config"):
             out.pop(key)
         return out
+
+
+# -- training_args.bin: a pickled TrainingArguments / GRPOConfig, read without running it ------
+
+# Modules whose argument classes may be rebuilt (as plain field records, never imported).
+_ARGUMENT_MODULES = ("transformers.", "trl.", "accelerate.", "peft.")
+_ARGUMENT_SUFFIXES = ("Arguments", "Config", "State")
+# Enums and value types inside the arguments: rebuilt as their plain value.
+_VALUE_CLASSES = frozenset(
+    {
+        ("torch", "device"),
+        ("builtins", "set"),
+        ("builtins", "frozenset"),
+        ("collections", "OrderedDict"),
+    }
+)
+_ENUM_SUFFIXES = ("Strategy", "Type", "Names", "Mode", "Precision", "Kind")
+
+
+class FieldRecord(dict):
+    """An argument object rebuilt as its fields only (no class of the user's file is run)."""
+
+    type_name = ""
+
+    def __setstate__(self, state: Any) -> None:  # pickle's BUILD
+        if isinstance(state, tuple) and len(state) == 2:  # (dict, slots)
+            state = {**(state[0] or {}), **(state[1] or {})}
+        if not isinstance(state, dict):
+            raise pickle.UnpicklingError(f"{self.type_name}: a state that is not a mapping")
+        self.update(state)
+
+
+def _record_class(qualified: str) -> type:
+    return type("FieldRecord", (FieldRecord,), {"type_name": qualified})
+
+
+def _plain_value(qualified: str):
+    """Stand-in for an enum or value type: called by pickle's REDUCE, returns plain data."""
+
+    def rebuild(*args: Any) -> Any:
+        if qualified in ("builtins.set", "builtins.frozenset"):
+            return sorted(args[0], key=repr) if args else []
+        if qualified == "collections.OrderedDict":
+            return dict(*args)
+        return args[0] if len(args) == 1 else list(args)
+
+    return rebuild
+
+
+class _ArgumentsUnpickler(pickle.Unpickler):
+    """Rebuilds argument classes as :class:`FieldRecord`, their enums as values; refuses every
+    other global. Nothing from the file is imported or called."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        qualified = f"{module}.{name}"
+        if (module, name) in _VALUE_CLASSES:
+            return _plain_value(qualified)
+        if module.startswith(_ARGUMENT_MODULES) and "." not in name:
+            if name.endswith(_ARGUMENT_SUFFIXES):
+                return _record_class(qualified)
+            if name.endswith(_ENUM_SUFFIXES):
+                return _plain_value(qualified)
+        raise pickle.UnpicklingError(f"refused global {qualified}")
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("refused a tensor (persistent id): not an argument object")
+
+
+def read_training_args(path: str | Path) -> dict[str, Any]:
+    """The fields of a pickled ``TrainingArguments`` / ``GRPOConfig`` (``training_args.bin``),
+    read by a restricted unpickler that runs no code of the file; anything that is not an
+    argument object is refused in one line."""
+    import io
+    import zipfile
+
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
+            if not names:
+                raise ConfigError(f"{path}: a zip file without data.pkl (not a torch.save file)")
+            payload = archive.read(names[0])
+    except zipfile.BadZipFile:
+        payload = path.read_bytes()  # the legacy (non-zip) format is one plain pickle
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path} ({type(exc).__name__})") from None
+    try:
+        value = _ArgumentsUnpickler(io.BytesIO(payload)).load()
+    except pickle.UnpicklingError as exc:
+        raise ConfigError(
+            f"{path} is not a training-arguments object ({exc}); refused without running it"
+        ) from None
+    except Exception as exc:  # truncated or not a pickle at all
+        raise ConfigError(
+            f"{path} cannot be read as pickled training arguments ({type(exc).__name__}): "
+            "the file is damaged or not a training_args.bin"
+        ) from None
+    if not isinstance(value, FieldRecord):
+        raise ConfigError(
+            f"{path} holds a {type(value).__name__}, not a training-arguments object "
+            "(TrainingArguments / GRPOConfig)"
+        )
+    out = dict(value)
+    out["__class__"] = value.type_name
+    return out
