@@ -761,29 +761,21 @@ def bad_measurements(results: dict[str, Any]) -> dict[str, float]:
 
 def run_bench_command(args) -> dict[str, Any]:
     """``entropy-lab bench``: load the checkpoint, prepare E, run every section, report."""
-    from entropy_lab.checkpoint import load_checkpoint
-    from entropy_lab.cli import QUICK_LEARNING_RATES, _set_threads, checkpoint_defaults
-    from entropy_lab.config import ExperimentConfig, parse_learning_rates
-    from entropy_lab.protocol import prepare
+    from entropy_lab.cli import QUICK_LEARNING_RATES, _set_threads
+    from entropy_lab.config import parse_learning_rates
+    from entropy_lab.protocol import open_experiment
 
     # The same defaults as `entropy-lab quick`.
-    checkpoint_path, dtype, eval_size = checkpoint_defaults(
-        args.checkpoint, args.dtype, args.eval_size
-    )
-    checkpoint = load_checkpoint(
-        checkpoint_path, dtype=dtype, device=args.device, base_model=args.base_model
-    )
-    checkpoint.metadata.setdefault("path", str(checkpoint_path))
-    _set_threads(args.threads, checkpoint.metadata["total_parameters"])
-    cfg = ExperimentConfig.from_training_config(
-        checkpoint.training_config,
+    setup = open_experiment(
+        args.checkpoint,
         parse_learning_rates(args.learning_rates or QUICK_LEARNING_RATES),
+        base_model=args.base_model,
+        dtype=args.dtype,
         device=args.device,
-        dtype=dtype,
-        eval_size=eval_size,
-        buffer_size=args.buffer_size,
+        settings={"buffer_size": args.buffer_size},
+        on_config=lambda cfg, ck, _: _set_threads(args.threads, ck.metadata["total_parameters"]),
+        eval_size=args.eval_size,
     )
-    setup = prepare(cfg, checkpoint)
     memory = None
     if not args.no_memory:
         memory = MemorySpec(

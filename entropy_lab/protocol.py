@@ -15,7 +15,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -35,6 +35,9 @@ from entropy_lab.theory import (
 )
 from entropy_lab.update import Gradient, PolicyUpdate, UpdateBatch, group_advantages
 
+if TYPE_CHECKING:
+    from entropy_lab.config import TrainingSetup
+
 
 def repeat_seed(seed: int, repeat: int) -> int:
     return seed + 1000 * (repeat + 1)
@@ -53,6 +56,107 @@ class Setup:
     updater: PolicyUpdate
     reference_logprob: torch.Tensor  # log π_θ₀(seq_i) for E
     baseline: EntropyReadings  # H(θ₀)
+    training: TrainingSetup | None = None  # where each setting came from (open_experiment)
+    kl_reference: torch.nn.Module | None = None  # a full fine-tune's KL reference model
+
+
+def open_experiment(
+    checkpoint: str | Any | None = None,
+    learning_rates: Iterable[float] | str = (1e-6,),
+    *,
+    base_config: str | None = None,
+    base_model: str | None = None,
+    dtype: str | None = None,
+    device: str = "cpu",
+    settings: dict[str, Any] | None = None,
+    reference_model: str | None = None,
+    on_config: Callable[[ExperimentConfig, LoadedCheckpoint, TrainingSetup], None] | None = None,
+    **measurement: Any,
+) -> Setup:
+    """The one way in: checkpoint → training setup → experiment config → batches.
+
+    ``checkpoint`` None means the built-in tiny one (built on first use). ``settings`` are the
+    flag values of config.SETTINGS (None = not given); ``measurement`` the measurement's own
+    settings (num_repeats, seed, eval_size, steps, reading, …). ``on_config`` sees the config
+    before the (slow) batches are sampled: the CLI prints the setup table and opens its
+    results folder there.
+    """
+    from entropy_lab.checkpoint import load_checkpoint, resolve_layout
+    from entropy_lab.config import resolve_training_setup
+    from entropy_lab.tiny import TINY_EVAL_SIZE, ensure_tiny_checkpoint, is_tiny_checkpoint
+
+    builtin = checkpoint is None  # quick's defaults: faithful fp64, B_E = 256
+    if builtin:
+        checkpoint = ensure_tiny_checkpoint(verbose=True)
+    layout = resolve_layout(checkpoint)
+    tiny = is_tiny_checkpoint(layout.root)  # a copy too: the setup's defaults apply
+    dtype = dtype or ("fp64" if builtin else "fp32")
+    if measurement.get("eval_size") is None:
+        measurement["eval_size"] = TINY_EVAL_SIZE if builtin else 64
+    loaded = load_checkpoint(checkpoint, dtype=dtype, device=device, base_model=base_model)
+    training = resolve_training_setup(
+        layout.root,
+        tiny=tiny,
+        base_config=base_config,
+        flags=settings,
+        steps=measurement.get("steps") or 1,
+    )
+    cfg = ExperimentConfig.from_setup(
+        training,
+        learning_rates,
+        loaded.training_config,
+        dtype=dtype,
+        device=device,
+        reference_model=reference_model,
+        **measurement,
+    )
+    kl_reference = None
+    if cfg.kl_beta:
+        kl_reference = _kl_reference(loaded, reference_model, dtype, device)
+    if on_config is not None:
+        on_config(cfg, loaded, training)
+    setup = prepare(cfg, loaded)
+    setup.training, setup.kl_reference = training, kl_reference
+    return setup
+
+
+def _kl_reference(loaded: LoadedCheckpoint, reference_model: str | None, dtype, device):
+    """The KL reference: None for a LoRA policy (its adapter is disabled instead); a full
+    fine-tune needs --reference-model DIR."""
+    if loaded.metadata.get("adapter"):
+        if reference_model:
+            raise ConfigError(
+                "--reference-model: a LoRA policy's reference is its base model with the "
+                "adapter disabled; drop --reference-model"
+            )
+        return None
+    if not reference_model:
+        raise ConfigError(
+            "kl_beta > 0 on a full fine-tune needs the KL reference: pass --reference-model DIR "
+            "(the model the run started from)"
+        )
+    from transformers import AutoModelForCausalLM
+
+    from entropy_lab.precision import make_faithful, torch_dtype
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            reference_model,
+            dtype=torch_dtype(dtype),
+            attn_implementation="eager",  # forward-mode AD has no SDPA kernels
+            local_files_only=True,
+        )
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"--reference-model {reference_model}: cannot load it offline ({type(exc).__name__})"
+        ) from None
+    model.to(device)
+    if dtype == "fp64":
+        make_faithful(model)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
 
 
 @dataclass
@@ -71,12 +175,20 @@ class Direction:
 
 
 def prepare(cfg: ExperimentConfig, checkpoint: LoadedCheckpoint) -> Setup:
+    from entropy_lab.tasks import load_rewards
+
     policy, tokenizer = checkpoint.policy, checkpoint.tokenizer
-    task = load_task(cfg.task, cfg.prompt_template)
+    task = load_task(
+        cfg.prompts,
+        cfg.prompt_template,
+        tokenizer=tokenizer,
+        rewards=load_rewards(cfg.reward, cfg.reward_weights),
+        split=cfg.prompts_split,
+    )
     eval_problems, pool = task.split(cfg.eval_size, seed=cfg.seed)
     if len(eval_problems) < cfg.eval_size or len(pool) < cfg.buffer_size:
         raise ConfigError(
-            f"task {cfg.task!r} has {len(task.problems)} prompts; the sweep needs at least "
+            f"prompts {cfg.prompts!r} have {len(task.problems)} records; the sweep needs at least "
             f"eval_size + buffer_size = {cfg.eval_size + cfg.buffer_size} (lower --eval-size "
             "or buffer_size, or give a larger prompt file)"
         )
@@ -97,6 +209,9 @@ def prepare(cfg: ExperimentConfig, checkpoint: LoadedCheckpoint) -> Setup:
         rows=distributed.shard(cfg.eval_size),
     )
     eval_batch = _gather_batch(eval_shard).to(device)
+    # The reward functions called once on E's completions: one that fails, returns the
+    # wrong length or a non-finite value stops the run here, before any point is measured.
+    task.rewards(eval_batch.responses, [eval_problems[int(i)] for i in eval_batch.prompt_index])
     scorer = EntropyScorer(
         policy, cfg.temperature, cfg.eval_chunk_tokens, top_k=cfg.top_k, top_p=cfg.top_p
     )
@@ -108,6 +223,7 @@ def prepare(cfg: ExperimentConfig, checkpoint: LoadedCheckpoint) -> Setup:
         grad_clip=cfg.grad_clip,
         microbatch_size=cfg.microbatch_size,
         chunk_tokens=cfg.eval_chunk_tokens,
+        objective=cfg.objective(),
     )
     policy.eval()
     with torch.no_grad():
@@ -151,13 +267,13 @@ def sample_update_batch(setup: Setup, repeat: int) -> UpdateBatch:
         rows=rows,
     )
     rewards = torch.tensor(
-        [setup.task.reward(r, prompts[int(i)]) for r, i in zip(seqs.responses, seqs.prompt_index)],
+        setup.task.rewards(seqs.responses, [prompts[int(i)] for i in seqs.prompt_index]),
         dtype=torch.float64,
     )
     update = UpdateBatch(
         seqs,
         rewards,
-        group_advantages(rewards, seqs.prompt_index),
+        group_advantages(rewards, seqs.prompt_index, cfg.scale_rewards),
         cfg.num_generations,
         cfg.max_new_tokens,
         mean_reward=distributed.sum_over_ranks(float(rewards.sum()))
@@ -165,6 +281,8 @@ def sample_update_batch(setup: Setup, repeat: int) -> UpdateBatch:
     )
     if cfg.steps > 1:  # later steps use the clipped ratio against θ₀'s log-probs
         update.old_logprob = setup.updater.token_logprobs(seqs)
+    if cfg.kl_beta:  # the reference's log-probs, once per U (they do not depend on θ)
+        update.ref_logprob = setup.updater.reference_logprobs(seqs, setup.kl_reference)
     return update
 
 

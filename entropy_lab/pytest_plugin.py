@@ -44,6 +44,28 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--eval-size", type=int, default=None, help="evaluation prompts B_E")
     g.addoption("--r2-min", type=float, default=0.95, help="R² threshold (default 0.95)")
     g.addoption("--entropy-json", default=None, help="write the JSON report to PATH")
+    _add_setting_options(g)
+    g.addoption("--reference-model", default=None, help="KL reference of a full fine-tune")
+
+
+def _add_setting_options(group) -> None:
+    """One option per training-setup setting, from the same declaration as the sweep's flags
+    (config.SETTINGS): ``--prompts=``, ``--reward=``, ``--loss-type=`` …"""
+    from entropy_lab.config import SETTINGS
+
+    for setting in SETTINGS:
+        group.addoption(
+            setting.flag,
+            dest=f"entropy_{setting.name}",
+            default=None,
+            help=f"{setting.help} (default: the checkpoint's training config)",
+        )
+
+
+def setting_options(config: pytest.Config) -> dict[str, Any]:
+    from entropy_lab.config import SETTING_NAMES
+
+    return {name: config.getoption(f"entropy_{name}") for name in SETTING_NAMES}
 
 
 def _is_worker(config: pytest.Config) -> bool:
@@ -113,7 +135,12 @@ def _check_checkpoint_spelling(config: pytest.Config) -> None:
 def _check_options(config: pytest.Config) -> None:
     """Bad suite options stop the run up front with the CLI's one-line message (exit code 4),
     instead of one traceback per test."""
-    from entropy_lab.config import check_num_repeats, load_training_config, parse_learning_rates
+    from entropy_lab.config import (
+        check_num_repeats,
+        check_setting,
+        parse_learning_rates,
+        read_yaml_mapping,
+    )
 
     _check_checkpoint_spelling(config)
     try:
@@ -122,7 +149,10 @@ def _check_options(config: pytest.Config) -> None:
         if config.getoption("--num-repeats") is not None:
             check_num_repeats(config.getoption("--num-repeats"))
         if config.getoption("--base-config"):
-            load_training_config(config.getoption("--base-config"))
+            read_yaml_mapping(config.getoption("--base-config"))
+        for name, value in setting_options(config).items():
+            if value is not None:
+                check_setting(name, value)
         if config.getoption("--checkpoint"):
             from entropy_lab.checkpoint import resolve_layout
 
@@ -161,6 +191,8 @@ class SuiteSettings:
     dtype: str
     eval_size: int | None
     r2_min: float
+    setup_flags: tuple[tuple[str, str], ...] = ()  # the training-setup options given
+    reference_model: str | None = None
 
 
 def suite_settings(config: pytest.Config, kind: str) -> SuiteSettings:
@@ -199,6 +231,8 @@ def suite_settings(config: pytest.Config, kind: str) -> SuiteSettings:
         dtype=config.getoption("--dtype") or ("fp64" if kind == "cpu" else "fp32"),
         eval_size=eval_size,
         r2_min=config.getoption("--r2-min"),
+        setup_flags=tuple((k, v) for k, v in setting_options(config).items() if v is not None),
+        reference_model=config.getoption("--reference-model"),
     )
 
 
@@ -239,29 +273,23 @@ class MeasurementStore:
     # Lazy: loading the checkpoint only when something must really be measured.
     def _ensure_setup(self):
         if self._setup is None:
-            from entropy_lab.checkpoint import load_checkpoint
             from entropy_lab.cli import _set_threads
-            from entropy_lab.config import ExperimentConfig
-            from entropy_lab.protocol import prepare
+            from entropy_lab.protocol import open_experiment
 
             s = self.settings
-            ck = load_checkpoint(
+            self._setup = open_experiment(
                 s.checkpoint,
-                dtype=s.dtype,
-                device=s.device,
-                base_model=s.base_model,
-                training_config_path=s.base_config,
-            )
-            _set_threads(None, ck.metadata["total_parameters"])
-            cfg = ExperimentConfig.from_training_config(
-                ck.training_config,
                 s.learning_rates,
-                num_repeats=s.num_repeats,
-                device=s.device,
+                base_config=s.base_config,
+                base_model=s.base_model,
                 dtype=s.dtype,
+                device=s.device,
+                settings=dict(s.setup_flags),
+                reference_model=s.reference_model,
+                on_config=lambda cfg, ck, _: _set_threads(None, ck.metadata["total_parameters"]),
+                num_repeats=s.num_repeats,
                 eval_size=s.eval_size,
             )
-            self._setup = prepare(cfg, ck)
         return self._setup
 
     @property
@@ -277,6 +305,8 @@ class MeasurementStore:
                 "eval_size": s.eval_size,
                 "base_config": s.base_config,
                 "base_model": s.base_model,
+                "setup_flags": list(s.setup_flags),
+                "reference_model": s.reference_model,
             }
             key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
             self._key_dir = self.root / key
@@ -325,6 +355,7 @@ class MeasurementStore:
                 "learning_rates": self.settings.learning_rates,
                 "num_repeats": self.settings.num_repeats,
                 "eval_size": self.settings.eval_size,
+                "setup_flags": dict(self.settings.setup_flags),
             },
             "environment": environment_info(
                 self.settings.device,

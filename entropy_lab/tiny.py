@@ -30,6 +30,7 @@ import yaml
 from entropy_lab.tasks import ArithmeticTask
 
 TINY_SEED = 1234
+TINY_EVAL_SIZE = 256  # B_E on the tiny checkpoint (the cpu suite's and quick's)
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<unk>"]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -348,6 +349,20 @@ def directory_digest(path: str | Path) -> str:
         h.update(str(file.relative_to(root)).encode())
         h.update(hashlib.sha256(file.read_bytes()).digest())
     return h.hexdigest()
+
+
+def is_tiny_checkpoint(step_dir: str | Path) -> bool:
+    """Whether ``step_dir`` is a build of this module (a copy included): its training_info.json
+    records the tiny task and SFT steps. Only such a checkpoint gets the setup's defaults."""
+    try:
+        info = json.loads((Path(step_dir) / "training_info.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (
+        isinstance(info, dict)
+        and "sft_steps" in info
+        and str(info.get("task", "")).startswith("arithmetic a+b=")
+    )
 
 
 def default_cache_dir() -> Path:

@@ -99,8 +99,38 @@ def _prompt_config(tmp: Path, name: str, content: bytes) -> Path:
 
 
 def _five_prompts() -> bytes:
-    lines = [json.dumps({"question": f"{i}+1", "answer": str(i + 1)}) for i in range(5)]
+    lines = [json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) for i in range(5)]
     return "\n".join(lines).encode()
+
+
+def _not_tiny(tiny: Path, tmp: Path) -> Path:
+    """The tiny checkpoint without its build record and training config: any other
+    checkpoint, whose setup has no defaults and no source."""
+    ck = _copy(tiny, tmp / "ck")
+    (ck / "training_info.json").unlink()
+    (ck / "config.yaml").unlink()
+    return ck
+
+
+def _reward_file(tmp: Path, body: str) -> str:
+    path = tmp / "my_reward.py"
+    path.write_text(body)
+    return f"{path}:score"
+
+
+def _rl_practice_config(tmp: Path, extra: str) -> Path:
+    cfg = tmp / "rlp.yaml"
+    cfg.write_text(
+        "max_new_tokens: 4\nnum_generations: 4\ntemperature: 1.0\ntop_p: 1.0\ntop_k: 0\n"
+        "kl_beta: 0.0\nent_coef: 0.0\ngrad_clip: 1.0\nreward_fns: [tag_pref]\n" + extra
+    )
+    return cfg
+
+
+def _args_bin(tiny: Path, tmp: Path) -> Path:
+    ck = _copy(tiny, tmp / "ck")
+    torch.save({"loss_type": "dapo"}, ck / "training_args.bin")
+    return ck
 
 
 def _ck(build):
@@ -217,8 +247,68 @@ CLI_CASES = [
     (
         "prompt-file-too-small",
         lambda tiny, tmp: ["--base-config", str(_prompt_config(tmp, "small", _five_prompts()))],
-        r"task '.*small\.jsonl' has 5 prompts; the sweep needs at least eval_size \+ "
+        r"prompts '.*small\.jsonl' have 5 records; the sweep needs at least eval_size \+ "
         r"buffer_size = 12 \(lower --eval-size or buffer_size, or give a larger prompt file\)",
+    ),
+    (
+        "non-tiny-checkpoint-without-prompts",
+        lambda tiny, tmp: ["--checkpoint", str(_not_tiny(tiny, tmp))],
+        r"no source for max_new_tokens \(--max-new-tokens\), .*, prompts \(--prompts\), "
+        r"reward \(--reward\): the checkpoint's training config does not set them; pass .* "
+        r"or --base-config YAML \(only the built-in tiny checkpoint has defaults\)",
+    ),
+    (
+        "dataset-name-not-offline",
+        lambda tiny, tmp: [
+            "--checkpoint",
+            str(_not_tiny(tiny, tmp)),
+            "--base-config",
+            str(
+                _rl_practice_config(
+                    tmp, "scheduler: {dataset_name: gsm8k_r1_template, split: train}\n"
+                )
+            ),
+        ],
+        r"the data set 'gsm8k_r1_template' \(split train\) cannot be loaded offline "
+        r"\(\w+\): pass --prompts FILE with its records \(JSONL/JSON/CSV/Parquet\)",
+    ),
+    (
+        "unknown-loss-type",
+        lambda tiny, tmp: ["--loss-type", "ppo"],
+        r"--loss-type: unknown loss type 'ppo' \(--loss-type\): one of dr_grpo, "
+        r"dr_grpo_rl_practice, grpo, dapo, bnpo",
+    ),
+    (
+        "reward-does-not-import",
+        lambda tiny, tmp: ["--reward", _reward_file(tmp, "import no_such_module\n")],
+        r"--reward '.*my_reward\.py:score' does not import \(ModuleNotFoundError: No module "
+        r"named 'no_such_module'\)",
+    ),
+    (
+        "reward-wrong-length",
+        lambda tiny, tmp: [
+            "--reward",
+            _reward_file(tmp, "def score(completions, **kw):\n    return [1.0]\n"),
+        ],
+        r"reward '.*my_reward\.py:score' returned 1 values for \d+ completions: return one "
+        r"float per completion",
+    ),
+    (
+        "reward-not-finite",
+        lambda tiny, tmp: [
+            "--reward",
+            _reward_file(
+                tmp, "def score(completions, **kw):\n    return [float('nan')] * len(completions)\n"
+            ),
+        ],
+        r"reward '.*my_reward\.py:score' returned nan for completion 0: every reward must be a "
+        r"finite number",
+    ),
+    (
+        "training-args-not-an-argument-object",
+        _ck(_args_bin),
+        r".*training_args\.bin holds a dict, not a training-arguments object "
+        r"\(TrainingArguments / GRPOConfig\)",
     ),
     (
         "prompt-file-binary",
