@@ -549,15 +549,15 @@ _RL_PRACTICE_UNUSED = {
     "save_every": "a training-run setting",
     "bf16": "--dtype decides",
     "gradient_checkpointing": "changes memory, not the gradient",
-    "rollout_batch_size": "generation batching (memory only)",
-    "tf_micro_batch": "teacher-forcing micro-batch (memory only)",
+    "rollout_batch_size": "generation batching, memory only",
+    "tf_micro_batch": "teacher-forcing micro-batch, memory only",
     "weight_decay": "in the saved optimizer state",
     "betas": "in the saved optimizer state",
     "eps": "in the saved optimizer state",
     "lora": "the adapter folder holds it",
     "seed": "--seed decides",
     "buffer_size": "the measurement's U is buffer_size below",
-    "microbatch_size": "memory only (the losses are normalised globally)",
+    "microbatch_size": "memory only: the losses are normalised globally",
 }
 _UNUSED_WORDS = ("vllm", "eval", "probe", "wandb", "log", "save", "checkpoint", "output", "hub")
 
@@ -611,7 +611,10 @@ class TrainingSetup:
 
     def table(self) -> str:
         """``setting | value | from``, one row per setting, then the notes."""
-        rows = [(n, _show(self.values.get(n)), self.sources.get(n, "")) for n in SETTING_NAMES]
+        rows = [
+            (n, _show(self.values.get(n)), self.sources.get(n, _UNSET.get(n, "not set")))
+            for n in SETTING_NAMES
+        ]
         widths = [max(len(r[i]) for r in rows + [("setting", "value", "from")]) for i in range(2)]
         lines = ["TRAINING SETUP", f"{'setting':<{widths[0]}} | {'value':<{widths[1]}} | from"]
         lines.append("-" * (widths[0] + widths[1] + 10))
@@ -620,6 +623,13 @@ class TrainingSetup:
             lines.append("not used by the measurement: " + ", ".join(self.not_used))
         lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
+
+
+_UNSET = {
+    "prompt_template": "not set: each record's own prompt",
+    "reward_weights": "not set: each reward 1",
+    "clip_eps_high": "not set: = clip_eps",
+}
 
 
 def _show(value: Any) -> str:
