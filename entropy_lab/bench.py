@@ -376,8 +376,8 @@ def eta_sweep_section(setup, repeats: int, directions: int = 2):
             started = time.perf_counter()
             record = measure_point(setup, d, eta)
             sync()
-            if not record["success"]:
-                raise RuntimeError(f"measure_point failed at η={eta}: {record.get('error')}")
+            if not record.success:
+                raise RuntimeError(f"measure_point failed at η={eta}: {record.error}")
             if round_:
                 point_times.append(time.perf_counter() - started)
         started = time.perf_counter()
