@@ -939,7 +939,8 @@ def _verdict(per_eta: list[PointSummary], checks: dict[str, Check]) -> tuple[str
     if reasons:
         return "inconclusive", "; ".join(reasons)
     lo, hi = resolvable[0].learning_rate, resolvable[-1].learning_rate
-    return (
-        "linear",
-        f"linear over the tested grid [{lo:.3g}, {hi:.3g}]: every decisive check passed",
-    )
+    reason = f"linear over the tested grid [{lo:.3g}, {hi:.3g}]: every decisive check passed"
+    below = [p.learning_rate for p in per_eta if not p.resolvable]
+    if below:
+        reason += "; unresolvable (not judged): η = " + ", ".join(f"{e:.3g}" for e in below)
+    return "linear", reason
