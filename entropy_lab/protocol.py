@@ -1,10 +1,12 @@
 """The measurement protocol (DESIGN §2), top to bottom.
 
-prepare():  task → disjoint prompts → evaluation batch E sampled once at θ₀ → H(θ₀) cached.
+prepare():  task → disjoint prompts → evaluation batch E sampled once at θ₀ → H(θ₀) cached,
+             and ∇H(θ₀) by one backward pass (the rounding check).
 direction(): per repeat r, update batch U_r sampled at θ₀ with seed r → Dr-GRPO gradient →
              update vector v_r → theory along v_r.
 measure_point(): per η, from (θ₀, S₀): real AdamW step(s) at lr = η → H(θ₁) on E → ΔH;
-             the same U_r (common random numbers) for every η of a repeat.
+             the same U_r (common random numbers) for every η of a repeat. Returns one
+             ``analysis.PointRecord`` (a raw_results.json record).
 """
 
 from __future__ import annotations
