@@ -97,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rep = sub.add_parser("report", help="recompute analysis.json and plots from raw_results")
     rep.add_argument("folder")
+    rep.add_argument(
+        "--dtype",
+        choices=["fp32", "fp64", "bf16"],
+        default=None,
+        help="the sweep's dtype, for records written before record schema 2 that lack it",
+    )
     tiny = sub.add_parser("make-tiny", help="build the built-in tiny checkpoint")
     tiny.add_argument("folder")
     tiny.add_argument("--seed", type=int, default=None)
@@ -355,7 +361,11 @@ def main(argv: list[str] | None = None) -> int:
             folder = Path(args.folder)
             if not (folder / "raw_results.json").is_file():
                 raise EntropyLabError(f"{folder}: no raw_results.json (not a results folder)")
-            print(format_tables(write_report(folder)))
+            try:
+                analysis = write_report(folder, dtype=args.dtype)
+            except ValueError as exc:  # records the analysis cannot read as they are
+                raise EntropyLabError(f"{folder}: {exc}") from exc
+            print(format_tables(analysis))
         elif args.command == "bench":
             from entropy_lab.bench import run_bench_command
 

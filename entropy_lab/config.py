@@ -242,6 +242,9 @@ class ExperimentConfig:
     identity_check: bool = True  # Cui et al.'s covariance identity: a second first-order oracle
     faithful_fp64: bool = True
     symmetric_check: bool = True  # also measure ΔH(−η): ΔH(η) + ΔH(−η) ≈ η²·c exposes noise
+    # ∇H at θ₀ once per sweep (one backward pass over E): ∇H·(θ₁ − θ₀ − η·v) is the effect of
+    # the parameters' rounding at each point, which the symmetric check cannot see.
+    rounding_check: bool = True
     reading: str = "policy"  # which entropy reading defines entropy_change
     training_config: dict[str, Any] = dataclasses.field(default_factory=dict)
 

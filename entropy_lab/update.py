@@ -460,6 +460,21 @@ class PolicyUpdate:
             unchanged += int(((p == self.theta0[n]) & nonzero).sum())
         return unchanged / moved if moved else 1.0
 
+    @torch.no_grad()
+    def rounding_effect(
+        self,
+        eta: float,
+        update_vector: dict[str, torch.Tensor],
+        entropy_grad: dict[str, torch.Tensor],
+    ) -> float:
+        """∇H·(θ − θ₀ − η·v) in fp64 at the current (stepped) θ: the first-order effect on ΔH
+        of storing θ₀ + η·v in the runtime dtype (0 when nothing is rounded)."""
+        total = torch.zeros((), dtype=torch.float64)
+        for n, p in self.params.items():
+            offset = p.double() - self.theta0[n].double() - eta * update_vector[n]
+            total += (entropy_grad[n] * offset).sum().cpu()
+        return float(total)
+
     def update_norm(self, update_vector: dict[str, torch.Tensor]) -> float:
         return float(torch.sqrt(sum((v**2).sum() for v in update_vector.values())))
 

@@ -513,7 +513,9 @@ ETAS = [1e-7, 1e-6, 1e-5]
 def test_nan_gradient_fails_its_repeat_only_and_the_verdict_says_so(small, monkeypatch):
     from entropy_lab.report import build_analysis, format_tables
 
-    honest = protocol.run_sweep(small, repeats=[0, 1], etas=ETAS, progress=False)
+    honest = [
+        r.to_dict() for r in protocol.run_sweep(small, repeats=[0, 1], etas=ETAS, progress=False)
+    ]
     original = protocol.sample_update_batch
 
     def nan_advantage_in_repeat_1(setup, repeat):
@@ -523,7 +525,9 @@ def test_nan_gradient_fails_its_repeat_only_and_the_verdict_says_so(small, monke
         return update
 
     monkeypatch.setattr(protocol, "sample_update_batch", nan_advantage_in_repeat_1)
-    records = protocol.run_sweep(small, repeats=[0, 1], etas=ETAS, progress=False)
+    records = [
+        r.to_dict() for r in protocol.run_sweep(small, repeats=[0, 1], etas=ETAS, progress=False)
+    ]
     assert _at_theta0(small)
 
     by_repeat = {r: [x for x in records if x["repeat"] == r] for r in (0, 1)}
@@ -552,9 +556,16 @@ def test_nan_gradient_fails_its_repeat_only_and_the_verdict_says_so(small, monke
         (eta, 1) for eta in ETAS
     ]
     assert planted["verdict"] == "inconclusive"
-    # Repeat 0 alone is left at every η: no SE anywhere, so nothing can be decided.
-    assert "fewer than 2 successful repeats at η = " in planted["verdict_reason"]
-    assert "fewer than 2 successful repeats" not in clean["verdict_reason"]
+    # Repeat 0 alone is left at every η: no bound over repeats, so nothing can be decided.
+    assert "0 resolvable η of 3" in planted["verdict_reason"]
+    assert all(
+        "fewer than 2 successful repeats" in " ".join(row["unresolvable_reasons"])
+        for row in build_analysis(records, meta)["per_learning_rate"].values()
+    )
+    assert not any(
+        "fewer than 2 successful repeats" in " ".join(row["unresolvable_reasons"])
+        for row in build_analysis(honest, meta)["per_learning_rate"].values()
+    )
     assert "3 failed runs" in format_tables(build_analysis(records, meta))
 
 
@@ -570,8 +581,8 @@ def test_nan_entropy_fails_that_point_only(small, monkeypatch):
 
     monkeypatch.setattr(small.scorer, "measure", nan_at_1e_6)
     records = [protocol.measure_point(small, d, eta) for eta in ETAS]
-    assert [r["success"] for r in records] == [True, False, True]
-    assert records[1]["error"] == "FloatingPointError: non-finite entropy after the step (nan)"
+    assert [r.success for r in records] == [True, False, True]
+    assert records[1].error == "FloatingPointError: non-finite entropy after the step (nan)"
     assert _at_theta0(small)
 
 
@@ -636,14 +647,15 @@ def test_oom_in_scoring_retries_at_half_size_with_the_same_result(small, monkeyp
     count = _oom_on_calls(monkeypatch, EntropyScorer, "forward", {1})
     with pytest.warns(RuntimeWarning, match=r"CUDA out of memory in the step at η=1e-05: "):
         record = protocol.measure_point(small, d, 1e-5)
-    assert count["n"] > 1 and record["success"] is True
+    assert count["n"] > 1 and record.success is True
     assert _knobs(small) == (2, 8, 8, 4)
     monkeypatch.undo()
 
     direct = protocol.measure_point(small, d, 1e-5)  # at the halved sizes, no OOM
     for key in ("entropy_after", "entropy_change", "entropy_change_negative", "ess"):
-        assert record[key] == direct[key], key
-        assert record[key] == pytest.approx(reference[key], rel=1e-9, abs=1e-15), key
+        assert getattr(record, key) == getattr(direct, key), key
+        expected = getattr(reference, key)
+        assert getattr(record, key) == pytest.approx(expected, rel=1e-9, abs=1e-15), key
 
 
 def test_oom_at_the_smallest_sizes_is_a_clear_error(small, monkeypatch):
