@@ -22,9 +22,8 @@ import torch
 
 from entropy_lab import checkpoint
 from entropy_lab.checkpoint import load_checkpoint
-from entropy_lab.config import ExperimentConfig
 from entropy_lab.entropy import EntropyScorer, routers_of
-from entropy_lab.protocol import direction, measure_point, prepare
+from entropy_lab.protocol import direction, measure_point, open_experiment
 from entropy_lab.theory import check_forward_ad
 from entropy_lab.tiny import (
     ARCHITECTURE_TASK,
@@ -35,21 +34,18 @@ from entropy_lab.tiny import (
 
 
 def _setup(path, dtype: str, eval_size: int, task: str | None):
-    ck = load_checkpoint(path, dtype=dtype)
-    settings = {"buffer_size": 4, "num_generations": 4} if task else {}
-    cfg = ExperimentConfig.from_training_config(
-        ck.training_config,
+    flags = {"buffer_size": 4, "num_generations": 4, "prompts": task} if task else {}
+    return open_experiment(
+        path,
         [1e-9],
-        num_repeats=2,
         dtype=dtype,
+        settings=flags,
+        num_repeats=2,
         eval_size=eval_size,
         curvature=False,
         identity_check=False,
         symmetric_check=False,
-        **({"task": task} if task else {}),
-        **settings,
     )
-    return prepare(cfg, ck)
 
 
 def _median_seconds(fn, repeats: int = 5) -> float:

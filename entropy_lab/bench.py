@@ -376,8 +376,8 @@ def eta_sweep_section(setup, repeats: int, directions: int = 2):
             started = time.perf_counter()
             record = measure_point(setup, d, eta)
             sync()
-            if not record["success"]:
-                raise RuntimeError(f"measure_point failed at η={eta}: {record.get('error')}")
+            if not record.success:
+                raise RuntimeError(f"measure_point failed at η={eta}: {record.error}")
             if round_:
                 point_times.append(time.perf_counter() - started)
         started = time.perf_counter()
@@ -424,8 +424,8 @@ def zero_tangent_matmuls(
 
 def jvp_section(setup, d, repeats: int) -> dict[str, Any]:
     """∇H·v alone, with vᵀ∇²H v, and with ∇³H[v,v,v] (what direction() runs by default),
-    against scoring E."""
-    from entropy_lab.theory import directional_derivatives
+    and ∇H by reverse mode (the rounding check, once per sweep), against scoring E."""
+    from entropy_lab.theory import directional_derivatives, entropy_gradient
 
     eval_batch, scorer = setup.eval_batch, setup.scorer
 
@@ -449,6 +449,13 @@ def jvp_section(setup, d, repeats: int) -> dict[str, Any]:
             "jvp": derivatives(1),
             "nested_jvp": derivatives(2),
             "third_order_jvp": derivatives(3),
+            "entropy_gradient": lambda: entropy_gradient(
+                scorer,
+                eval_batch,
+                setup.updater.params,
+                getattr(setup.baseline, setup.cfg.reading),
+                setup.cfg.reading,
+            ),
         },
         repeats,
         eval_batch.input_ids.device,
@@ -465,6 +472,8 @@ def jvp_section(setup, d, repeats: int) -> dict[str, Any]:
         "third_order_jvp_s": seconds["third_order_jvp"],
         "third_order_jvp_over_eval": seconds["third_order_jvp"] / seconds["eval"],
         "third_order_jvp_over_forward": seconds["third_order_jvp"] / seconds["forward"],
+        "entropy_gradient_s": seconds["entropy_gradient"],
+        "entropy_gradient_over_eval": seconds["entropy_gradient"] / seconds["eval"],
         "mlp_matmul_shape": shape,
         "zero_tangent_mm_over_mm": seconds["zero_tangent_mm"] / seconds["mm"],
     }
@@ -681,6 +690,15 @@ def format_table(results: dict[str, Any]) -> str:
                 f"{jvp[f'{key}_over_eval']:.2f}× ({jvp[f'{key}_over_forward']:.2f}× bare)",
             )
         )
+    if "entropy_gradient_s" in jvp:
+        rows.append(
+            (
+                "∇H by reverse mode (rounding check)",
+                f"{jvp['entropy_gradient_s'] * 1e3:.1f} ms",
+                f"eval of E {jvp['eval_s'] * 1e3:.1f} ms",
+                f"{jvp['entropy_gradient_over_eval']:.2f}× (once per sweep)",
+            )
+        )
     if "zero_tangent_mm_over_mm" in jvp:
         t, h, i = jvp["mlp_matmul_shape"]
         rows.append(
@@ -761,29 +779,21 @@ def bad_measurements(results: dict[str, Any]) -> dict[str, float]:
 
 def run_bench_command(args) -> dict[str, Any]:
     """``entropy-lab bench``: load the checkpoint, prepare E, run every section, report."""
-    from entropy_lab.checkpoint import load_checkpoint
-    from entropy_lab.cli import QUICK_LEARNING_RATES, _set_threads, checkpoint_defaults
-    from entropy_lab.config import ExperimentConfig, parse_learning_rates
-    from entropy_lab.protocol import prepare
+    from entropy_lab.cli import QUICK_LEARNING_RATES, _set_threads
+    from entropy_lab.config import parse_learning_rates
+    from entropy_lab.protocol import open_experiment
 
     # The same defaults as `entropy-lab quick`.
-    checkpoint_path, dtype, eval_size = checkpoint_defaults(
-        args.checkpoint, args.dtype, args.eval_size
-    )
-    checkpoint = load_checkpoint(
-        checkpoint_path, dtype=dtype, device=args.device, base_model=args.base_model
-    )
-    checkpoint.metadata.setdefault("path", str(checkpoint_path))
-    _set_threads(args.threads, checkpoint.metadata["total_parameters"])
-    cfg = ExperimentConfig.from_training_config(
-        checkpoint.training_config,
+    setup = open_experiment(
+        args.checkpoint,
         parse_learning_rates(args.learning_rates or QUICK_LEARNING_RATES),
+        base_model=args.base_model,
+        dtype=args.dtype,
         device=args.device,
-        dtype=dtype,
-        eval_size=eval_size,
-        buffer_size=args.buffer_size,
+        settings={"buffer_size": args.buffer_size},
+        on_config=lambda cfg, ck, _: _set_threads(args.threads, ck.metadata["total_parameters"]),
+        eval_size=args.eval_size,
     )
-    setup = prepare(cfg, checkpoint)
     memory = None
     if not args.no_memory:
         memory = MemorySpec(

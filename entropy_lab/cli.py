@@ -19,7 +19,6 @@ from entropy_lab.errors import EntropyLabError
 # run on it uses faithful fp64, where the window spans [1e-10, 4.4e-4] (measured, README).
 QUICK_LEARNING_RATES = "1e-7,1e-6,1e-5"
 QUICK_REPEATS = 3
-TINY_EVAL_SIZE = 256
 
 
 def _add_sweep_arguments(p: argparse.ArgumentParser, quick: bool) -> None:
@@ -42,8 +41,10 @@ def _add_sweep_arguments(p: argparse.ArgumentParser, quick: bool) -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-size", type=int, default=None, help="B_E: evaluation prompts")
-    p.add_argument("--buffer-size", type=int, default=None, help="update prompts per repeat")
-    p.add_argument("--microbatch-size", type=int, default=None)
+    add_setting_arguments(p)
+    p.add_argument(
+        "--reference-model", help="KL reference of a full fine-tune (kl_beta > 0), a folder"
+    )
     p.add_argument(
         "--eval-chunk-tokens", type=int, default=None, help="tokens per fp64 logits chunk"
     )
@@ -61,6 +62,30 @@ def _add_sweep_arguments(p: argparse.ArgumentParser, quick: bool) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def add_setting_arguments(p: argparse.ArgumentParser) -> None:
+    """One flag per training-setup setting (config.SETTINGS): None = not given."""
+    from entropy_lab.config import SETTINGS
+
+    group = p.add_argument_group(
+        "training setup (default: the checkpoint's training config; see the printed table)"
+    )
+    for setting in SETTINGS:
+        group.add_argument(
+            setting.flag,
+            dest=setting.name,
+            default=None,
+            metavar=setting.name.upper(),
+            help=setting.help + (f" ({', '.join(setting.choices)})" if setting.choices else ""),
+        )
+
+
+def setting_values(namespace: Any) -> dict[str, Any]:
+    """The training-setup flags given (strings; parsed and checked by the setup)."""
+    from entropy_lab.config import SETTING_NAMES
+
+    return {name: getattr(namespace, name, None) for name in SETTING_NAMES}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="entropy-lab",
@@ -74,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rep = sub.add_parser("report", help="recompute analysis.json and plots from raw_results")
     rep.add_argument("folder")
+    rep.add_argument(
+        "--dtype",
+        choices=["fp32", "fp64", "bf16"],
+        default=None,
+        help="the sweep's dtype, for records written before record schema 2 that lack it",
+    )
     tiny = sub.add_parser("make-tiny", help="build the built-in tiny checkpoint")
     tiny.add_argument("folder")
     tiny.add_argument("--seed", type=int, default=None)
@@ -118,7 +149,7 @@ def checkpoint_defaults(
     """(checkpoint, dtype, B_E) with the defaults filled in. Without --checkpoint: the tiny
     one, built on first use, in faithful fp64 (its fp32 window is narrow) with B_E = 256;
     with one: fp32 and B_E = 64."""
-    from entropy_lab.tiny import ensure_tiny_checkpoint
+    from entropy_lab.tiny import TINY_EVAL_SIZE, ensure_tiny_checkpoint
 
     tiny = checkpoint is None
     path = ensure_tiny_checkpoint(verbose=verbose) if tiny else checkpoint
@@ -131,9 +162,8 @@ def checkpoint_defaults(
 
 def run_sweep_command(args: argparse.Namespace, quick: bool) -> Path | None:
     from entropy_lab import distributed
-    from entropy_lab.checkpoint import load_checkpoint
-    from entropy_lab.config import ExperimentConfig, check_num_repeats, parse_learning_rates
-    from entropy_lab.protocol import prepare, run_sweep
+    from entropy_lab.config import check_num_repeats, parse_learning_rates
+    from entropy_lab.protocol import open_experiment, run_sweep
     from entropy_lab.report import default_thresholds, format_tables, write_report
     from entropy_lab.store import environment_info, new_results_dir
 
@@ -142,45 +172,46 @@ def run_sweep_command(args: argparse.Namespace, quick: bool) -> Path | None:
     check_num_repeats(args.num_repeats)  # before the (slow) checkpoint load
     if args.checkpoint is None and not quick:
         raise EntropyLabError("sweep needs --checkpoint DIR (or use `entropy-lab quick`)")
-    checkpoint_path, args.dtype, eval_size = checkpoint_defaults(
-        args.checkpoint, args.dtype, args.eval_size, verbose=True
-    )
-    checkpoint = load_checkpoint(
-        checkpoint_path,
-        dtype=args.dtype,
-        device=args.device,
-        base_model=args.base_model,
-        faithful_fp64=not args.no_faithful,
-        training_config_path=args.base_config,
-    )
-    _set_threads(args.threads, checkpoint.metadata["total_parameters"])
-    cfg = ExperimentConfig.from_training_config(
-        checkpoint.training_config,
-        etas,
-        num_repeats=args.num_repeats,
-        seed=args.seed,
-        device=args.device,
-        dtype=args.dtype,
-        eval_size=eval_size,
-        buffer_size=args.buffer_size,
-        microbatch_size=args.microbatch_size,
-        eval_chunk_tokens=args.eval_chunk_tokens,
-        steps=args.steps,
-        reading=args.reading,
-        first_order=not args.no_first_order,
-        faithful_fp64=not args.no_faithful,
-        curvature=not args.no_curvature,
-        third_order=not args.no_third_order,
-    )
     # Data-parallel (torchrun): every rank measures, rank 0 alone writes and prints.
     main_rank = distributed.is_main()
-    folder = _open_folder(args, cfg, checkpoint.metadata, new_results_dir) if main_rank else None
+    opened: dict[str, Any] = {}
+
+    def on_config(cfg, checkpoint, training) -> None:
+        _set_threads(args.threads, checkpoint.metadata["total_parameters"])
+        args.dtype = cfg.dtype
+        if main_rank:
+            print(training.table(), flush=True)  # before sampling: what the step will be
+            opened["folder"] = _open_folder(args, cfg, checkpoint.metadata, new_results_dir)
+
     try:
-        setup = prepare(cfg, checkpoint)
+        setup = open_experiment(
+            args.checkpoint,
+            etas,
+            base_config=args.base_config,
+            base_model=args.base_model,
+            dtype=args.dtype,
+            device=args.device,
+            settings=setting_values(args),
+            reference_model=args.reference_model,
+            on_config=on_config,
+            num_repeats=args.num_repeats,
+            seed=args.seed,
+            eval_size=args.eval_size,
+            eval_chunk_tokens=args.eval_chunk_tokens,
+            steps=args.steps,
+            reading=args.reading,
+            first_order=not args.no_first_order,
+            faithful_fp64=not args.no_faithful,
+            curvature=not args.no_curvature,
+            third_order=not args.no_third_order,
+        )
     except BaseException:
+        folder = opened.get("folder")
         if folder is not None and not args.resume and not any(folder.path.iterdir()):
             folder.path.rmdir()  # a run that never started leaves no empty results folder
         raise
+    folder = opened.get("folder")
+    cfg, checkpoint = setup.cfg, setup.checkpoint
     if main_rank:
         precision = {k: checkpoint.metadata[k] for k in ("tf32_matmul", "tf32_cudnn")}
         environment = environment_info(args.device, args.dtype, precision)
@@ -188,6 +219,9 @@ def run_sweep_command(args: argparse.Namespace, quick: bool) -> Path | None:
             {
                 "checkpoint": checkpoint.metadata,
                 "config": cfg.effective(),
+                "setup_sources": dict(setup.training.sources),
+                "setup_not_used": list(setup.training.not_used),
+                "setup_notes": list(setup.training.notes),
                 "environment": {**environment, "world_size": distributed.world_size()},
                 # `report` re-applies exactly these, so it reproduces analysis.json.
                 "thresholds": default_thresholds(r2_min=args.r2_min),
@@ -331,7 +365,11 @@ def main(argv: list[str] | None = None) -> int:
             folder = Path(args.folder)
             if not (folder / "raw_results.json").is_file():
                 raise EntropyLabError(f"{folder}: no raw_results.json (not a results folder)")
-            print(format_tables(write_report(folder)))
+            try:
+                analysis = write_report(folder, dtype=args.dtype)
+            except ValueError as exc:  # records the analysis cannot read as they are
+                raise EntropyLabError(f"{folder}: {exc}") from exc
+            print(format_tables(analysis))
         elif args.command == "bench":
             from entropy_lab.bench import run_bench_command
 
@@ -339,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "make-tiny":
             from entropy_lab.tiny import TINY_SEED, build_tiny_checkpoint
 
-            info = build_tiny_checkpoint(args.folder, seed=args.seed or TINY_SEED, verbose=True)
+            seed = TINY_SEED if args.seed is None else args.seed  # --seed 0 is a seed
+            info = build_tiny_checkpoint(args.folder, seed=seed, verbose=True)
             print(
                 f"tiny checkpoint in {args.folder}: greedy accuracy {info['rl_greedy_accuracy']:.3f}, "
                 f"{info['trainable_parameters']} trainable / {info['total_parameters']} parameters, "

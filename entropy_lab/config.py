@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import pickle
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -219,8 +220,19 @@ class ExperimentConfig:
     clip_eps: float = 0.2
     grad_clip: float = 1.0  # 0 = no clipping
     steps: int = 1  # k optimizer steps between the two measurements
-    task: str = "arithmetic"  # "arithmetic" or a path to a GSM8K-style JSONL file
+    # The trainer's loss (DESIGN §7): entropy_lab.update.Objective
+    loss_type: str = "dr_grpo"
+    scale_rewards: str = "none"
+    kl_beta: float = 0.0
+    kl_bias_correction: bool = False
+    entropy_coef: float = 0.0
+    clip_eps_high: float | None = None  # None: = clip_eps
+    prompts: str = "arithmetic"  # "arithmetic[:N]", a prompt file or folder, a data set name
+    prompts_split: str | None = None
     prompt_template: str | None = None
+    reward: str = "exact_answer"  # comma-separated reward functions (tasks.load_rewards)
+    reward_weights: str | None = None
+    reference_model: str | None = None  # the KL reference of a full fine-tune
     # Response tokens per fp64 entropy chunk: at V = 151,936 one chunk is 256·V·8 B ≈ 0.3 GB
     # and the scorer holds about 6 at once (measured by `entropy-lab bench`).
     eval_chunk_tokens: int = 256
@@ -230,6 +242,9 @@ class ExperimentConfig:
     identity_check: bool = True  # Cui et al.'s covariance identity: a second first-order oracle
     faithful_fp64: bool = True
     symmetric_check: bool = True  # also measure ΔH(−η): ΔH(η) + ΔH(−η) ≈ η²·c exposes noise
+    # ∇H at θ₀ once per sweep (one backward pass over E): ∇H·(θ₁ − θ₀ − η·v) is the effect of
+    # the parameters' rounding at each point, which the symmetric check cannot see.
+    rounding_check: bool = True
     reading: str = "policy"  # which entropy reading defines entropy_change
     training_config: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -253,33 +268,33 @@ class ExperimentConfig:
             raise ConfigError(f"steps must be >= 1, got {self.steps}")
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if self.loss_type not in LOSS_TYPE_NAMES:
+            raise ConfigError(
+                f"unknown loss type {self.loss_type!r} (--loss-type): one of "
+                + ", ".join(LOSS_TYPE_NAMES)
+            )
+        if self.scale_rewards not in SCALE_REWARDS_NAMES:
+            raise ConfigError(
+                f"unknown scale_rewards {self.scale_rewards!r} (--scale-rewards): one of "
+                + ", ".join(SCALE_REWARDS_NAMES)
+            )
 
     @classmethod
-    def from_training_config(
-        cls, training: Mapping[str, Any], learning_rates: Iterable[float] | str, **settings: Any
+    def from_setup(
+        cls,
+        setup: TrainingSetup,
+        learning_rates: Iterable[float] | str,
+        training_config: Mapping[str, Any] | None = None,
+        **measurement: Any,
     ) -> ExperimentConfig:
-        """Take the sampling / update settings from the training config; explicit settings win."""
-        mapped = {
-            "num_generations": training.get("num_generations"),
-            "microbatch_size": training.get("microbatch_size"),
-            "buffer_size": training.get("buffer_size"),
-            "max_new_tokens": training.get("max_new_tokens"),
-            "temperature": training.get("temperature"),
-            "top_k": training.get("top_k"),
-            "top_p": training.get("top_p"),
-            "clip_eps": training.get("clip_eps"),
-            "grad_clip": training.get("grad_clip"),
-            "prompt_template": training.get("prompt_template"),
-        }
-        # The seed experiment's buffer and micro-batch overrides, unless set explicitly.
-        for key in ("buffer_size", "microbatch_size"):
-            mapped[key] = EXPERIMENT_OVERRIDES[key]
-        task = training.get("scheduler", {})
-        if isinstance(task, dict) and task.get("dataset"):
-            mapped["task"] = str(task["dataset"])
-        kwargs = {k: v for k, v in mapped.items() if v is not None}
-        kwargs.update({k: v for k, v in settings.items() if v is not None})
-        return cls(learning_rates=learning_rates, training_config=dict(training), **kwargs)
+        """The resolved training setup plus the measurement's own settings (grid, repeats,
+        seed, device, dtype, B_E, …)."""
+        values = {k: v for k, v in setup.values.items() if k in _FIELDS and v is not None}
+        values["prompts_split"] = setup.prompts_split
+        values.update({k: v for k, v in measurement.items() if v is not None})
+        return cls(
+            learning_rates=learning_rates, training_config=dict(training_config or {}), **values
+        )
 
     def sampling(self) -> dict[str, Any]:
         """The sampling distribution: rollouts and the scorer must share it exactly."""
@@ -302,9 +317,643 @@ class ExperimentConfig:
         out["training_config"]["lr"] = "η (each value of learning_rates)"
         return out
 
+    def objective(self):
+        """The loss the update takes (entropy_lab.update.Objective)."""
+        from entropy_lab.update import Objective
+
+        return Objective(
+            loss_type=self.loss_type,
+            clip_eps=self.clip_eps,
+            clip_eps_high=self.clip_eps_high,
+            kl_beta=self.kl_beta,
+            kl_bias_correction=self.kl_bias_correction,
+            entropy_coef=self.entropy_coef,
+        )
+
     def measurement_key(self) -> dict[str, Any]:
         """The settings that change a measurement at a given η (for caches and resume)."""
         out = dataclasses.asdict(self)
         for key in ("learning_rates", "num_repeats", "training_config"):
             out.pop(key)
         return out
+
+
+# -- training_args.bin: a pickled TrainingArguments / GRPOConfig, read without running it ------
+
+# Modules whose argument classes may be rebuilt (as plain field records, never imported).
+_ARGUMENT_MODULES = ("transformers.", "trl.", "accelerate.", "peft.")
+_ARGUMENT_SUFFIXES = ("Arguments", "Config", "State")
+# Enums and value types inside the arguments: rebuilt as their plain value.
+_VALUE_CLASSES = frozenset(
+    {
+        ("torch", "device"),
+        ("builtins", "set"),
+        ("builtins", "frozenset"),
+        ("collections", "OrderedDict"),
+    }
+)
+_ENUM_SUFFIXES = ("Strategy", "Type", "Names", "Mode", "Precision", "Kind")
+
+
+class FieldRecord(dict):
+    """An argument object rebuilt as its fields only (no class of the user's file is run)."""
+
+    type_name = ""
+
+    def __setstate__(self, state: Any) -> None:  # pickle's BUILD
+        if isinstance(state, tuple) and len(state) == 2:  # (dict, slots)
+            state = {**(state[0] or {}), **(state[1] or {})}
+        if not isinstance(state, dict):
+            raise pickle.UnpicklingError(f"{self.type_name}: a state that is not a mapping")
+        self.update(state)
+
+
+def _record_class(qualified: str) -> type:
+    return type("FieldRecord", (FieldRecord,), {"type_name": qualified})
+
+
+def _plain_value(qualified: str):
+    """Stand-in for an enum or value type: called by pickle's REDUCE, returns plain data."""
+
+    def rebuild(*args: Any) -> Any:
+        if qualified in ("builtins.set", "builtins.frozenset"):
+            return sorted(args[0], key=repr) if args else []
+        if qualified == "collections.OrderedDict":
+            return dict(*args)
+        return args[0] if len(args) == 1 else list(args)
+
+    return rebuild
+
+
+class _ArgumentsUnpickler(pickle.Unpickler):
+    """Rebuilds argument classes as :class:`FieldRecord`, their enums as values; refuses every
+    other global. Nothing from the file is imported or called."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        qualified = f"{module}.{name}"
+        if (module, name) in _VALUE_CLASSES:
+            return _plain_value(qualified)
+        if module.startswith(_ARGUMENT_MODULES) and "." not in name:
+            if name.endswith(_ARGUMENT_SUFFIXES):
+                return _record_class(qualified)
+            if name.endswith(_ENUM_SUFFIXES):
+                return _plain_value(qualified)
+        raise pickle.UnpicklingError(f"refused global {qualified}")
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("refused a tensor (persistent id): not an argument object")
+
+
+def read_training_args(path: str | Path) -> dict[str, Any]:
+    """The fields of a pickled ``TrainingArguments`` / ``GRPOConfig`` (``training_args.bin``),
+    read by a restricted unpickler that runs no code of the file; anything that is not an
+    argument object is refused in one line."""
+    import io
+    import zipfile
+
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
+            if not names:
+                raise ConfigError(f"{path}: a zip file without data.pkl (not a torch.save file)")
+            payload = archive.read(names[0])
+    except zipfile.BadZipFile:
+        payload = path.read_bytes()  # the legacy (non-zip) format is one plain pickle
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path} ({type(exc).__name__})") from None
+    try:
+        value = _ArgumentsUnpickler(io.BytesIO(payload)).load()
+    except pickle.UnpicklingError as exc:
+        raise ConfigError(
+            f"{path} is not a training-arguments object ({exc}); refused without running it"
+        ) from None
+    except Exception as exc:  # truncated or not a pickle at all
+        raise ConfigError(
+            f"{path} cannot be read as pickled training arguments ({type(exc).__name__}): "
+            "the file is damaged or not a training_args.bin"
+        ) from None
+    if not isinstance(value, FieldRecord):
+        raise ConfigError(
+            f"{path} holds a {type(value).__name__}, not a training-arguments object "
+            "(TrainingArguments / GRPOConfig)"
+        )
+    out = dict(value)
+    out["__class__"] = value.type_name
+    return out
+
+
+# -- the training setup: every setting that changes the update or the sampling, with its source --
+
+LOSS_TYPE_NAMES = ("dr_grpo", "dr_grpo_rl_practice", "grpo", "dapo", "bnpo")
+SCALE_REWARDS_NAMES = ("none", "group", "batch")
+
+
+def _boolean(text: Any) -> bool:
+    if isinstance(text, bool):
+        return text
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def _optional_float(text: Any) -> float | None:
+    return None if text is None or str(text).lower() in ("none", "") else float(text)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One setting of the training setup, declared once: the sweep flag, the pytest option
+    and the record in run_meta.json all come from this."""
+
+    name: str
+    parse: Any  # str -> value
+    help: str
+    choices: tuple[str, ...] | None = None
+    # When the setting must have a source on a checkpoint other than the built-in tiny one:
+    # "always", "steps>1" (only a clipped ratio ≠ 1 sees it), "kl" (only with kl_beta ≠ 0),
+    # "rewards>1" (several reward functions), or "never" (a measurement choice).
+    required: str = "always"
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("max_new_tokens", int, "tokens sampled per response (TRL: max_completion_length)"),
+    Setting("num_generations", int, "G: responses per update prompt"),
+    Setting("temperature", float, "sampling temperature (the loss and H use it too)"),
+    Setting("top_p", float, "nucleus sampling (1 = off)"),
+    Setting("top_k", int, "top-k sampling (0 = off)"),
+    Setting("loss_type", str, "the trainer's loss aggregation", LOSS_TYPE_NAMES),
+    Setting("scale_rewards", str, "advantage ÷ (std + 1e-4) of the", SCALE_REWARDS_NAMES),
+    Setting("kl_beta", float, "β of the k3 KL to the reference (TRL: beta)"),
+    Setting("kl_bias_correction", _boolean, "KL × ρ (TRL: use_bias_correction_kl)", None, "kl"),
+    Setting("entropy_coef", float, "entropy bonus coefficient (RL_Practice: ent_coef)"),
+    Setting("clip_eps", float, "PPO clip ε (TRL: epsilon)", None, "steps>1"),
+    Setting(
+        "clip_eps_high", _optional_float, "upper clip ε (RL_Practice: clip_+)", None, "steps>1"
+    ),
+    Setting("grad_clip", float, "gradient-norm clip, 0 = off (TRL: max_grad_norm)"),
+    Setting("buffer_size", int, "update prompts per repeat (the measurement's U)", None, "never"),
+    Setting("microbatch_size", int, "prompts per micro-batch", None, "never"),
+    Setting("prompts", str, "prompt file (JSONL/JSON/CSV/Parquet) or arithmetic[:N]"),
+    Setting("prompt_template", str, "file with a {question} slot", None, "never"),
+    Setting("reward", str, "FILE.py:NAME or module:NAME or a built-in, comma-separated"),
+    Setting("reward_weights", str, "comma-separated weights, one per reward", None, "rewards>1"),
+)
+SETTING_NAMES = tuple(s.name for s in SETTINGS)
+_BY_NAME = {s.name: s for s in SETTINGS}
+
+# The built-in tiny checkpoint's trainer (entropy_lab.tiny): what its config.yaml leaves unsaid.
+TINY_DEFAULTS: dict[str, Any] = {
+    "loss_type": "dr_grpo",  # tiny.dr_grpo_steps: ÷ (rows · max_new_tokens)
+    "scale_rewards": "none",
+    "kl_beta": 0.0,
+    "kl_bias_correction": False,
+    "entropy_coef": 0.0,
+    "clip_eps_high": None,
+    "top_p": 1.0,
+    "top_k": 0,
+    "prompts": "arithmetic",
+    "reward": "exact_answer",
+    "prompt_template": None,
+    "reward_weights": None,
+}
+# The measurement's update batch (DESIGN §6: the seed experiment's overrides).
+MEASUREMENT_BATCH = {"buffer_size": 128, "microbatch_size": 4}
+
+# RL_Practice keys -> settings. Values are (setting, how to read the value).
+_RL_PRACTICE_KEYS = {
+    "max_new_tokens": "max_new_tokens",
+    "num_generations": "num_generations",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "loss_type": "loss_type",
+    "scale_rewards": "scale_rewards",
+    "kl_beta": "kl_beta",
+    "ent_coef": "entropy_coef",
+    "entropy_coef": "entropy_coef",
+    "clip_eps": "clip_eps",
+    "clip_+": "clip_eps_high",
+    "grad_clip": "grad_clip",
+    "prompt_template": "prompt_template",
+    "reward_weights": "reward_weights",
+}
+_RL_PRACTICE_UNUSED = {
+    "backbone": "the checkpoint names its base model",
+    "lr": "η replaces it",
+    "total_steps": "a training-run length",
+    "save_every": "a training-run setting",
+    "bf16": "--dtype decides",
+    "gradient_checkpointing": "changes memory, not the gradient",
+    "rollout_batch_size": "generation batching, memory only",
+    "tf_micro_batch": "teacher-forcing micro-batch, memory only",
+    "weight_decay": "in the saved optimizer state",
+    "betas": "in the saved optimizer state",
+    "eps": "in the saved optimizer state",
+    "lora": "the adapter folder holds it",
+    "seed": "--seed decides",
+    "buffer_size": "the measurement's U is buffer_size below",
+    "microbatch_size": "memory only: the losses are normalised globally",
+}
+_UNUSED_WORDS = ("vllm", "eval", "probe", "wandb", "log", "save", "checkpoint", "output", "hub")
+
+# TRL GRPOConfig fields -> settings.
+_TRL_KEYS = {
+    "max_completion_length": "max_new_tokens",
+    "num_generations": "num_generations",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "loss_type": "loss_type",
+    "scale_rewards": "scale_rewards",
+    "beta": "kl_beta",
+    "use_bias_correction_kl": "kl_bias_correction",
+    "entropy_coef": "entropy_coef",
+    "epsilon": "clip_eps",
+    "epsilon_high": "clip_eps_high",
+    "max_grad_norm": "grad_clip",
+    "reward_weights": "reward_weights",
+}
+# GRPOConfig fields whose non-default value makes an update the measurement cannot take.
+_TRL_UNSUPPORTED = {
+    "importance_sampling_level": ("token",),
+    "top_entropy_quantile": (1.0,),
+    "mask_truncated_completions": (False,),
+    "delta": (None,),
+    "off_policy_mask_threshold": (None,),
+    "use_adaptive_entropy": (False,),
+    "multi_objective_aggregation": ("sum_then_normalize",),
+    "repetition_penalty": (1.0,),
+    "min_p": (None, 0.0),
+}
+_TRL_MARKERS = (
+    "max_completion_length",
+    "loss_type",
+    "beta",
+    "epsilon",
+    "per_device_train_batch_size",
+)
+
+
+@dataclasses.dataclass
+class TrainingSetup:
+    """The resolved setup: effective values, where each came from, and what was not used."""
+
+    values: dict[str, Any]
+    sources: dict[str, str]
+    not_used: list[str] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+    prompts_split: str | None = None
+
+    def table(self) -> str:
+        """``setting | value | from``, one row per setting, then the notes."""
+        rows = [
+            (n, _show(self.values.get(n)), self.sources.get(n, _UNSET.get(n, "not set")))
+            for n in SETTING_NAMES
+        ]
+        widths = [max(len(r[i]) for r in rows + [("setting", "value", "from")]) for i in range(2)]
+        lines = ["TRAINING SETUP", f"{'setting':<{widths[0]}} | {'value':<{widths[1]}} | from"]
+        lines.append("-" * (widths[0] + widths[1] + 10))
+        lines += [f"{n:<{widths[0]}} | {v:<{widths[1]}} | {src}" for n, v, src in rows]
+        if self.not_used:
+            lines.append("not used by the measurement: " + ", ".join(self.not_used))
+        lines += [f"note: {note}" for note in self.notes]
+        return "\n".join(lines)
+
+
+_UNSET = {
+    "prompt_template": "not set: each record's own prompt",
+    "reward_weights": "not set: each reward 1",
+    "clip_eps_high": "not set: = clip_eps",
+}
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def find_training_config(step_dir: Path) -> Path | None:
+    """RL_Practice's ``config.yaml`` beside the step folder or up to two folders above it."""
+    for folder in (step_dir, step_dir.parent, step_dir.parent.parent):
+        if (folder / "config.yaml").is_file():
+            return folder / "config.yaml"
+    return None
+
+
+def check_setting(name: str, value: Any) -> Any:
+    """A flag's value parsed and checked (the error names the flag)."""
+    return _checked(name, value, _BY_NAME[name].flag)
+
+
+def _checked(name: str, value: Any, where: str) -> Any:
+    setting = _BY_NAME[name]
+    if value is None:
+        return None
+    try:
+        parsed = setting.parse(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: {name} = {value!r} is not a valid {setting.flag}") from None
+    if setting.choices is not None and parsed not in setting.choices:
+        kind = "loss type" if name == "loss_type" else name
+        raise ConfigError(
+            f"{where}: unknown {kind} {parsed!r} ({setting.flag}): one of "
+            + ", ".join(setting.choices)
+        )
+    if isinstance(parsed, float) and (not math.isfinite(parsed) or parsed < 0):
+        raise ConfigError(f"{where}: {name} must be finite and >= 0, got {value!r}")
+    if name in ("max_new_tokens", "num_generations", "buffer_size", "microbatch_size"):
+        if parsed < 1:
+            raise ConfigError(f"{where}: {name} must be >= 1, got {value!r} ({setting.flag})")
+    if name == "temperature" and parsed <= 0:
+        raise ConfigError(f"{where}: temperature must be > 0, got {value!r}")
+    return parsed
+
+
+def _rl_practice_layer(cfg: Mapping[str, Any], label: str, implied: bool, step: int | None):
+    """(values, sources, not used, notes) of an RL_Practice training config."""
+    values, sources, unused, notes = {}, {}, [], []
+    if implied and "loss_type" not in cfg:  # RL_Practice's trainer is Dr-GRPO (§7)
+        values.update(loss_type="dr_grpo_rl_practice", scale_rewards="none")
+        sources.update(
+            loss_type=f"{label} (RL_Practice's Dr-GRPO: ÷ G·longest of the group)",
+            scale_rewards=f"{label} (RL_Practice's Dr-GRPO: no std division)",
+        )
+    for key, value in cfg.items():
+        if key in _RL_PRACTICE_KEYS:
+            name = _RL_PRACTICE_KEYS[key]
+            values[name] = _checked(name, value, f"{label}: {key}")
+            sources[name] = label if key == name else f"{label}: {key}"
+        elif key == "reward_fns":
+            names = [value] if isinstance(value, str) else list(value or [])
+            if names:
+                values["reward"] = ",".join(str(n) for n in names)
+                sources["reward"] = f"{label}: reward_fns"
+        elif key == "scheduler" and isinstance(value, Mapping):
+            dataset = value.get("dataset_name") or value.get("dataset")
+            if dataset:
+                values["prompts"] = str(dataset)
+                sources["prompts"] = f"{label}: scheduler." + (
+                    "dataset_name" if value.get("dataset_name") else "dataset"
+                )
+                if value.get("split"):
+                    values["_split"] = str(value["split"])
+            other = sorted(set(value) - {"dataset_name", "dataset", "split"})
+            if other:
+                unused.append("scheduler." + "/".join(other) + " (prompt order in training)")
+        elif key == "ppo_epochs":
+            if int(value) > 1:
+                notes.append(
+                    f"{label}: ppo_epochs = {value}: the trainer takes {value} optimizer steps per "
+                    "buffer; the measurement takes --steps (see steps in the config)"
+                )
+            else:
+                unused.append("ppo_epochs (1)")
+        elif key == "lr_scheduler":
+            notes.append(_schedule_note(cfg, label, step))
+        elif key in _RL_PRACTICE_UNUSED:
+            unused.append(f"{key} ({_RL_PRACTICE_UNUSED[key]})")
+        elif any(word in key.lower() for word in _UNUSED_WORDS):
+            unused.append(key)
+        elif key not in KNOWN_TRAINING_KEYS:
+            warnings.warn(f"{label}: unknown key ignored: {key}", stacklevel=3)
+    return values, sources, unused, notes
+
+
+def _schedule_note(cfg: Mapping[str, Any], label: str, step: int | None) -> str:
+    """The lr factor RL_Practice's scheduler (5 % linear warmup) had at the saved step;
+    reported, not applied: the measured step runs at lr = η exactly."""
+    kind = cfg.get("lr_scheduler")
+    total = cfg.get("total_steps")
+    if not isinstance(total, (int, float)) or step is None or total <= 0:
+        return f"{label}: lr_scheduler = {kind} (lr = η is set exactly; no factor applied)"
+    warmup = max(1, round(0.05 * total))
+    if step < warmup:
+        factor = (step + 1) / warmup
+    elif kind == "cosine":
+        factor = 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    elif kind == "linear":
+        factor = max(0.0, (total - step) / max(1, total - warmup))
+    else:
+        factor = 1.0
+    return (
+        f"{label}: lr_scheduler = {kind} with 5 % warmup: factor {factor:.3g} at step {step} of "
+        f"{total} (reported, not applied: the measured step runs at lr = η exactly)"
+    )
+
+
+def _trl_layer(args: Mapping[str, Any], label: str):
+    """(values, sources, not used, notes) of a TRL GRPOConfig (training_args.bin or YAML)."""
+    values, sources, unused, notes = {}, {}, [], []
+    for key, allowed in _TRL_UNSUPPORTED.items():
+        if key in args and args[key] not in allowed:
+            raise ConfigError(
+                f"{label}: {key} = {args[key]!r} makes an update this measurement does not "
+                f"reproduce (supported: {allowed[0]!r})"
+            )
+    for key, name in _TRL_KEYS.items():
+        if key not in args:
+            continue
+        value = args[key]
+        where = f"{label}: {key}"
+        if key == "scale_rewards" and isinstance(value, bool):  # TRL < 0.22: True = group
+            value = "group" if value else "none"
+        if key == "top_k" and value is None:
+            raise ConfigError(
+                f"{where} is None (the generator's own default, 50 in transformers): pass --top-k"
+            )
+        if key == "reward_weights" and value is not None:
+            value = ",".join(f"{float(w):g}" for w in value)
+        values[name] = _checked(name, value, where)
+        sources[name] = where
+    if "beta" in args and "use_bias_correction_kl" not in args:
+        values["kl_bias_correction"] = False
+        sources["kl_bias_correction"] = f"{label} (a TRL without use_bias_correction_kl: plain k3)"
+    if "entropy_coef" not in args and "loss_type" in args:
+        values["entropy_coef"] = 0.0
+        sources["entropy_coef"] = f"{label} (a TRL without entropy_coef: no bonus)"
+    if values.get("clip_eps_high") is None and "epsilon" in args:
+        sources["clip_eps_high"] = f"{label}: epsilon_high None (= epsilon)"
+        values["clip_eps_high"] = None
+    if "reward_weights" in args and args["reward_weights"] is None:
+        sources["reward_weights"] = f"{label}: reward_weights None (each 1)"
+    iterations = args.get("num_iterations", 1)
+    if iterations and int(iterations) > 1:
+        notes.append(
+            f"{label}: num_iterations = {iterations}: the trainer steps {iterations}× per "
+            "generation batch; the measurement takes --steps"
+        )
+    rows = args.get("per_device_train_batch_size")
+    accumulation = args.get("gradient_accumulation_steps", 1)
+    if rows and args.get("num_generations"):
+        notes.append(
+            f"{label}: the trainer's step sees {rows} × {accumulation} rows per process "
+            f"({rows * accumulation / args['num_generations']:g} prompts × "
+            f"{args['num_generations']}); the measurement's U is buffer_size prompts"
+        )
+    if args.get("lr_scheduler_type") not in (None, "constant"):
+        notes.append(
+            f"{label}: lr_scheduler_type = {args.get('lr_scheduler_type')} (not applied: the "
+            "measured step runs at lr = η exactly)"
+        )
+    used = set(_TRL_KEYS) | set(_TRL_UNSUPPORTED) | {"num_iterations", "__class__"}
+    if "__class__" in args:
+        unused.append(
+            f"{len(set(args) - used)} other {args['__class__'].rsplit('.', 1)[-1]} fields"
+        )
+    else:
+        unused += sorted(set(args) - used)
+    return values, sources, unused, notes
+
+
+def _is_trl_yaml(data: Mapping[str, Any]) -> bool:
+    return any(key in data for key in _TRL_MARKERS)
+
+
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """A YAML file holding a mapping (``yaml.safe_load``), without RL_Practice validation."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path} (pass an existing YAML)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"malformed YAML in {path}{where}: fix the syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path} must hold a mapping of keys to values, not {type(data).__name__}"
+        )
+    return data
+
+
+def resolve_training_setup(
+    step_dir: str | Path,
+    *,
+    tiny: bool = False,
+    base_config: str | Path | None = None,
+    flags: Mapping[str, Any] | None = None,
+    steps: int = 1,
+) -> TrainingSetup:
+    """Every setting from its highest source: defaults (built-in tiny checkpoint only) < the
+    checkpoint's training config (RL_Practice ``config.yaml`` beside or above the step; TRL's
+    ``training_args.bin``) < ``--base-config`` (RL_Practice or TRL YAML) < the measurement's
+    batch (buffer_size, microbatch_size; DESIGN §6) < flags. A setting that changes the update
+    or the sampling and has no source is an error naming its flag."""
+    step_dir = Path(step_dir)
+    layers: list[tuple[dict, dict, list, list]] = []
+    if tiny:
+        layers.append(
+            (dict(TINY_DEFAULTS), dict.fromkeys(TINY_DEFAULTS, "default (built-in tiny)"), [], [])
+        )
+    yaml_path = find_training_config(step_dir)
+    if yaml_path is not None:
+        cfg = load_training_config_quietly(yaml_path)
+        label = _label(yaml_path, step_dir)
+        layers.append(_rl_practice_layer(cfg, label, not tiny, _step_number(step_dir)))
+    args_path = step_dir / "training_args.bin"
+    if args_path.is_file():
+        layers.append(_trl_layer(read_training_args(args_path), "training_args.bin"))
+    if base_config:
+        data = read_yaml_mapping(base_config)
+        label = f"--base-config {Path(base_config).name}"
+        if _is_trl_yaml(data):
+            layers.append(_trl_layer(data, label))
+        else:
+            data = validate_training_config_quietly(data, label)
+            layers.append(_rl_practice_layer(data, label, not tiny, _step_number(step_dir)))
+    layers.append(
+        (
+            dict(MEASUREMENT_BATCH),
+            dict.fromkeys(MEASUREMENT_BATCH, "measurement (DESIGN §6)"),
+            [],
+            [],
+        )
+    )
+    flag_values = {k: v for k, v in (flags or {}).items() if v is not None}
+    layers.append(
+        (
+            {k: _checked(k, v, _BY_NAME[k].flag) for k, v in flag_values.items()},
+            {k: _BY_NAME[k].flag for k in flag_values},
+            [],
+            [],
+        )
+    )
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    not_used: list[str] = []
+    notes: list[str] = []
+    split = None
+    for layer_values, layer_sources, unused, layer_notes in layers:
+        split = layer_values.pop("_split", split) if "prompts" in layer_values else split
+        values.update(layer_values)
+        sources.update(layer_sources)
+        not_used += [u for u in unused if u not in not_used]
+        notes += layer_notes
+    _require_sources(values, sources, steps)
+    for name in SETTING_NAMES:
+        values.setdefault(name, None)
+    return TrainingSetup(values, sources, not_used, notes, split)
+
+
+def _required(setting: Setting, values: Mapping[str, Any], steps: int) -> bool:
+    rule = setting.required
+    if rule == "always":
+        return True
+    if rule == "steps>1":
+        return steps > 1
+    if rule == "kl":
+        return bool(values.get("kl_beta"))
+    if rule == "rewards>1":
+        return "," in str(values.get("reward") or "")
+    return False
+
+
+def _require_sources(values: Mapping[str, Any], sources: Mapping[str, str], steps: int) -> None:
+    missing = [s for s in SETTINGS if s.name not in sources and _required(s, values, steps)]
+    if missing:
+        names = ", ".join(f"{s.name} ({s.flag})" for s in missing)
+        raise ConfigError(
+            f"no source for {names}: the checkpoint's training config does not set "
+            f"{'it' if len(missing) == 1 else 'them'}; pass "
+            + " ".join(f"{s.flag} …" for s in missing)
+            + " or --base-config YAML (only the built-in tiny checkpoint has defaults)"
+        )
+
+
+def _label(path: Path, step_dir: Path) -> str:
+    return path.name if path.parent == step_dir else f"{path.parent.name}/{path.name}"
+
+
+def _step_number(step_dir: Path) -> int | None:
+    tail = step_dir.name.rsplit("_", 1)[-1].rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else None
+
+
+def load_training_config_quietly(path: str | Path) -> dict[str, Any]:
+    """``load_training_config`` without its unknown-key warning (the setup lists them)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return load_training_config(path)
+
+
+def validate_training_config_quietly(data: Mapping[str, Any], source: str) -> dict[str, Any]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return validate_training_config(data, source=source)
+
+
+_FIELDS = {f.name for f in dataclasses.fields(ExperimentConfig)}

@@ -1,10 +1,12 @@
 """The measurement protocol (DESIGN §2), top to bottom.
 
-prepare():  task → disjoint prompts → evaluation batch E sampled once at θ₀ → H(θ₀) cached.
+prepare():  task → disjoint prompts → evaluation batch E sampled once at θ₀ → H(θ₀) cached,
+             and ∇H(θ₀) by one backward pass (the rounding check).
 direction(): per repeat r, update batch U_r sampled at θ₀ with seed r → Dr-GRPO gradient →
              update vector v_r → theory along v_r.
 measure_point(): per η, from (θ₀, S₀): real AdamW step(s) at lr = η → H(θ₁) on E → ΔH;
-             the same U_r (common random numbers) for every η of a repeat.
+             the same U_r (common random numbers) for every η of a repeat. Returns one
+             ``analysis.PointRecord`` (a raw_results.json record).
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ import time
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from entropy_lab import distributed
+from entropy_lab.analysis import EPS, PointRecord
 from entropy_lab.checkpoint import LoadedCheckpoint
 from entropy_lab.config import ExperimentConfig
 from entropy_lab.entropy import EntropyReadings, EntropyScorer, readings
@@ -33,8 +36,12 @@ from entropy_lab.theory import (
     covariance_identity_slope,
     crude_forecasts,
     directional_derivatives,
+    entropy_gradient,
 )
 from entropy_lab.update import Gradient, PolicyUpdate, UpdateBatch, group_advantages
+
+if TYPE_CHECKING:
+    from entropy_lab.config import TrainingSetup
 
 
 def repeat_seed(seed: int, repeat: int) -> int:
@@ -54,6 +61,114 @@ class Setup:
     updater: PolicyUpdate
     reference_logprob: torch.Tensor  # log π_θ₀(seq_i) for E
     baseline: EntropyReadings  # H(θ₀)
+    training: TrainingSetup | None = None  # where each setting came from (open_experiment)
+    kl_reference: torch.nn.Module | None = None  # a full fine-tune's KL reference model
+    entropy_grad: dict[str, torch.Tensor] | None = None  # ∇H(θ₀) of the reading (rounding)
+
+
+def open_experiment(
+    checkpoint: str | Any | None = None,
+    learning_rates: Iterable[float] | str = (1e-6,),
+    *,
+    base_config: str | None = None,
+    base_model: str | None = None,
+    dtype: str | None = None,
+    device: str = "cpu",
+    settings: dict[str, Any] | None = None,
+    reference_model: str | None = None,
+    on_config: Callable[[ExperimentConfig, LoadedCheckpoint, TrainingSetup], None] | None = None,
+    **measurement: Any,
+) -> Setup:
+    """The one way in: checkpoint → training setup → experiment config → batches.
+
+    ``checkpoint`` None means the built-in tiny one (built on first use). ``settings`` are the
+    flag values of config.SETTINGS (None = not given); ``measurement`` the measurement's own
+    settings (num_repeats, seed, eval_size, steps, reading, …). ``on_config`` sees the config
+    before the (slow) batches are sampled: the CLI prints the setup table and opens its
+    results folder there.
+    """
+    from entropy_lab.checkpoint import load_checkpoint, resolve_layout
+    from entropy_lab.config import resolve_training_setup
+    from entropy_lab.tiny import TINY_EVAL_SIZE, ensure_tiny_checkpoint, is_tiny_checkpoint
+
+    builtin = checkpoint is None  # quick's defaults: faithful fp64, B_E = 256
+    if builtin:
+        checkpoint = ensure_tiny_checkpoint(verbose=True)
+    layout = resolve_layout(checkpoint)
+    tiny = is_tiny_checkpoint(layout.root)  # a copy too: the setup's defaults apply
+    dtype = dtype or ("fp64" if builtin else "fp32")
+    if measurement.get("eval_size") is None:
+        measurement["eval_size"] = TINY_EVAL_SIZE if builtin else 64
+    loaded = load_checkpoint(
+        checkpoint,
+        dtype=dtype,
+        device=device,
+        base_model=base_model,
+        faithful_fp64=measurement.get("faithful_fp64", True),
+    )
+    training = resolve_training_setup(
+        layout.root,
+        tiny=tiny,
+        base_config=base_config,
+        flags=settings,
+        steps=measurement.get("steps") or 1,
+    )
+    cfg = ExperimentConfig.from_setup(
+        training,
+        learning_rates,
+        loaded.training_config,
+        dtype=dtype,
+        device=device,
+        reference_model=reference_model,
+        **measurement,
+    )
+    kl_reference = None
+    if cfg.kl_beta:
+        kl_reference = _kl_reference(loaded, reference_model, dtype, device)
+    if on_config is not None:
+        on_config(cfg, loaded, training)
+    setup = prepare(cfg, loaded)
+    setup.training, setup.kl_reference = training, kl_reference
+    return setup
+
+
+def _kl_reference(loaded: LoadedCheckpoint, reference_model: str | None, dtype, device):
+    """The KL reference: None for a LoRA policy (its adapter is disabled instead); a full
+    fine-tune needs --reference-model DIR."""
+    if loaded.metadata.get("adapter"):
+        if reference_model:
+            raise ConfigError(
+                "--reference-model: a LoRA policy's reference is its base model with the "
+                "adapter disabled; drop --reference-model"
+            )
+        return None
+    if not reference_model:
+        raise ConfigError(
+            "kl_beta > 0 on a full fine-tune needs the KL reference: pass --reference-model DIR "
+            "(the model the run started from)"
+        )
+    from transformers import AutoModelForCausalLM
+
+    from entropy_lab.precision import make_faithful, torch_dtype
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            reference_model,
+            dtype=torch_dtype(dtype),
+            attn_implementation="eager",  # forward-mode AD has no SDPA kernels
+            local_files_only=True,
+        )
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"--reference-model {reference_model}: cannot load it offline ({type(exc).__name__})"
+        ) from None
+    model.to(device)
+    if dtype == "fp64":
+        make_faithful(model)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
 
 
 @dataclass
@@ -72,12 +187,20 @@ class Direction:
 
 
 def prepare(cfg: ExperimentConfig, checkpoint: LoadedCheckpoint) -> Setup:
+    from entropy_lab.tasks import load_rewards
+
     policy, tokenizer = checkpoint.policy, checkpoint.tokenizer
-    task = load_task(cfg.task, cfg.prompt_template)
+    task = load_task(
+        cfg.prompts,
+        cfg.prompt_template,
+        tokenizer=tokenizer,
+        rewards=load_rewards(cfg.reward, cfg.reward_weights),
+        split=cfg.prompts_split,
+    )
     eval_problems, pool = task.split(cfg.eval_size, seed=cfg.seed)
     if len(eval_problems) < cfg.eval_size or len(pool) < cfg.buffer_size:
         raise ConfigError(
-            f"task {cfg.task!r} has {len(task.problems)} prompts; the sweep needs at least "
+            f"prompts {cfg.prompts!r} have {len(task.problems)} records; the sweep needs at least "
             f"eval_size + buffer_size = {cfg.eval_size + cfg.buffer_size} (lower --eval-size "
             "or buffer_size, or give a larger prompt file)"
         )
@@ -102,6 +225,9 @@ def prepare(cfg: ExperimentConfig, checkpoint: LoadedCheckpoint) -> Setup:
         rows=distributed.shard(cfg.eval_size),
     )
     eval_batch = _gather_batch(eval_shard).to(device)
+    # The reward functions called once on E's completions: one that fails, returns the
+    # wrong length or a non-finite value stops the run here, before any point is measured.
+    task.rewards(eval_batch.responses, [eval_problems[int(i)] for i in eval_batch.prompt_index])
     scorer = EntropyScorer(
         policy, cfg.temperature, cfg.eval_chunk_tokens, top_k=cfg.top_k, top_p=cfg.top_p
     )
@@ -113,6 +239,7 @@ def prepare(cfg: ExperimentConfig, checkpoint: LoadedCheckpoint) -> Setup:
         grad_clip=cfg.grad_clip,
         microbatch_size=cfg.microbatch_size,
         chunk_tokens=cfg.eval_chunk_tokens,
+        objective=cfg.objective(),
     )
     policy.eval()
     with torch.no_grad():
@@ -127,8 +254,31 @@ def prepare(cfg: ExperimentConfig, checkpoint: LoadedCheckpoint) -> Setup:
             f"H(θ₀) on the evaluation batch is not finite (conditional {baseline.conditional}, "
             f"policy {baseline.policy}): the logits overflow in {cfg.dtype}; try --dtype fp32"
         )
+    entropy_grad = None
+    if cfg.rounding_check and cfg.steps == 1:
+        entropy_grad = with_oom_retry(
+            "∇H at θ₀ (the rounding check)",
+            lambda: entropy_gradient(
+                scorer,
+                eval_batch,
+                updater.params,
+                getattr(baseline, _reading_key(cfg)),
+                cfg.reading,
+            ),
+            updater,
+            scorer,
+        )
     return Setup(
-        cfg, checkpoint, task, pool, eval_batch, scorer, updater, sums.logprob.detach(), baseline
+        cfg,
+        checkpoint,
+        task,
+        pool,
+        eval_batch,
+        scorer,
+        updater,
+        sums.logprob.detach(),
+        baseline,
+        entropy_grad=entropy_grad,
     )
 
 
@@ -157,13 +307,13 @@ def sample_update_batch(setup: Setup, repeat: int) -> UpdateBatch:
         rows=rows,
     )
     rewards = torch.tensor(
-        [setup.task.reward(r, prompts[int(i)]) for r, i in zip(seqs.responses, seqs.prompt_index)],
+        setup.task.rewards(seqs.responses, [prompts[int(i)] for i in seqs.prompt_index]),
         dtype=torch.float64,
     )
     update = UpdateBatch(
         seqs,
         rewards,
-        group_advantages(rewards, seqs.prompt_index),
+        group_advantages(rewards, seqs.prompt_index, cfg.scale_rewards),
         cfg.num_generations,
         cfg.max_new_tokens,
         mean_reward=distributed.sum_over_ranks(float(rewards.sum()))
@@ -171,6 +321,8 @@ def sample_update_batch(setup: Setup, repeat: int) -> UpdateBatch:
     )
     if cfg.steps > 1:  # later steps use the clipped ratio against θ₀'s log-probs
         update.old_logprob = setup.updater.token_logprobs(seqs)
+    if cfg.kl_beta:  # the reference's log-probs, once per U (they do not depend on θ)
+        update.ref_logprob = setup.updater.reference_logprobs(seqs, setup.kl_reference)
     return update
 
 
@@ -298,44 +450,78 @@ def with_oom_retry(what: str, call: Callable[[], Any], updater, scorer) -> Any:
             warnings.warn(f"CUDA out of memory in {what}: retrying with {sizes}", RuntimeWarning, 2)
 
 
-def _record_head(setup: Setup, d: Direction | FailedDirection, eta: float) -> dict[str, Any]:
+def _record_head(setup: Setup, d: Direction | FailedDirection, eta: float) -> PointRecord:
     """The fields every (η, repeat) record starts with; ``success`` until proven."""
-    return {
-        "learning_rate": eta,
-        "repeat": d.repeat,
-        "seed": d.seed,
-        "success": False,
-        "reading": setup.cfg.reading,
-        "entropy_before": getattr(setup.baseline, _reading_key(setup.cfg)),
-    }
+    return PointRecord(
+        learning_rate=eta,
+        repeat=d.repeat,
+        seed=d.seed,
+        success=False,
+        reading=setup.cfg.reading,
+        dtype=setup.cfg.dtype,
+        eps=EPS[setup.cfg.dtype],
+        entropy_before=getattr(setup.baseline, _reading_key(setup.cfg)),
+    )
 
 
 def _reading_key(cfg: ExperimentConfig) -> str:
     return "policy" if cfg.reading == "policy" else "conditional"
 
 
-def _failed_direction_record(setup: Setup, d: FailedDirection, eta: float) -> dict[str, Any]:
-    return {
-        **_record_head(setup, d, eta),
-        "first_order_prediction": None,
-        "first_order_slope": None,
-        "curvature": None,
-        "error": d.error,
-        "duration_s": 0.0,
-    }
+def _failed_direction_record(setup: Setup, d: FailedDirection, eta: float) -> PointRecord:
+    record = _record_head(setup, d, eta)
+    record.error = d.error
+    record.duration_s = 0.0
+    return record
 
 
-def _entropy_after(setup: Setup, d: Direction, eta: float) -> tuple[EntropyReadings, float]:
-    """H(θ₁) after real step(s) at lr = η, and the fraction of entries the step left equal."""
+@dataclass(frozen=True)
+class _After:
+    """H(θ₁) and what the stepped θ₁ says about rounding."""
+
+    readings: EntropyReadings
+    quantized_fraction: float
+    rounding_effect: float | None
+
+
+def _entropy_after(setup: Setup, d: Direction, eta: float) -> _After:
+    """H(θ₁) after real step(s) at lr = η, the fraction of entries the step left equal, and
+    ∇H·(θ₁ − θ₀ − η·v) (one step only: later steps leave the line θ₀ + η·v)."""
     try:
         setup.updater.steps(eta, d.gradient, d.update, setup.cfg.steps)
         quantized = setup.updater.quantized_fraction(d.vector)
-        return setup.scorer.measure(setup.eval_batch, setup.reference_logprob), quantized
+        rounding = None
+        if setup.entropy_grad is not None and setup.cfg.steps == 1:
+            rounding = setup.updater.rounding_effect(eta, d.vector, setup.entropy_grad)
+        readings_after = setup.scorer.measure(setup.eval_batch, setup.reference_logprob)
+        return _After(readings_after, quantized, rounding)
     finally:
         setup.updater.restore()
 
 
-def measure_point(setup: Setup, d: Direction | FailedDirection, eta: float) -> dict[str, Any]:
+def _jet_fields(d: Direction, eta: float, key: str) -> dict[str, Any]:
+    """The theory along v_r, per unit η, and its predictions at η."""
+    slope = getattr(d.derivatives, f"slope_{key}")
+    curvature = getattr(d.derivatives, f"curvature_{key}")
+    third = getattr(d.derivatives, f"third_{key}")
+    second = eta * slope + 0.5 * eta**2 * curvature if curvature is not None else None
+    return dict(
+        first_order_slope=slope,
+        first_order_prediction=eta * slope,
+        first_order_slope_conditional=d.derivatives.slope_conditional,
+        curvature=curvature,
+        second_order_prediction=second,
+        third_derivative=third,
+        third_order_prediction=second + eta**3 * third / 6
+        if second is not None and third is not None
+        else None,
+        identity_slope=d.identity_slope,
+        cui_vanilla_pg_slope=d.forecasts.vanilla_pg if d.forecasts else None,
+        cui_natural_pg_slope=d.forecasts.natural_pg if d.forecasts else None,
+    )
+
+
+def measure_point(setup: Setup, d: Direction | FailedDirection, eta: float) -> PointRecord:
     """One (η, repeat) record with the fields of raw_results.json."""
     if isinstance(d, FailedDirection):
         return _failed_direction_record(setup, d, eta)
@@ -343,70 +529,49 @@ def measure_point(setup: Setup, d: Direction | FailedDirection, eta: float) -> d
     cfg = setup.cfg
     key = _reading_key(cfg)
     before = setup.baseline
-    record: dict[str, Any] = {
-        **_record_head(setup, d, eta),
-        "update_norm": setup.updater.update_norm(d.vector),
-        "grad_norm": d.gradient.grad_norm,
-        "mean_reward": d.update.mean_reward,
-    }
+    record = _record_head(setup, d, eta)
+    record.update_norm = setup.updater.update_norm(d.vector)
+    record.grad_norm = d.gradient.grad_norm
+    record.mean_reward = d.update.mean_reward
     if d.derivatives is not None:
-        slope = getattr(d.derivatives, f"slope_{key}")
-        curvature = getattr(d.derivatives, f"curvature_{key}")
-        third = getattr(d.derivatives, f"third_{key}")
-        record.update(
-            first_order_slope=slope,
-            first_order_prediction=eta * slope,
-            first_order_slope_conditional=d.derivatives.slope_conditional,
-            curvature=curvature,
-            second_order_prediction=eta * slope + 0.5 * eta**2 * curvature
-            if curvature is not None
-            else None,
-            third_derivative=third,
-            third_order_prediction=eta * slope + 0.5 * eta**2 * curvature + eta**3 * third / 6
-            if curvature is not None and third is not None
-            else None,
-            identity_slope=d.identity_slope,
-            cui_vanilla_pg_slope=d.forecasts.vanilla_pg if d.forecasts else None,
-            cui_natural_pg_slope=d.forecasts.natural_pg if d.forecasts else None,
-        )
-    else:
-        record.update(first_order_prediction=None, first_order_slope=None, curvature=None)
+        for name, value in _jet_fields(d, eta, key).items():
+            setattr(record, name, value)
     try:
-        after, record["quantized_fraction"] = with_oom_retry(
+        after = with_oom_retry(
             f"the step at η={eta!r}",
             lambda: _entropy_after(setup, d, eta),
             setup.updater,
             setup.scorer,
         )
-        record["routing_changed_fraction"] = setup.scorer.routing_changed_fraction()
-        change = getattr(after, key) - getattr(before, key)
+        record.routing_changed_fraction = setup.scorer.routing_changed_fraction()
+        change = getattr(after.readings, key) - getattr(before, key)
         if not math.isfinite(change):
             raise FloatingPointError(f"non-finite entropy after the step ({change})")
-        record.update(
-            entropy_after=getattr(after, key),
-            entropy_change=change,
-            entropy_change_conditional=after.conditional - before.conditional,
-            entropy_change_policy=after.policy - before.policy,
-            ess=after.ess,
-        )
+        record.quantized_fraction = after.quantized_fraction
+        record.rounding_effect = after.rounding_effect
+        record.entropy_after = getattr(after.readings, key)
+        record.entropy_change = change
+        record.entropy_change_conditional = after.readings.conditional - before.conditional
+        record.entropy_change_policy = after.readings.policy - before.policy
+        record.ess = after.readings.ess
         if cfg.symmetric_check and cfg.steps == 1:
-            mirrored, _ = with_oom_retry(
+            mirrored = with_oom_retry(
                 f"the step at η={-eta!r}",
                 lambda: _entropy_after(setup, d, -eta),
                 setup.updater,
                 setup.scorer,
             )
-            record["entropy_change_negative"] = getattr(mirrored, key) - getattr(before, key)
-        record["success"] = True
+            record.entropy_change_negative = getattr(mirrored.readings, key) - getattr(before, key)
+        record.success = True
     except (FloatingPointError, RuntimeError) as exc:
         if distributed.active() and not isinstance(exc, FloatingPointError):
             # Possibly this rank's alone (e.g. out of memory): the others would wait for it in
             # the next collective. Fail the whole run instead (FloatingPointErrors come from
             # gathered values, so every rank raises them alike and records the point).
             raise
-        record["error"] = f"{type(exc).__name__}: {exc}"
+        record.error = f"{type(exc).__name__}: {exc}"
         setup.updater.restore()
-    record["duration_s"] = time.perf_counter() - started
+    record.duration_s = time.perf_counter() - started
     return record
 
 
@@ -415,9 +580,9 @@ def run_sweep(
     repeats: Iterable[int] | None = None,
     etas: Iterable[float] | None = None,
     done: set[tuple[float, int]] | None = None,
-    on_record: Callable[[dict[str, Any]], None] | None = None,
+    on_record: Callable[[PointRecord], None] | None = None,
     progress: bool = True,
-) -> list[dict[str, Any]]:
+) -> list[PointRecord]:
     """All (η, repeat) records; pairs in ``done`` are skipped (resume)."""
     from tqdm.auto import tqdm
 
@@ -434,13 +599,12 @@ def run_sweep(
             d = direction_or_failure(setup, repeat)
             for eta in repeat_etas:
                 record = measure_point(setup, d, eta)
-                record["direction_seconds"] = d.seconds
+                record.direction_seconds = d.seconds
                 records.append(record)
                 if on_record is not None:
                     on_record(record)
-                bar.set_postfix_str(
-                    f"η={eta:.1e} r={repeat} ΔH={record.get('entropy_change', float('nan')):+.3e}"
-                )
+                change = record.entropy_change if record.entropy_change is not None else math.nan
+                bar.set_postfix_str(f"η={eta:.1e} r={repeat} ΔH={change:+.3e}")
                 bar.update(1)
     finally:
         bar.close()

@@ -1,18 +1,9 @@
-"""From raw records to the verdict: analysis.json, the printed tables and the plots.
+"""analysis.json, the printed tables and the plots: formatting only.
 
-Everything here is a pure function of the records and ``run_meta.json``: ``report DIR``
-rebuilds the analysis on any machine, with no checkpoint and no model.
-
-Which points are fitted: ``theory.classify_points`` marks an η *unresolvable* when the
-measurement sits below the precision floor (update rounded away, |ΔH| under eps·H, or
-ΔH(η) + ΔH(−η) far from η²c).  Only those are left out of the fits.  A resolvable η
-beyond the curvature limit η_max stays in: whether such points still lie on the line is
-exactly what the fit tests.
-
-The verdict is the linearity verdict of ``stats.analyze_linearity`` (six checks).  The
-extra ``first_order`` check compares the measured slope with ∇H·v from the theory; it is
-reported beside the verdict, not folded into it, because it tests the measurement and the
-oracle against each other rather than the shape of ΔH(η).
+The numbers come from ``analysis.analyze`` (torch-free): ``report DIR`` rebuilds everything
+from raw_results.json and run_meta.json on any machine, with no checkpoint and no model.
+The verdict is paired (one update direction per repeat, DESIGN §4); the seed's pooled
+statistics are printed beside it, marked as reported, not deciding.
 """
 
 from __future__ import annotations
@@ -28,8 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from entropy_lab import stats, theory
-from entropy_lab.store import ResultsFolder, atomic_write_json, eta_label, json_safe
+from entropy_lab import stats
+from entropy_lab.analysis import FloorThresholds, PointRecord, analyze
+from entropy_lab.store import ResultsFolder, atomic_write_json
 
 __all__ = [
     "ANALYSIS_FILE",
@@ -73,258 +65,28 @@ def _is_measured(record: Mapping[str, Any]) -> bool:
     return bool(record.get("success")) and _finite(record.get("entropy_change"))
 
 
-def _mean_stderr(values: Sequence[float]) -> dict[str, Any]:
-    """Mean, SE (ddof = 1) and n of a list of floats; None where undefined."""
-    n = len(values)
-    if n == 0:
-        return {"mean": None, "stderr": None, "n": 0}
-    arr = np.asarray(values, dtype=float)
-    mean = float(arr.mean())
-    stderr = float(arr.std(ddof=1) / math.sqrt(n)) if n >= 2 else None
-    return {"mean": mean, "stderr": stderr, "n": n}
-
-
-def _by_repeat(records: Iterable[Mapping[str, Any]], field: str) -> dict[int, float]:
-    """{repeat: its value of ``field``} (a property of v_r, shared by every η), in order."""
-    by_repeat: dict[int, list[float]] = {}
-    for r in records:
-        if _finite(r.get(field)):
-            by_repeat.setdefault(int(r["repeat"]), []).append(float(r[field]))
-    return {rep: float(np.mean(v)) for rep, v in sorted(by_repeat.items())}
-
-
-def _per_repeat(records: Iterable[Mapping[str, Any]], field: str) -> list[float]:
-    """One value of ``field`` per repeat that has it."""
-    return list(_by_repeat(records, field).values())
-
-
-def _check_dict(check: stats.Check) -> dict[str, Any]:
-    return {
-        "threshold": check.threshold,
-        "value": check.value,
-        "passed": check.passed,
-        "detail": check.detail,
-    }
-
-
-def _oracle_comparison(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """The conditional-reading slope three ways: jvp, Cui et al.'s identity, their forecasts.
-
-    The identity must equal the jvp (both exact at first order); the crude forecasts
-    (ż ≈ π·A, ż ≈ A) are shown with their ratio to the jvp to say how far they miss.
-    """
-    jvp = _by_repeat(rows, "first_order_slope_conditional")
-    out: dict[str, Any] = {"jvp_conditional": _mean_stderr(list(jvp.values()))}
-    for name, field in (
-        ("identity", "identity_slope"),
-        ("vanilla_pg_forecast", "cui_vanilla_pg_slope"),
-        ("natural_pg_forecast", "cui_natural_pg_slope"),
-    ):
-        values = _by_repeat(rows, field)
-        entry = _mean_stderr(list(values.values()))
-        # Paired by repeat: each oracle against the jvp of the same update direction.
-        ratios = [v / jvp[rep] for rep, v in values.items() if jvp.get(rep)]
-        entry["ratio_to_jvp"] = _mean_stderr(ratios)["mean"] if ratios else None
-        out[name] = entry
-    return out
-
-
-def _first_order_check(ols: stats.LinearFit | None, first: Mapping[str, Any]) -> dict[str, Any]:
-    """|OLS slope − mean ∇H·v| ≤ max(3·combined SE, 5 % of |∇H·v|)."""
-    if first["n"] == 0:
-        return {
-            "threshold": None,
-            "value": None,
-            "passed": None,
-            "detail": "no first-order data (first_order disabled or no repeat succeeded)",
-        }
-    if ols is None:
-        return {
-            "threshold": None,
-            "value": None,
-            "passed": None,
-            "detail": "no OLS slope (fewer than 2 resolvable η)",
-        }
-    fo_mean = float(first["mean"])
-    fo_se = float(first["stderr"]) if first["stderr"] is not None else 0.0
-    ols_se = ols.slope_se if math.isfinite(ols.slope_se) else 0.0
-    combined = math.hypot(ols_se, fo_se)
-    tolerance = max(3.0 * combined, 0.05 * abs(fo_mean))
-    diff = abs(ols.slope - fo_mean)
-    passed = diff <= tolerance
-    return {
-        "threshold": tolerance,
-        "value": diff,
-        "passed": passed,
-        "detail": (
-            f"|α_OLS − ∇H·v| = |{ols.slope:.6g} − {fo_mean:.6g}| = {diff:.3g} "
-            f"{'≤' if passed else '>'} max(3·{combined:.3g}, 0.05·{abs(fo_mean):.3g}) = "
-            f"{tolerance:.3g} (combined SE of the OLS slope and of ∇H·v over "
-            f"{first['n']} repeat{'s' if first['n'] != 1 else ''})"
-        ),
-    }
-
-
-# --------------------------------------------------------------------------------------
-# analysis.json
-# --------------------------------------------------------------------------------------
-
-
 def build_analysis(
-    records: Iterable[Mapping[str, Any]],
+    records: Iterable[Mapping[str, Any] | PointRecord],
     meta: Mapping[str, Any],
     thresholds: stats.Thresholds = stats.Thresholds(),  # noqa: B008 - frozen
-    floor: theory.FloorThresholds = theory.FloorThresholds(),  # noqa: B008 - frozen
+    floor: FloorThresholds = FloorThresholds(),  # noqa: B008 - frozen
+    dtype: str | None = None,
 ) -> dict[str, Any]:
-    """The content of analysis.json (DESIGN §5), deterministic in the records.
-
-    ``meta`` is ``run_meta.json``: {checkpoint, config, environment}; ``config.dtype``
-    sets the precision floor (fp32 when absent).  Records may come in any order.
-    """
-    rows = sorted((dict(r) for r in records), key=_key)
-    measured = [r for r in rows if _is_measured(r)]
-    failed = [r for r in rows if not _is_measured(r)]
-    config = dict(meta.get("config") or {})
-    environment = dict(meta.get("environment") or {})
-    dtype = str(config.get("dtype") or environment.get("dtype") or "fp32")
-    if dtype not in theory.EPS:
-        raise ValueError(
-            f"unknown dtype {dtype!r} in run_meta.json (expected {sorted(theory.EPS)})"
-        )
-
-    statuses = theory.classify_points(measured, dtype, floor)
-    window = theory.linear_window(statuses, measured, floor.nonlinearity_tol)
-
-    etas = [float(r["learning_rate"]) for r in rows]
-    changes = [_as_float(r.get("entropy_change")) if _is_measured(r) else _NAN for r in rows]
-    predictions = [_as_float(r.get("first_order_prediction")) for r in rows]
-    has_first_order = any(math.isfinite(p) for p in predictions)
-    la = stats.analyze_linearity(
-        etas,
-        changes,
-        first_order=predictions if has_first_order else None,
-        resolvable={eta: s.resolvable for eta, s in statuses.items()},
-        thresholds=thresholds,
-        n_failed=0,  # failed records enter as NaN changes and are counted there
-        repeats=[int(r["repeat"]) for r in rows],  # common random numbers: pair by repeat
-    )
-
-    first = _mean_stderr(_per_repeat(rows, "first_order_slope"))
-    curvature = _mean_stderr(_per_repeat(rows, "curvature"))
-    third = _mean_stderr(_per_repeat(rows, "third_derivative"))
-    checks = {name: _check_dict(c) for name, c in la.checks.items()}
-    checks["first_order"] = _first_order_check(la.ols, first)
-
-    regime = {
-        "eta_min": window["eta_min"],
-        "eta_max": window["eta_max"],
-        "eta_max_predicted": window["eta_max_predicted"],
-        "eta_max_from": window["eta_max_from"],
-        "tolerance": window["tolerance"],
-    }
-    notes = []
-    if window["eta_min"] is None:
-        notes.append("no resolvable η: every point is below the precision floor or failed")
-    elif window["eta_max"] is not None and window["eta_min"] > window["eta_max"]:
-        notes.append("empty: the smallest resolvable η already exceeds η_max")
-    if window["eta_max_from"] == "measured":
-        notes.append(
-            f"η_max capped by measurement: at η = {window['eta_max']:.3g} ΔH/η is already more "
-            f"than {window['tolerance']:.0%} off ∇H·v (the theory predicted "
-            f"{_g(window['eta_max_predicted'], '.3g')}; higher orders matter)"
-        )
-    elif window["eta_max"] is not None and math.isinf(window["eta_max"]):
-        notes.append("zero measured curvature: no upper limit from theory")
-    elif window["eta_max"] is None:
-        notes.append("no curvature data: upper limit unknown")
-    if notes:
-        regime["note"] = "; ".join(notes)
-
-    reason = la.verdict_reason
-    if checks["first_order"]["passed"] is False:
-        reason += "; note: measured slope disagrees with the first-order prediction ∇H·v"
-
-    failures = [
-        {
-            "learning_rate": float(r["learning_rate"]),
-            "repeat": int(r["repeat"]),
-            "error": r.get("error")
-            or ("no finite entropy_change" if r.get("success") else "unknown error"),
-        }
-        for r in failed
-    ]
-
-    per_eta: dict[str, Any] = {}
-    for summary, flag, z, rel in zip(
-        la.per_eta, la.resolvable, la.standardized_residual, la.relative_residual
-    ):
-        eta = summary.learning_rate
-        status = statuses.get(eta)
-        entry = summary.to_dict()
-        entry.update(
-            n_failed=sum(1 for r in failed if float(r["learning_rate"]) == eta),
-            relative_residual=rel,
-            standardized_residual=z,
-            resolvable=bool(flag),
-            unresolvable_reasons=list(status.reasons) if status else ["every run failed"],
-            within_eta_max=status.within_eta_max if status else None,
-            predicted_nonlinearity=status.predicted_nonlinearity if status else None,
-            measured_nonlinearity=status.measured_nonlinearity if status else None,
-            quantized_fraction=status.quantized_fraction if status else None,
-            symmetric_residual=status.symmetric_residual if status else None,
-        )
-        per_eta[eta_label(eta)] = entry
-
-    analysis = {
-        "schema_version": SCHEMA_VERSION,
-        "checkpoint": dict(meta.get("checkpoint") or {}),
-        "config": config,
-        "environment": environment,
-        "summary": {
-            "slope": la.ols.slope if la.ols else None,
-            "intercept": la.ols.intercept if la.ols else None,
-            "r_squared": la.ols.r_squared if la.ols else None,
-            "ols": la.ols.to_dict() if la.ols else None,
-            "weighted": la.weighted.to_dict() if la.weighted else None,
-            "origin": la.origin.to_dict() if la.origin else None,
-            "quadratic": la.quadratic.to_dict() if la.quadratic else None,
-            "lack_of_fit": la.lack_of_fit.to_dict() if la.lack_of_fit else None,
-            "loglog_slope": la.loglog.to_dict() if la.loglog else None,
-            "first_order_slope": first,
-            "curvature": curvature,
-            "third_derivative": third,
-            "first_order_oracles": _oracle_comparison(rows),
-            "linear_regime": regime,
-            "fitted_learning_rates": [
-                s.learning_rate for s, f in zip(la.per_eta, la.resolvable) if f
-            ],
-            "checks": checks,
-            "verdict": la.verdict,
-            "verdict_reason": reason,
-            "n_records": len(rows),
-            "n_failed": len(failed),
-            "failures": failures,
-        },
-        "per_learning_rate": per_eta,
-        "thresholds": {
-            "linearity": thresholds.to_dict(),
-            "precision_floor": dataclasses.asdict(floor),
-        },
-    }
-    return json_safe(analysis)
+    """The content of analysis.json (DESIGN §5): ``analysis.analyze(...).to_dict()``."""
+    return analyze(records, meta, thresholds, floor, dtype=dtype).to_dict()
 
 
 def default_thresholds(**linearity: Any) -> dict[str, Any]:
     """The {linearity, precision_floor} block stored in run_meta.json["thresholds"]."""
     return {
         "linearity": stats.Thresholds(**linearity).to_dict(),
-        "precision_floor": dataclasses.asdict(theory.FloorThresholds()),
+        "precision_floor": dataclasses.asdict(FloorThresholds()),
     }
 
 
 def thresholds_from_meta(
     meta: Mapping[str, Any],
-) -> tuple[stats.Thresholds, theory.FloorThresholds]:
+) -> tuple[stats.Thresholds, FloorThresholds]:
     """Thresholds stored in run_meta.json["thresholds"] ({linearity, precision_floor}),
     defaults for anything missing; unknown names are ignored."""
     stored = meta.get("thresholds") or {}
@@ -333,10 +95,11 @@ def thresholds_from_meta(
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in (values or {}).items() if k in names})
 
-    return (
-        pick(stats.Thresholds, stored.get("linearity")),
-        pick(theory.FloorThresholds, stored.get("precision_floor")),
-    )
+    linearity = dict(stored.get("linearity") or {})
+    floor = dict(stored.get("precision_floor") or {})
+    if "tolerance" not in linearity and "nonlinearity_tol" in floor:  # schema-1 run_meta
+        linearity["tolerance"] = floor["nonlinearity_tol"]
+    return pick(stats.Thresholds, linearity), pick(FloorThresholds, floor)
 
 
 # --------------------------------------------------------------------------------------
@@ -387,61 +150,61 @@ def _oracle_line(oracles: Mapping[str, Any]) -> str:
     return "; ".join(parts) + "  (ratio to the jvp)"
 
 
+def _window_line(regime: Mapping[str, Any]) -> str:
+    if regime.get("eta_min") is None:
+        measured = "empty"
+    else:
+        measured = (
+            f"[{_g(regime['eta_min'], '.3g')}, {_g(regime['eta_max'], '.3g')}] "
+            f"({_plural(regime.get('n_points') or 0, 'grid point')} within "
+            f"{regime['tolerance']:.0%})"
+        )
+    predicted = regime.get("eta_max_predicted")
+    return (
+        f"{measured}; the jet's {regime['tolerance']:.0%} edge: {_g(predicted, '.3g')}, "
+        f"{regime.get('predicted_edge') or 'n/a'}"
+        + (f"; {regime['note']}" if regime.get("note") else "")
+    )
+
+
+def _mixed_line(mixed: Mapping[str, Any] | None) -> str:
+    if not mixed:
+        return "n/a (needs ≥ 2 repeats with resolvable points)"
+    return (
+        f"α = {_g(mixed['slope'], '.6g')} ± {_g(mixed['slope_se'], '.2g')} "
+        f"({mixed['confidence']:.0%} CI [{_g(mixed['slope_ci_low'], '.5g')}, "
+        f"{_g(mixed['slope_ci_high'], '.5g')}], {mixed['n_groups']} directions); "
+        f"slope SD across directions {_g(mixed['slope_sd'], '.3g')}; "
+        f"R² marginal {_g(mixed['r2_marginal'], '.4f')}, conditional "
+        f"{_g(mixed['r2_conditional'], '.6f')}"
+    )
+
+
 def format_tables(analysis: Mapping[str, Any]) -> str:
     """The "LINEARITY ANALYSIS" and "DETAILED RESULTS" blocks as plain text."""
     s = analysis["summary"]
     checks = s["checks"]
-    th = analysis["thresholds"]["linearity"]
     bar = "=" * 78
     out = [bar, "LINEARITY ANALYSIS  (ΔH in nats; η = learning rate)", bar]
 
-    r2_check = checks.get("r_squared", {})
-    wls = s.get("weighted") or {}
-    lof = s.get("lack_of_fit") or {}
-    ll = s.get("loglog_slope") or {}
     fo = s["first_order_slope"]
     cv = s["curvature"]
     d3 = s.get("third_derivative") or {}
-    regime = s["linear_regime"]
+    r2 = s.get("r_squared_per_repeat") or {}
     fitted = s.get("fitted_learning_rates") or []
-
+    reps = s.get("repeats") or []
     lines = [
         (
-            "fitted points",
-            f"{len(fitted)} resolvable η, {_plural(s['n_failed'], 'failed run')}",
-        ),
-        ("OLS slope α", f"{_g(s['slope'], '.6g')} nats per unit η"),
-        ("OLS intercept β", f"{_g(s['intercept'], '.4g')} nats"),
-        (
-            "R² (OLS, raw points)",
-            f"{_g(s['r_squared'], '.6f')}  {_status(r2_check.get('passed'))} "
-            f"(> {th['r2_min']:g} required)",
+            "resolvable points",
+            f"{len(fitted)} η × {_plural(len(reps), 'repeat')} (update directions), "
+            f"{_plural(s['n_failed'], 'failed run')}",
         ),
         (
-            "WLS on means",
-            f"α = {_g(wls.get('slope'), '.6g')}, χ²/dof = {_g(wls.get('reduced_chi2'), '.3g')} "
-            f"(dof {_g(wls.get('dof'), 'd')})"
-            if wls.get("method") == "wls"
-            else "n/a (SE not > 0 at every η)"
-            if wls
-            else "n/a",
+            "per-repeat R²",
+            f"min {_g(r2.get('min'), '.6f')}, median {_g(r2.get('median'), '.6f')} "
+            "(each direction's own line)",
         ),
-        (
-            "lack of fit",
-            f"F({_g(lof.get('df_lack_of_fit'), 'd')}, {_g(lof.get('df_pure_error'), 'd')}) = "
-            f"{_g(lof.get('f_statistic'), '.3g')}, p = {_g(lof.get('p_value'), '.3g')}"
-            if lof
-            else "n/a",
-        ),
-        (
-            "log-log slope",
-            f"{_g(ll.get('slope'), '.4f')}  95% CI [{_g(ll.get('ci_low'), '.4f')}, "
-            f"{_g(ll.get('ci_high'), '.4f')}]  (1 ± {th['loglog_margin']:g} required)"
-            if ll and ll.get("slope") is not None
-            else (ll.get("note") or "n/a")
-            if ll
-            else "n/a",
-        ),
+        ("mixed model", _mixed_line(s.get("mixed_model"))),
         (
             "first-order ∇H·v",
             f"{_g(fo['mean'], '.6g')} ± {_g(fo['stderr'], '.2g')} "
@@ -453,21 +216,35 @@ def format_tables(analysis: Mapping[str, Any]) -> str:
             f"{_g(d3['mean'], '.4g')} ± {_g(d3['stderr'], '.2g')}" if d3.get("n") else "n/a",
         ),
         ("first-order oracles", _oracle_line(s.get("first_order_oracles") or {})),
+        ("linear window", _window_line(s["linear_regime"])),
         (
-            "linear window",
-            f"[{_g(regime['eta_min'], '.3g')}, {_g(regime['eta_max'], '.3g')}]  "
-            f"(η_min: smallest resolvable η; η_max: {regime['tolerance']:.0%} nonlinearity, "
-            f"{regime.get('eta_max_from') or 'second order'})"
-            + (f"; {regime['note']}" if regime.get("note") else ""),
+            "pooled (reported)",
+            f"OLS α = {_g(s['slope'], '.6g')}, β = {_g(s['intercept'], '.3g')}, "
+            f"R² = {_g(s['r_squared'], '.6f')} over all raw points",
         ),
     ]
+    if reps:
+        lines.append(
+            (
+                "per repeat",
+                "; ".join(
+                    f"r{rep['repeat']}: s = {_g(rep['slope_reference'], '.5g')}, "
+                    f"c = {_g(rep['calibration'], '+.1e')}, R² = {_g(rep['r_squared'], '.5f')}"
+                    for rep in reps
+                ),
+            )
+        )
     width = max(len(k) for k, _ in lines)
     out += [f"  {k.ljust(width)}  {v}" for k, v in lines]
 
-    out += ["", "  checks:"]
     name_w = max((len(n) for n in checks), default=0)
-    for name, c in checks.items():
-        out.append(f"    {name.ljust(name_w)}  {_status(c['passed']).ljust(4)}  {c['detail']}")
+    for title, deciding in (("checks (decide the verdict):", True), ("reported:", False)):
+        out += ["", f"  {title}"]
+        for name, c in checks.items():
+            if bool(c.get("decides")) == deciding:
+                out.append(
+                    f"    {name.ljust(name_w)}  {_status(c['passed']).ljust(4)}  {c['detail']}"
+                )
     out += ["", f"  VERDICT: {s['verdict'].upper()} — {s.get('verdict_reason', '')}"]
     for f in s["failures"]:
         out.append(
@@ -479,38 +256,42 @@ def format_tables(analysis: Mapping[str, Any]) -> str:
         "η",
         "n",
         "mean ΔH",
-        "std",
         "SE",
         "ΔH/η",
         "1st-order ΔH/η",
-        "rel.res",
-        "std.res",
-        "resolvable / why not",
+        "mean|n_r|",
+        "bound",
+        "status",
+        "why not resolvable",
     ]
     rows = []
     for label, p in analysis["per_learning_rate"].items():
         eta = p["learning_rate"]
         mean = p["mean_entropy_change"]
         pred = p["first_order_prediction"]
-        if p["resolvable"]:
-            why = "yes" if p["within_eta_max"] is not False else "yes (beyond η_max)"
-        else:
-            why = "no: " + "; ".join(p["unresolvable_reasons"])
+        status = p.get("status") or "?"
+        if p.get("in_window"):
+            status += " (window)"
         rows.append(
             [
                 label,
                 str(p["n_samples"]),
                 _g(mean, "+.4e"),
-                _g(p["std_entropy_change"], ".2e"),
                 _g(p["stderr_entropy_change"], ".2e"),
                 _g(None if mean is None else mean / eta, "+.5g"),
                 _g(None if pred is None else pred / eta, "+.5g"),
-                _g(p["relative_residual"], "+.2e"),
-                _g(p["standardized_residual"], "+.2f"),
-                why,
+                _g(p.get("nonlinearity_mean_abs"), ".2e"),
+                _g(p.get("nonlinearity_bound"), ".2e"),
+                status,
+                "" if p["resolvable"] else "; ".join(p["unresolvable_reasons"]),
             ]
         )
-    out += ["  " + line for line in _table(headers, rows, left={0, 9})]
+    out += ["  " + line for line in _table(headers, rows, left={0, 8, 9})]
+    out.append(
+        "  n_r(η): the bend of ΔH_r/η from the repeat's own small-η value; bound: the "
+        f"one-sided {analysis['thresholds']['linearity'].get('confidence', 0.95):.0%} upper "
+        "bound of mean |n_r| over repeats."
+    )
     out.append(bar)
     return "\n".join(out) + "\n"
 
@@ -642,8 +423,9 @@ def _title_line(analysis: Mapping[str, Any]) -> str:
 
 
 def plot_summary(analysis: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
-    """entropy_vs_learning_rate.png: (a) means ± SE with fit and first order,
-    (b) standardized residuals, (c) ΔH/η with the first-order band and the linear window."""
+    """entropy_vs_learning_rate.png: (a) means ± SE with the fit and the jet, (b) the paired
+    nonlinearity per η against the tolerance, (c) each repeat's ΔH/η against its own first
+    order, with the measured window (shaded) and the jet's predicted edge (dotted)."""
     s = analysis["summary"]
     points = [p for p in analysis["per_learning_rate"].values() if p["n_samples"] > 0]
     fig = _new_figure(9.0, 12.0)
@@ -660,16 +442,16 @@ def plot_summary(analysis: Mapping[str, Any], path: str | os.PathLike[str]) -> P
     se = np.array([_as_float(p["stderr_entropy_change"]) for p in points])
     se0 = np.nan_to_num(se, nan=0.0)
     ok = np.array([p["resolvable"] for p in points])
-    beyond = np.array([p["within_eta_max"] is False for p in points]) & ok
+    beyond = np.array([p.get("status") in ("beyond", "undecided") for p in points]) & ok
     inside = ok & ~beyond
     grid = np.geomspace(eta.min() / 1.6, eta.max() * 1.6, 300)
     fo = s["first_order_slope"]
     curv = s["curvature"]
     d3 = (s.get("third_derivative") or {}).get("mean") or 0.0  # older folders lack it
     if d3:
-        theory_label, ratio_label = "theory η·∇H·v + η²c/2 + η³d/6", "theory ∇H·v + ηc/2 + η²d/6"
+        theory_label = "theory η·∇H·v + η²c/2 + η³d/6"
     else:
-        theory_label, ratio_label = "second order η·∇H·v + η²c/2", "second order ∇H·v + ηc/2"
+        theory_label = "second order η·∇H·v + η²c/2"
     regime = s["linear_regime"]
 
     # (a) means ± SE -------------------------------------------------------------------
@@ -681,7 +463,7 @@ def plot_summary(analysis: Mapping[str, Any], path: str | os.PathLike[str]) -> P
             sign * (s["slope"] * grid + s["intercept"]),
             color="black",
             lw=1.3,
-            label=f"OLS fit: α = {s['slope']:.4g}, β = {s['intercept']:.2g}",
+            label=f"pooled OLS fit (reported): α = {s['slope']:.4g}, β = {s['intercept']:.2g}",
         )
     if fo["mean"] is not None:
         ax_a.plot(
@@ -702,8 +484,8 @@ def plot_summary(analysis: Mapping[str, Any], path: str | os.PathLike[str]) -> P
                 label=theory_label,
             )
     for mask, style, label in (
-        (inside, dict(fmt="o", color=_OK, ms=7), "mean ± SE (fitted)"),
-        (beyond, dict(fmt="D", color=_BEYOND, ms=7), "mean ± SE, beyond η_max (fitted)"),
+        (inside, dict(fmt="o", color=_OK, ms=7), "mean ± SE (within tolerance)"),
+        (beyond, dict(fmt="D", color=_BEYOND, ms=7), "mean ± SE, beyond tolerance or undecided"),
         (
             ~ok,
             dict(fmt="o", color=_UNRES, mfc="white", ms=7),
@@ -722,118 +504,98 @@ def plot_summary(analysis: Mapping[str, Any], path: str | os.PathLike[str]) -> P
             ax_a.set_ylim(lows.min() / 3, (shown_a + se0)[positive].max() * 3)
     ax_a.set_title("(a) mean entropy change per learning rate")
 
-    # (b) standardized residuals --------------------------------------------------------
-    z = [p["standardized_residual"] for p in points]
-    zy = [v for v in z if v is not None]
-    zmax = analysis["thresholds"]["linearity"]["max_standardized_residual"]
-    ax_b.axhspan(-zmax, zmax, color="#2e8b57", alpha=0.12, label=f"|z| ≤ {zmax:g}")
-    ax_b.axhline(0.0, color="black", lw=0.8)
-    if zy:
-        for flag, style, label in (
-            (False, dict(marker="o", color=_OK), "(ȳ − ŷ_WLS)/SE"),
-            (True, dict(marker="D", color=_BEYOND), "beyond η_max"),
-        ):
-            xs = [e for e, v, b in zip(eta, z, beyond) if v is not None and b == flag]
-            ys = [v for v, b in zip(z, beyond) if v is not None and b == flag]
-            if xs:
-                ax_b.plot(xs, ys, ls="none", ms=7, zorder=3, label=label, **style)
-        biggest = max(abs(v) for v in zy)
-        if biggest > 10 * zmax:  # keep ±threshold readable next to huge residuals
-            from matplotlib.ticker import FixedLocator, FuncFormatter
-
-            ax_b.set_yscale("symlog", linthresh=zmax)
-            nice = (10, 30, 100, 300, 1e3, 3e3, 1e4, 3e4, 1e5, 3e5, 1e6)
-            steps = [zmax] + [t for t in nice if 1.5 * zmax < t <= 3 * biggest]
-            ax_b.yaxis.set_major_locator(FixedLocator([-t for t in steps[::-1]] + [0] + steps))
-            ax_b.yaxis.set_minor_locator(FixedLocator([]))
-            ax_b.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    # (b) the deciding statistic: mean |n_r(η)| over repeats and its upper bound ----------
+    tol = regime["tolerance"]
+    ax_b.axhspan(0, tol, color="#2e8b57", alpha=0.12, label=f"within tolerance ({tol:.0%})")
+    bounds = [
+        (p["learning_rate"], p.get("nonlinearity_mean_abs"), p.get("nonlinearity_bound"))
+        for p in points
+    ]
+    shown_b = [(e, m, b) for e, m, b in bounds if m is not None]
+    if shown_b:
+        xs = [e for e, _, _ in shown_b]
+        bottom = tol * 1e-6  # smaller bends are drawn at the axis floor
+        means = [max(m, bottom) for _, m, _ in shown_b]
+        tops = [max(b if b is not None and math.isfinite(b) else m, bottom) for _, m, b in shown_b]
+        ax_b.vlines(xs, means, tops, color=_OK, lw=2, label="upper confidence bound")
+        ax_b.plot(xs, means, "o", color=_OK, ms=7, label="mean |n_r(η)| over repeats")
+        ax_b.set_yscale("log")
+        ax_b.set_ylim(bottom / 3, max(max(tops), tol) * 3)
     else:
-        ax_b.text(
-            0.5,
-            0.5,
-            "no residuals (fewer than 2 fitted η)",
-            transform=ax_b.transAxes,
-            ha="center",
-            va="center",
-        )
-    ax_b.set_ylabel("standardized residual (SE units)")
-    ax_b.set_title("(b) residuals of the means from the weighted line")
+        ax_b.text(0.5, 0.5, "no resolvable point", transform=ax_b.transAxes, ha="center")
+    ax_b.axhline(tol, color="#2e8b57", lw=1.0)
+    ax_b.set_ylabel("|ΔH_r/η bend| (relative)")
+    ax_b.set_title("(b) nonlinearity per η: paired over repeats (decides the verdict)")
     ax_b.legend(fontsize=8, loc="best")
 
-    # (c) ΔH/η -------------------------------------------------------------------------
-    ratio = mean / eta
-    ratio_se = se0 / eta
-    window_lo = regime["eta_min"] if regime["eta_min"] is not None else None
-    if window_lo is not None:
-        window_hi = regime["eta_max"] if regime["eta_max"] is not None else grid.max()
-        if window_hi > window_lo:
-            ax_c.axvspan(
-                window_lo,
-                window_hi,
+    # (c) each repeat's f_r(η) = ΔH_r/(η·∇H·v_r) − 1 with the band and the window -------
+    lo, hi = regime.get("eta_min"), regime.get("eta_max")
+    if lo is not None and hi is not None:
+        for ax in (ax_a, ax_b, ax_c):
+            ax.axvspan(
+                lo / 1.3,
+                hi * 1.3,
                 color="#2e8b57",
-                alpha=0.10,
-                label=f"linear window [{window_lo:.2g}, {window_hi:.2g}]",
+                alpha=0.08,
+                label=f"measured window [{lo:.2g}, {hi:.2g}]" if ax is ax_c else None,
             )
-        if regime["eta_max"] is not None and regime["eta_max"] < grid.max():
-            for ax in (ax_a, ax_b, ax_c):
-                ax.axvline(
-                    regime["eta_max"],
-                    color="#2e8b57",
-                    ls="-.",
-                    lw=1.0,
-                    label=f"η_max ({regime['tolerance']:.0%} predicted nonlinearity)"
-                    if ax is ax_a
-                    else None,
-                )
-    band: list[float] = []
-    if fo["mean"] is not None:
-        half = 2 * fo["stderr"] if fo["stderr"] is not None else 0.0
-        band = [fo["mean"] - half, fo["mean"] + half]
-        if half > 0:
-            ax_c.axhspan(*band, color=_THEORY, alpha=0.15, label="∇H·v, mean ± 2 SE over repeats")
-        ax_c.axhline(
-            fo["mean"], color=_THEORY, ls="--", lw=1.2, label=f"first order ∇H·v = {fo['mean']:.4g}"
-        )
-        if curv["mean"] is not None:
-            ax_c.plot(
-                grid,
-                fo["mean"] + 0.5 * curv["mean"] * grid + d3 * grid**2 / 6,
+    predicted = regime.get("eta_max_predicted")
+    if predicted is not None and math.isfinite(predicted) and grid.min() < predicted < grid.max():
+        for ax in (ax_a, ax_b, ax_c):
+            ax.axvline(
+                predicted,
                 color=_THEORY,
                 ls=":",
                 lw=1.2,
-                label=ratio_label,
+                label=f"jet's predicted edge {predicted:.2g} (not measured)"
+                if ax is ax_c
+                else None,
             )
-    if s["slope"] is not None:
-        ax_c.axhline(s["slope"], color="black", lw=1.0, label=f"OLS slope α = {s['slope']:.4g}")
-    shown = list(ratio[ok] - ratio_se[ok]) + list(ratio[ok] + ratio_se[ok]) + band
-    if s["slope"] is not None:
-        shown.append(s["slope"])
-    limits = _padded(shown or list(ratio))
-    if limits:
-        ax_c.set_ylim(*limits)
-    for mask, style, label in (
-        (inside, dict(fmt="o", color=_OK, ms=7), "ΔH/η ± SE/η (fitted)"),
-        (beyond, dict(fmt="D", color=_BEYOND, ms=7), "beyond η_max (fitted)"),
-    ):
-        if mask.any():
-            ax_c.errorbar(
-                eta[mask], ratio[mask], yerr=ratio_se[mask], capsize=3, label=label, **style
-            )
-    if (~ok).any():
-        _clip_to_ylim(
-            ax_c,
-            list(eta[~ok]),
-            list(ratio[~ok]),
-            marker="o",
-            color=_UNRES,
-            mfc="white",
-            ms=7,
-            label="unresolvable (▲▼ at the edge: off scale)",
+    ax_c.axhspan(-tol, tol, color="#2e8b57", alpha=0.12, label=f"±{tol:.0%}")
+    ax_c.axhline(0.0, color="black", lw=0.8)
+    from matplotlib import colormaps
+
+    per_repeat: dict[int, list[tuple[float, float, bool]]] = {}
+    for p in points:
+        for rp in p.get("repeats") or []:
+            value = rp.get("relative_to_first_order")
+            if value is None:
+                value = rp.get("nonlinearity")
+            if value is not None:
+                per_repeat.setdefault(int(rp["repeat"]), []).append(
+                    (p["learning_rate"], value, bool(rp["resolvable"]))
+                )
+    cmap = colormaps["tab10"]
+    values_c: list[float] = []
+    for i, (rep, rows_c) in enumerate(sorted(per_repeat.items())):
+        xs = [e for e, _, _ in rows_c]
+        ys = [v for _, v, _ in rows_c]
+        values_c += [v for _, v, ok_c in rows_c if ok_c]
+        ax_c.plot(xs, ys, lw=0.8, color=cmap(i % 10), label=f"repeat {rep}")
+        ax_c.plot(
+            [e for e, _, ok_c in rows_c if ok_c],
+            [v for _, v, ok_c in rows_c if ok_c],
+            "o",
+            ms=5,
+            color=cmap(i % 10),
         )
+        ax_c.plot(
+            [e for e, _, ok_c in rows_c if not ok_c],
+            [v for _, v, ok_c in rows_c if not ok_c],
+            "o",
+            ms=5,
+            mfc="white",
+            color=_UNRES,
+        )
+    if any(not ok_c for r in per_repeat.values() for _, _, ok_c in r):
+        ax_c.plot([], [], "o", mfc="white", color=_UNRES, label="unresolvable (not judged)")
+    big = max([abs(v) for v in values_c] + [tol])
+    ax_c.set_yscale("symlog", linthresh=tol / 10)
+    ax_c.set_ylim(-3 * big, 3 * big)
     ax_a.legend(fontsize=8, loc="best")
-    ax_c.set_ylabel("ΔH/η (nats per unit η)")
-    ax_c.set_title("(c) ΔH/η: flat inside the linear window if ΔH is linear")
-    ax_c.legend(fontsize=8, loc="best")
+    ax_c.set_ylabel("ΔH_r/(η·s_r) − 1")
+    ax_c.set_title("(c) each repeat's ΔH/η against its own first-order slope")
+    ax_c.legend(fontsize=8, loc="best", ncol=2)
 
     ax_c.set_xscale("log")
     ax_c.set_xlim(grid.min(), grid.max())
@@ -943,7 +705,8 @@ def plot_raw_measurements(
 def write_report(
     folder: str | os.PathLike[str],
     thresholds: stats.Thresholds | None = None,
-    floor: theory.FloorThresholds | None = None,
+    floor: FloorThresholds | None = None,
+    dtype: str | None = None,
 ) -> dict[str, Any]:
     """Rebuild analysis.json and both plots from the folder's records and run_meta.json.
 
@@ -959,7 +722,9 @@ def write_report(
         )
     meta = results.read_meta()
     stored_thresholds, stored_floor = thresholds_from_meta(meta)
-    analysis = build_analysis(records, meta, thresholds or stored_thresholds, floor or stored_floor)
+    analysis = build_analysis(
+        records, meta, thresholds or stored_thresholds, floor or stored_floor, dtype=dtype
+    )
     atomic_write_json(results.path / ANALYSIS_FILE, analysis)
     plot_summary(analysis, results.path / MAIN_PLOT)
     plot_raw_measurements(records, analysis, results.path / RAW_PLOT)

@@ -4,12 +4,18 @@ The experiment measures the entropy change ΔH after one optimizer step at a
 log-spaced grid of learning rates (for example 1e-8 … 1e-4) with several
 repeats per η, and asks whether ΔH ≈ α·η + β.
 
+The verdict is paired, one update direction per repeat, and lives in
+``analysis.py``; this module holds the statistical tools it uses (mean and SE,
+upper confidence bounds, straight-line fits, the random-slope mixed model) and
+the original experiment's pooled statistics, which ``analysis`` reports but
+never lets decide.
+
 Why R² is not enough: on a log grid the largest η carries almost all of the
 spread in x (its leverage is about 0.99), so a straight line through the
 cluster of small-η points and the single large-η point fits almost anything
-monotone.  ΔH ∝ η² still scores R² ≈ 0.99.  The verdict therefore combines
-six checks, each of which looks at a different way a curve can hide behind a
-high R²:
+monotone.  ΔH ∝ η² still scores R² ≈ 0.99.  The pooled analysis
+(``analyze_linearity``) therefore combines six checks, each of which looks at
+a different way a curve can hide behind a high R²:
 
 ``r_squared``
     OLS R² on every raw (η, repeat) point — the original criterion, kept for
@@ -35,10 +41,9 @@ high R²:
 Common random numbers: every η of a repeat reuses that repeat's update batch,
 so the repeat-to-repeat spread (mostly the size of the update direction) is
 shared by all η.  The SE-based checks on per-η means (standardized residual,
-lack of fit, intercept) treat it as independent noise per η; they are then
-conservative — deviations smaller than that spread pass.  The paired log-log
-slope and the relative residual of ΔH̄/η (a ratio of means over the same
-repeats) are where the pairing pays; both are practical, scale-free bounds.
+lack of fit, intercept) treat it as independent noise per η, so they are not
+evidence: a 12 % bend is caught at 3 % direction spread and missed at 20 %.
+That is why they are reported, not deciding (DESIGN §4).
 
 Every result is a frozen dataclass with ``to_dict()`` returning JSON-safe
 built-in types (non-finite floats become ``None``).  Only numpy and scipy are
@@ -63,6 +68,8 @@ __all__ = [
     "LinearFit",
     "LinearityAnalysis",
     "LogLogSlope",
+    "MeanSE",
+    "RandomSlopeFit",
     "OriginFit",
     "QuadraticFit",
     "Thresholds",
@@ -72,11 +79,14 @@ __all__ = [
     "fit_quadratic",
     "fit_wls",
     "lack_of_fit_test",
+    "fit_random_slope",
     "loglog_slope",
+    "mean_stderr",
     "paired_loglog_slope",
     "relative_residuals",
     "standardized_residuals",
     "summarize_by_eta",
+    "upper_bound",
 ]
 
 CHECK_NAMES: tuple[str, ...] = (
@@ -176,6 +186,48 @@ def _ratio(num: float, den: float) -> float:
 
 
 # --------------------------------------------------------------------------------------
+# Mean and standard error (the one routine every module uses)
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MeanSE(_ToDict):
+    """Mean, sample SD (ddof = 1), standard error and count of some values.
+
+    ``std`` and ``stderr`` are NaN (``None`` in ``to_dict``) for fewer than 2 values,
+    ``mean`` for none.
+    """
+
+    mean: float
+    std: float
+    stderr: float
+    n: int
+
+
+def mean_stderr(values: npt.ArrayLike) -> MeanSE:
+    """Mean, SD and SE of finite values (non-finite ones are dropped)."""
+    arr = _vector("values", values)
+    arr = arr[np.isfinite(arr)]
+    n = int(arr.size)
+    if n == 0:
+        return MeanSE(_NAN, _NAN, _NAN, 0)
+    # Shift by the first value: identical values then give an SD of exactly 0.
+    std = float((arr - arr[0]).std(ddof=1)) if n >= 2 else _NAN
+    return MeanSE(float(arr.mean()), std, std / math.sqrt(n) if n >= 2 else _NAN, n)
+
+
+def upper_bound(values: npt.ArrayLike, confidence: float = 0.95) -> float:
+    """One-sided upper confidence bound of the mean: x̄ + t_{confidence, n−1}·SE.
+
+    NaN for fewer than 2 finite values (no spread, no bound).
+    """
+    m = mean_stderr(values)
+    if m.n < 2:
+        return _NAN
+    return m.mean + float(sps.t.ppf(confidence, m.n - 1)) * m.stderr
+
+
+# --------------------------------------------------------------------------------------
 # Thresholds and per-η summaries
 # --------------------------------------------------------------------------------------
 
@@ -191,6 +243,9 @@ class Thresholds(_ToDict):
     intercept_alpha: float = 0.01  # intercept test: pass if p > alpha
     loglog_margin: float = 0.1  # CI of the log-log slope must lie in [1 - m, 1 + m]
     min_resolvable_points: int = 3
+    # The paired verdict (analysis.py): |ΔH_r/η| may bend by this much from its small-η value.
+    tolerance: float = 0.05
+    confidence: float = 0.95  # of the upper bounds over repeats
 
 
 @dataclass(frozen=True)
@@ -234,10 +289,8 @@ def summarize_by_eta(
         ok = rows & np.isfinite(dh)
         ys = dh[ok]
         n = int(ys.size)
-        mean = float(ys.mean()) if n else _NAN
-        # Shift by the first value: identical repeats then give an SD of exactly 0.
-        std = float((ys - ys[0]).std(ddof=1)) if n >= 2 else _NAN
-        stderr = std / math.sqrt(n) if n >= 2 else _NAN
+        m = mean_stderr(ys)
+        mean, std, stderr = m.mean, m.std, m.stderr
         first: float | None = None
         if pred is not None:
             kept = pred[ok]
@@ -513,6 +566,140 @@ def fit_quadratic(x: npt.ArrayLike, y: npt.ArrayLike) -> QuadraticFit:
 
 
 # --------------------------------------------------------------------------------------
+# Random-slope mixed model: the population slope over update directions
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RandomSlopeFit(_ToDict):
+    """y_rj = β + (α + a_r)·x_rj + ε_rj, a_r ~ N(0, τ²), ε ~ N(0, σ²), fitted by REML.
+
+    One group r per update direction: α is the population slope over directions, τ the
+    spread of the directions' slopes around it. ``slope_ci`` uses t with (groups − 1)
+    degrees of freedom (the directions are the units). R² after Nakagawa & Schielzeth
+    (2013), with Johnson's (2014) random-slope variance τ²·mean(x²): ``r2_marginal`` is the
+    share of variance the fixed line explains, ``r2_conditional`` that of line + directions.
+    """
+
+    slope: float
+    slope_se: float
+    slope_ci_low: float
+    slope_ci_high: float
+    intercept: float
+    intercept_se: float
+    slope_sd: float  # τ
+    residual_sd: float  # σ
+    r2_marginal: float
+    r2_conditional: float
+    n: int
+    n_groups: int
+    converged_at_bound: bool  # λ = τ²/σ² at the edge searched: σ ≈ 0 or τ ≈ 0
+    confidence: float = 0.95
+    method: str = "reml"
+
+
+def _random_slope_terms(groups: list[tuple[np.ndarray, np.ndarray]], lam: float):
+    """(A, β̂, Q, Σ log(1 + λ·uᵀu)) of the GLS at λ = τ²/σ², where σ²·V_r⁻¹ =
+    I − k·uuᵀ with k = λ/(1 + λ·uᵀu).
+
+    Written with c = 1/(1 + λ·uᵀu) where a subtraction would cancel (as λ grows, V_r⁻¹
+    projects the slope direction out): uᵀ(I − k·uuᵀ) = c·uᵀ, and the weighted residual
+    sum is ‖r − (r·u/uᵀu)·u‖² + c·(r·u)²/uᵀu, a sum of non-negative terms.
+    """
+    a = np.zeros((2, 2))
+    b = np.zeros(2)
+    logdet = 0.0
+    parts = []
+    for u, y in groups:
+        uu, su, sy, uy = float(u @ u), float(u.sum()), float(y.sum()), float(u @ y)
+        c = 1.0 / (1.0 + lam * uu)
+        k = lam * c
+        a += np.array([[u.size - k * su * su, su * c], [su * c, uu * c]])
+        b += np.array([sy - k * su * uy, uy * c])
+        logdet += math.log1p(lam * uu)
+        parts.append((u, y, uu, c))
+    beta = np.linalg.solve(a, b)
+    q = 0.0
+    for u, y, uu, c in parts:
+        r = y - beta[0] - beta[1] * u
+        ru = float(r @ u)
+        off = r - (ru / uu) * u
+        q += float(off @ off) + c * ru * ru / uu
+    return a, beta, q, logdet
+
+
+def fit_random_slope(
+    x: npt.ArrayLike, y: npt.ArrayLike, groups: npt.ArrayLike, confidence: float = 0.95
+) -> RandomSlopeFit:
+    """REML fit of a common intercept and slope with a random slope per group.
+
+    x and y are rescaled to O(1) inside (η ≈ 1e-8 … 1e-4 otherwise wrecks the
+    conditioning); the variance ratio λ = τ²/σ² is profiled and found by a bounded
+    search over log λ, the edges included (exactly linear directions give σ → 0).
+    """
+    from scipy.optimize import minimize_scalar
+
+    xa, ya = _check_line_inputs(x, y)
+    ga = _vector("groups", groups)
+    n = _same_length(x=xa, y=ya, groups=ga)
+    labels = np.unique(ga)
+    if labels.size < 2:
+        raise ValueError("a random-slope model needs at least two groups")
+    x_scale = float(np.max(np.abs(xa)))
+    y_scale = float(np.std(ya)) or float(np.max(np.abs(ya))) or 1.0
+    data = [(xa[ga == g] / x_scale, ya[ga == g] / y_scale) for g in labels]
+    p = 2
+
+    def objective(log_lam: float) -> float:
+        lam = math.exp(log_lam)
+        a, _, q, logdet = _random_slope_terms(data, lam)
+        _, logdet_a = np.linalg.slogdet(a)
+        return (n - p) * math.log(max(q, 1e-300) / (n - p)) + logdet + float(logdet_a)
+
+    lo, hi = -30.0, 30.0
+    best = minimize_scalar(objective, bounds=(lo, hi), method="bounded")
+    candidates = [(float(best.fun), float(best.x)), (objective(lo), lo), (objective(hi), hi)]
+    value, log_lam = min(candidates)
+    lam = math.exp(log_lam)
+    a, beta, q, _ = _random_slope_terms(data, lam)
+    sigma2 = q / (n - p)
+    cov = sigma2 * np.linalg.inv(a)
+    tau2 = lam * sigma2
+    at_top = abs(log_lam - hi) < 1e-3
+    if at_top:
+        # σ → 0 (exact lines): the profile's τ² = λ·σ² would divide the spread of the
+        # directions by N − 2 residual dof. With no residual, the directions' own slopes are
+        # the BLUPs: τ² is their sample variance, and Var(α̂) = τ²/groups.
+        own = [float(u @ (y - beta[0])) / float(u @ u) for u, y in data]
+        tau2 = float(np.var(own, ddof=1))
+        cov[1, 1] = tau2 / labels.size + sigma2 / sum(float(u @ u) for u, _ in data)
+    tq = float(sps.t.ppf(0.5 + confidence / 2.0, labels.size - 1))
+    slope = float(beta[1]) * y_scale / x_scale
+    slope_se = math.sqrt(max(float(cov[1, 1]), 0.0)) * y_scale / x_scale
+    u_all = np.concatenate([u for u, _ in data])
+    fixed = beta[0] + beta[1] * u_all
+    var_fixed = float(np.var(fixed))
+    var_random = tau2 * float(np.mean(u_all * u_all))
+    total = var_fixed + var_random + sigma2
+    return RandomSlopeFit(
+        slope=slope,
+        slope_se=slope_se,
+        slope_ci_low=slope - tq * slope_se,
+        slope_ci_high=slope + tq * slope_se,
+        intercept=float(beta[0]) * y_scale,
+        intercept_se=math.sqrt(max(float(cov[0, 0]), 0.0)) * y_scale,
+        slope_sd=math.sqrt(tau2) * y_scale / x_scale,
+        residual_sd=math.sqrt(sigma2) * y_scale,
+        r2_marginal=var_fixed / total if total > 0 else _NAN,
+        r2_conditional=(var_fixed + var_random) / total if total > 0 else _NAN,
+        n=n,
+        n_groups=int(labels.size),
+        converged_at_bound=bool(abs(log_lam - lo) < 1e-3 or at_top),
+        confidence=confidence,
+    )
+
+
+# --------------------------------------------------------------------------------------
 # Lack of fit, log-log slope, residuals
 # --------------------------------------------------------------------------------------
 
@@ -752,9 +939,9 @@ def paired_loglog_slope(
             _NAN,
             f"needs ≥ 2 η and ≥ 2 complete repeats, got {grid.size} η, {n_rep} repeats",
         )
-    se = float(k.std(ddof=1) / math.sqrt(n_rep))
+    m = mean_stderr(k)
+    se, mean = m.stderr, m.mean
     tq = float(sps.t.ppf(0.5 + confidence / 2.0, n_rep - 1))
-    mean = float(k.mean())
     return result(
         mean,
         se,

@@ -34,6 +34,8 @@ from typing import Any
 
 import yaml
 
+from entropy_lab.analysis import PointRecord
+
 __all__ = [
     "ResultsFolder",
     "atomic_write_bytes",
@@ -186,8 +188,10 @@ class ResultsFolder:
     def record_path(self, eta: float, repeat: int) -> Path:
         return self.path / run_dir_name(eta, repeat) / RESULT
 
-    def write_record(self, record: Mapping[str, Any]) -> Path:
+    def write_record(self, record: Mapping[str, Any] | PointRecord) -> Path:
         """Store one (η, repeat) record; a later record of the same pair replaces it."""
+        if isinstance(record, PointRecord):
+            record = record.to_dict()
         eta, repeat = _pair(record)
         path = atomic_write_json(self.record_path(eta, repeat), record)
         by_pair = {_pair(r): r for r in self.records()}

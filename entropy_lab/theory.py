@@ -5,7 +5,10 @@ For one AdamW step θ₁ = θ₀ + η·v, so H(η) := H(θ₀ + η·v) and
 - independent identity (Cui et al. 2025, Lemma 1): for fixed prefixes
   dH_t/dη = −Cov_{a∼π_t}(log π_t(a), ż_t(a)), ż the jvp of the tempered logits along v;
 - second order: c = vᵀ∇²H v by nested jvp; relative nonlinearity at η ≈ η·c / (2·∇H·v),
-  so the linear window ends at η_max(tol) = 2·tol·|∇H·v| / |c|.
+  so the jet predicts the window's upper edge near 2·tol·|∇H·v| / |c| (reported as
+  ``eta_max_predicted``; the window itself is measured, in ``analysis``);
+- ∇H itself by reverse mode, once per sweep: ∇H·(θ₁ − θ₀ − η·v) is the effect of the
+  parameters' rounding at each point.
 Forward-mode AD has no rule for SDPA / flash kernels: the model must use eager attention
 (or the faithful fp64 attention function), which the checkpoint loader arranges.
 """
@@ -27,6 +30,7 @@ from entropy_lab.entropy import (
     decoder_and_head,
     probe_batch,
     readings,
+    sequence_sums,
 )
 from entropy_lab.rollout import SequenceBatch, filter_logits
 
@@ -384,193 +388,52 @@ class ResponseLogits(torch.nn.Module):
         return filter_logits(head(states) / self.temperature, self.top_k, self.top_p)
 
 
-def predicted_nonlinearity(
-    eta: float, slope: float, curvature: float | None, third: float | None = None
-) -> float | None:
-    """Relative departure from linearity at η: η·c/(2·∇H·v) + η²·d/(6·∇H·v), d = ∇³H[v,v,v]
-    (the second term only when d is known)."""
-    if curvature is None or slope == 0:
-        return None
-    return eta * curvature / (2 * slope) + (eta**2 * third / (6 * slope) if third else 0.0)
+def entropy_gradient(
+    scorer: EntropyScorer,
+    batch: SequenceBatch,
+    params: dict[str, torch.nn.Parameter],
+    baseline: float,
+    reading: str,
+) -> dict[str, torch.Tensor]:
+    """∇_θ H(θ₀) of one reading on E, by reverse mode, one row chunk at a time (fp64).
 
-
-def eta_max(
-    slope: float, curvature: float | None, tol: float = 0.05, third: float | None = None
-) -> float | None:
-    """Smallest η > 0 whose predicted relative nonlinearity reaches ±tol (inf: never)."""
-    if curvature is None or slope == 0:
-        return None
-    a = curvature / (2 * slope)  # p(η) = a·η + b·η²
-    b = third / (6 * slope) if third else 0.0
-    roots = []
-    for target in (tol, -tol):
-        if b == 0:
-            if a != 0:
-                roots.append(target / a)
-            continue
-        disc = a * a + 4 * b * target
-        if disc >= 0:
-            roots += [(-a + sign * math.sqrt(disc)) / (2 * b) for sign in (1, -1)]
-    positive = [r for r in roots if r > 0]
-    return min(positive) if positive else math.inf
-
-
-def routing_caveat(rows: list[dict]) -> str | None:
-    """Why the jet cannot vouch for linearity at one η (its records ``rows``), or None.
-
-    The jvp differentiates the MoE model with every token's top-k experts held fixed (the
-    routing is discrete). When the step changes some token's experts, ΔH holds a jump the jet
-    cannot see, so agreement or disagreement with it is no evidence: such a point must not be
-    called resolvable-and-linear on the jet's word alone.
+    At θ₀ the importance weights are 1, so with N = Σh_i, D = ΣT_i, H = N/D:
+    ∇H_cond = ∇N/D and ∇H_policy = ∇H_cond + Σ_i (h_i − H·T_i)·∇log π(seq_i)/D. Both are
+    sums over rows: chunks are back-propagated one at a time and the gradients added, so
+    memory is that of one chunk. Used once per sweep: ∇H·(θ₁ − θ₀ − η·v) is then the
+    first-order effect of the parameters' rounding at every (η, repeat), a dot product.
+    Data-parallel, each rank takes its shard of E's rows and the gradients are summed.
     """
-    changed = [
-        float(r["routing_changed_fraction"])
-        for r in rows
-        if r.get("success") and r.get("routing_changed_fraction")
-    ]
-    if not changed:
-        return None
-    return (
-        f"top-k routing changed for up to {max(changed):.2%} of E's tokens (the jet holds "
-        "routing fixed)"
-    )
-
-
-# -- precision floor and linear window (pure functions of the records: `report` reuses them) --
-
-EPS = {"fp32": 2.0**-23, "fp64": 2.0**-52, "bf16": 2.0**-7}
-
-
-@dataclass(frozen=True)
-class FloorThresholds:
-    max_quantized_fraction: float = 0.01  # updated entries rounded away by fl(θ + η·v)
-    min_signal_eps: float = 10.0  # |ΔH| ≥ this × eps(dtype) × H
-    # RMS(ΔH(η) + ΔH(−η) − η²c) / |mean ΔH(η)| estimates √2·σ, σ the relative rounding
-    # noise of one ΔH; 0.5 % keeps 3σ ≈ 1 %, so a passing point is good to about 1 %.
-    max_symmetric_residual: float = 0.005
-    nonlinearity_tol: float = 0.05  # η_max(tol)
-    # The even part of ΔH beyond η²c also holds η⁴ terms. Noise moves the odd part (ΔH/η
-    # against ∇H·v) about as much as the even part; higher orders can move it far more (tiny
-    # model, fp64 and fp32 alike, at η = 1e-3: odd part 21 %, even part 2.2 %). A point whose
-    # measured nonlinearity exceeds both the tolerance and this multiple of the even part is
-    # read as nonlinear, not noisy.
-    curvature_over_noise: float = 3.0
-
-
-@dataclass(frozen=True)
-class PointStatus:
-    learning_rate: float
-    resolvable: bool
-    within_eta_max: bool | None
-    reasons: list[str]
-    quantized_fraction: float | None
-    symmetric_residual: float | None
-    predicted_nonlinearity: float | None
-    # Mean over repeats of ΔH/(η·∇H·v) − 1: the nonlinearity itself, which the second-order
-    # prediction can miss when higher orders matter (a small curvature, a large third term).
-    measured_nonlinearity: float | None = None
-
-
-def classify_points(
-    records: list[dict], dtype: str, thresholds: FloorThresholds = FloorThresholds()
-) -> dict[float, PointStatus]:
-    """Per η: resolvable above the precision floor?  Within the curvature limit η_max?"""
-    eps = EPS[dtype]
-    by_eta: dict[float, list[dict]] = {}
-    for r in records:
-        if r.get("success"):
-            by_eta.setdefault(float(r["learning_rate"]), []).append(r)
-    out = {}
-    for eta, rows in sorted(by_eta.items()):
-        reasons = []
-        qf = max(float(r.get("quantized_fraction") or 0.0) for r in rows)
-        if qf > thresholds.max_quantized_fraction:
-            reasons.append(
-                f"{qf:.1%} of updated entries rounded away in {dtype} "
-                f"(> {thresholds.max_quantized_fraction:.1%})"
+    local = scorer.shard_of(batch)
+    tokens = distributed.sum_over_ranks(float(local.response_mask[:, 1:].sum()))
+    grads = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
+    decoder, head = decoder_and_head(scorer.lm)
+    was_training = scorer.lm.training
+    scorer.lm.eval()
+    try:
+        for rows in local.length_sorted_chunks(scorer.max_rows):
+            part = local.select(rows)
+            sums = sequence_sums(
+                decoder,
+                head,
+                part,
+                scorer.temperature,
+                scorer.chunk_tokens,
+                scorer.top_k,
+                scorer.top_p,
             )
-        mean_change = sum(r["entropy_change"] for r in rows) / len(rows)
-        floor = thresholds.min_signal_eps * eps * abs(rows[0]["entropy_before"])
-        if abs(mean_change) < floor:
-            reasons.append(f"|ΔH| {abs(mean_change):.2e} below {floor:.2e} (eps×H floor)")
-        slopes = [r.get("first_order_slope") for r in rows]
-        curvs = [r.get("curvature") for r in rows]
-        nonlin = within = None
-        thirds = [r.get("third_derivative") for r in rows]
-        if all(s is not None for s in slopes) and all(c is not None for c in curvs):
-            nonlin = max(
-                abs(predicted_nonlinearity(eta, s, c, d) or 0.0)
-                for s, c, d in zip(slopes, curvs, thirds)
+            objective = sums.entropy.sum()
+            if reading == "policy":
+                weight = (sums.entropy - baseline * sums.tokens).detach()
+                objective = objective + (weight * sums.logprob).sum()
+            chunk = torch.autograd.grad(
+                objective / tokens, list(params.values()), allow_unused=True
             )
-            within = nonlin <= thresholds.nonlinearity_tol
-        sym = None
-        sym_rows = [r for r in rows if r.get("entropy_change_negative") is not None]
-        measured = _measured_nonlinearity(eta, rows)
-        if sym_rows and within is not False:
-            # Rounding noise, measured: the even part of ΔH beyond its η²c prediction, RMS
-            # over repeats, against the mean signal that the fit uses. Further out the even
-            # part holds η⁴ terms too, and there it says nothing of noise.
-            residuals = [
-                r["entropy_change"]
-                + r["entropy_change_negative"]
-                - eta**2 * (r.get("curvature") or 0.0)
-                for r in sym_rows
-            ]
-            rms = math.sqrt(sum(x * x for x in residuals) / len(residuals))
-            sym = rms / max(abs(mean_change), 1e-300)
-            bent = measured is not None and abs(measured) > max(
-                thresholds.nonlinearity_tol, thresholds.curvature_over_noise * sym
-            )
-            if sym > thresholds.max_symmetric_residual and not bent:
-                cause = (
-                    "rounding noise"
-                    if all(c is not None for c in curvs)
-                    else "rounding noise or curvature (no vᵀ∇²H v measured: enable curvature)"
-                )
-                reasons.append(
-                    f"RMS of ΔH(η)+ΔH(−η)−η²c is {sym:.1%} of mean |ΔH| "
-                    f"(> {thresholds.max_symmetric_residual:.1%}): {cause}"
-                )
-        if not reasons and measured is not None and abs(measured) > thresholds.nonlinearity_tol:
-            within = False  # a resolvable point that is measurably nonlinear is beyond η_max
-        out[eta] = PointStatus(eta, not reasons, within, reasons, qf, sym, nonlin, measured)
-    return out
-
-
-def _measured_nonlinearity(eta: float, rows: list[dict]) -> float | None:
-    ratios = [
-        r["entropy_change"] / (eta * r["first_order_slope"]) - 1
-        for r in rows
-        if r.get("first_order_slope")
-    ]
-    return sum(ratios) / len(ratios) if ratios else None
-
-
-def linear_window(statuses: dict[float, PointStatus], records: list[dict], tol: float = 0.05):
-    """[η_floor, η_max]: the smallest resolvable η of the grid, and 2·tol·|∇H·v|/|c| (min over
-    repeats) capped at the first resolvable η whose measured nonlinearity exceeds tol."""
-    resolvable = [eta for eta, s in statuses.items() if s.resolvable]
-    maxima = [
-        eta_max(r["first_order_slope"], r.get("curvature"), tol, r.get("third_derivative"))
-        for r in records
-        if r.get("success") and r.get("first_order_slope") is not None
-    ]
-    maxima = [m for m in maxima if m is not None]
-    predicted = min(maxima) if maxima else None
-    bent = [
-        eta
-        for eta, s in sorted(statuses.items())
-        if s.resolvable and s.measured_nonlinearity is not None
-        if abs(s.measured_nonlinearity) > tol
-    ]
-    theory = "third order" if any(r.get("third_derivative") for r in records) else "second order"
-    top, bound = predicted, theory
-    if bent and (top is None or bent[0] < top):
-        top, bound = bent[0], "measured"
-    return {
-        "eta_min": min(resolvable) if resolvable else None,
-        "eta_max": top,
-        "eta_max_predicted": predicted,
-        "eta_max_from": bound if top is not None else None,
-        "tolerance": tol,
-    }
+            for (name, _), g in zip(params.items(), chunk):
+                if g is not None:
+                    grads[name] += g.double()
+    finally:
+        scorer.lm.train(was_training)
+    for name in sorted(grads):  # the same order on every rank
+        distributed.all_reduce_sum_(grads[name])
+    return grads

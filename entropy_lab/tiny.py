@@ -30,6 +30,12 @@ import yaml
 from entropy_lab.tasks import ArithmeticTask
 
 TINY_SEED = 1234
+TINY_EVAL_SIZE = 256  # B_E on the tiny checkpoint (the cpu suite's and quick's)
+# The spread fixture: the same checkpoint, with update batches of 8 prompts (× 8 responses)
+# instead of 128, so that directions differ as on a real RL checkpoint. Measured (fp64,
+# E = 256, seed 0): ∇H·v of repeats 0–4 = −3.29, −2.16, −2.83, −2.68, −3.21 (52 % between
+# the extremes of the suite's three repeats; CV 16 %). With 128 prompts: −2.76 ± 3 %.
+SPREAD_BUFFER_SIZE = 8
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<unk>"]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -187,8 +193,9 @@ def build_tiny_checkpoint(
     accuracy ≈ 0.6, sampled reward ≈ 0.4), as an RL checkpoint is, and with update
     directions that agree: on the cpu suite's evaluation batch (256 prompts) ∇H·v of four
     update batches was −2.76 ± 3 % (policy reading). That agreement is a property of this
-    checkpoint, not of RL: fp32 builds at 300–600 steps varied 6–48 %, and with directions
-    50 % apart even a perfectly linear ΔH has a raw-point R² near 0.8.
+    checkpoint and of its 128-prompt update batches, not of RL: fp32 builds at 300–600 steps
+    varied 6–48 %. The analysis is paired (one update direction per repeat) and must not
+    depend on it: the suite also runs the spread fixture (``SPREAD_BUFFER_SIZE``).
     """
 
     started = time.perf_counter()
@@ -350,6 +357,20 @@ def directory_digest(path: str | Path) -> str:
         h.update(str(file.relative_to(root)).encode())
         h.update(hashlib.sha256(file.read_bytes()).digest())
     return h.hexdigest()
+
+
+def is_tiny_checkpoint(step_dir: str | Path) -> bool:
+    """Whether ``step_dir`` is a build of this module (a copy included): its training_info.json
+    records the tiny task and SFT steps. Only such a checkpoint gets the setup's defaults."""
+    try:
+        info = json.loads((Path(step_dir) / "training_info.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (
+        isinstance(info, dict)
+        and "sft_steps" in info
+        and str(info.get("task", "")).startswith("arithmetic a+b=")
+    )
 
 
 def default_cache_dir() -> Path:
@@ -539,7 +560,14 @@ def build_tiny_architecture(
         )
         policy.eval()
         save_rl_practice(out, policy, tokenizer, optimizer, scheduler, cfg)
-        info = {"architecture": name, "step": rl_steps, "rl_mean_reward_per_step": rewards}
+        info = {
+            "architecture": name,
+            "step": rl_steps,
+            # A build of this module: the setup's tiny defaults apply (is_tiny_checkpoint).
+            "task": f"arithmetic a+b=, operands 0-{task.max_operand - 1}",
+            "sft_steps": sft_steps,
+            "rl_mean_reward_per_step": rewards,
+        }
         (out / "training_info.json").write_text(json.dumps(info, indent=1) + "\n")
     finally:
         torch.set_num_threads(threads)

@@ -1,16 +1,23 @@
-"""The RL update: Dr-GRPO gradient on an update batch, then a real AdamW step at lr = η.
+"""The RL update: the trainer's own loss on an update batch, then a real AdamW step at lr = η.
 
 The gradient does not depend on η, so it is computed once per repeat; each η then restores
 θ₀ and the optimizer state S₀, sets lr to exactly η *after* ``load_state_dict`` (which would
 otherwise restore the saved lr) and calls ``optimizer.step()``.
 For one AdamW step Δθ = η·v exactly, with v fixed by (g, S₀); v is computed by the same torch
 AdamW running at lr = 1 on an fp64 copy, so it carries no rounding of the runtime dtype.
+
+The loss (DESIGN §7): advantages A = r − group mean, optionally ÷ (std + 1e-4) of the group or
+the batch (``scale_rewards``); token loss −min(ρA, clip(ρ, 1 − ε, 1 + ε_high)·A) + β·k3 KL to
+the reference; aggregated by ``loss_type`` (one small function each below); minus
+``entropy_coef`` × the token-mean entropy of each micro-batch. Every normaliser is global: it
+counts the rows, prompts, tokens and micro-batches of the whole update batch over all ranks.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +26,9 @@ from torch import nn
 from entropy_lab import distributed
 from entropy_lab.entropy import decoder_and_head, token_statistics
 from entropy_lab.rollout import SequenceBatch
+
+SCALE_REWARDS = ("none", "group", "batch")
+STD_EPS = 1e-4  # TRL's: A / (std + 1e-4)
 
 
 @dataclass
@@ -29,10 +39,11 @@ class UpdateBatch:
     rewards: torch.Tensor  # [N]
     advantages: torch.Tensor  # [N]
     num_generations: int
-    max_new_tokens: int
+    max_new_tokens: int  # = TRL's max_completion_length: the dr_grpo constant
     old_logprob: torch.Tensor | None = None  # per response token, at θ₀ (for steps > 1)
     # Over the whole U: data-parallel, this batch holds one rank's prompts only.
     mean_reward: float | None = None
+    ref_logprob: torch.Tensor | None = None  # per response token, the reference (kl_beta > 0)
 
     def __post_init__(self) -> None:
         if self.mean_reward is None:
@@ -51,14 +62,116 @@ class Gradient:
     token_advantage: torch.Tensor | None = None
 
 
-def group_advantages(rewards: torch.Tensor, prompt_index: torch.Tensor) -> torch.Tensor:
-    """Dr-GRPO: reward minus the mean of its prompt's group (no std division)."""
+def group_advantages(
+    rewards: torch.Tensor, prompt_index: torch.Tensor, scale_rewards: str = "none"
+) -> torch.Tensor:
+    """Reward minus the mean of its prompt's group; ``scale_rewards`` ``group`` / ``batch``
+    divides by (std + 1e-4) of the group / of the whole batch, the std with Bessel's correction
+    (TRL's ``nanstd``). Data-parallel, ``batch`` takes the std over every rank's rewards."""
+    if scale_rewards not in SCALE_REWARDS:
+        raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}, got {scale_rewards!r}")
     rewards = rewards.double()
-    sums = torch.zeros(int(prompt_index.max()) + 1, dtype=torch.float64).index_add(
-        0, prompt_index, rewards
-    )
-    counts = torch.bincount(prompt_index).double()
-    return rewards - (sums / counts)[prompt_index]
+    groups = int(prompt_index.max()) + 1
+    counts = torch.bincount(prompt_index, minlength=groups).double()
+    sums = torch.zeros(groups, dtype=torch.float64).index_add(0, prompt_index, rewards)
+    centred = rewards - (sums / counts)[prompt_index]
+    if scale_rewards == "none":
+        return centred
+    if scale_rewards == "group":
+        squares = torch.zeros(groups, dtype=torch.float64).index_add(0, prompt_index, centred**2)
+        std = torch.sqrt(squares / (counts - 1))[prompt_index]  # G = 1: NaN, as TRL
+    else:
+        n = distributed.sum_over_ranks(len(rewards))
+        mean = distributed.sum_over_ranks(float(rewards.sum())) / n
+        squares = distributed.sum_over_ranks(float(((rewards - mean) ** 2).sum()))
+        std = torch.full_like(rewards, math.sqrt(squares / (n - 1)) if n > 1 else math.nan)
+    return torch.nan_to_num(centred / (std + STD_EPS), nan=0.0)
+
+
+@dataclass(frozen=True)
+class Objective:
+    """The trainer's loss: what it aggregates and which terms it adds (DESIGN §7)."""
+
+    loss_type: str = "dr_grpo"
+    clip_eps: float = 0.2
+    clip_eps_high: float | None = None  # None: = clip_eps (symmetric clipping)
+    kl_beta: float = 0.0
+    kl_bias_correction: bool = False  # TRL's use_bias_correction_kl: k3 · ρ (∇ gains k3·∇log π)
+    entropy_coef: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(
+                f"loss_type must be one of {tuple(LOSS_TYPES)}, got {self.loss_type!r}"
+            )
+
+    @property
+    def upper_clip(self) -> float:
+        return self.clip_eps if self.clip_eps_high is None else self.clip_eps_high
+
+
+@dataclass(frozen=True)
+class Normalisers:
+    """Counts over the whole update batch (every rank's share): the losses divide by these."""
+
+    rows: int  # sequences
+    prompts: int
+    tokens: int  # response tokens
+    microbatches: int
+    num_generations: int  # G
+    max_completion_length: int  # dr_grpo's L (the sampling cap, max_new_tokens)
+
+
+def _row_lengths(micro: SequenceBatch) -> torch.Tensor:
+    return micro.response_mask[:, 1:].sum(1)
+
+
+def dr_grpo_loss(token_loss, rows, micro, norm: Normalisers) -> torch.Tensor:
+    """TRL's Dr-GRPO: the sum over every token ÷ (rows · max_completion_length)."""
+    return token_loss.sum() / (norm.rows * norm.max_completion_length)
+
+
+def dr_grpo_rl_practice_loss(token_loss, rows, micro, norm: Normalisers) -> torch.Tensor:
+    """RL_Practice's Dr-GRPO: each prompt's sum over its G responses and their tokens ÷
+    (G · the longest response of that group), then the mean over prompts."""
+    lengths = _row_lengths(micro).double()
+    index = micro.prompt_index
+    longest = torch.zeros(int(index.max()) + 1, dtype=torch.float64, device=lengths.device)
+    longest = longest.scatter_reduce(0, index, lengths, reduce="amax")
+    divisor = (norm.num_generations * longest[index]).clamp(min=1.0)
+    return (token_loss / divisor[rows].to(token_loss)).sum() / norm.prompts
+
+
+def grpo_loss(token_loss, rows, micro, norm: Normalisers) -> torch.Tensor:
+    """GRPO: the token mean of each sequence, then the mean over sequences."""
+    lengths = _row_lengths(micro).clamp(min=1).to(token_loss)
+    return (token_loss / lengths[rows]).sum() / norm.rows
+
+
+def dapo_loss(token_loss, rows, micro, norm: Normalisers) -> torch.Tensor:
+    """DAPO (TRL's default): the sum ÷ the active tokens of the whole accumulated batch."""
+    return token_loss.sum() / max(norm.tokens, 1)
+
+
+def bnpo_loss(token_loss, rows, micro, norm: Normalisers) -> torch.Tensor:
+    """BNPO: the sum ÷ the active tokens of this micro-batch, averaged over micro-batches (as
+    TRL divides each micro-batch's loss by the accumulation steps)."""
+    return token_loss.sum() / max(token_loss.numel(), 1) / norm.microbatches
+
+
+LOSS_TYPES: dict[str, Callable[..., torch.Tensor]] = {
+    "dr_grpo": dr_grpo_loss,
+    "dr_grpo_rl_practice": dr_grpo_rl_practice_loss,
+    "grpo": grpo_loss,
+    "dapo": dapo_loss,
+    "bnpo": bnpo_loss,
+}
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimator of KL(π‖π_ref): exp(r) − r − 1 with r = log π_ref − log π."""
+    delta = ref_logp - logp
+    return torch.exp(delta) - delta - 1
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -78,6 +191,7 @@ class PolicyUpdate:
         grad_clip: float = 0.0,
         microbatch_size: int = 4,
         chunk_tokens: int = 1024,
+        objective: Objective | None = None,
     ) -> None:
         self.model = causal_lm
         self.optimizer = optimizer
@@ -85,7 +199,8 @@ class PolicyUpdate:
         if not self.params:
             raise ValueError("the policy has no trainable parameters")
         self.temperature = temperature
-        self.clip_eps = clip_eps
+        self.objective = objective or Objective(clip_eps=clip_eps)
+        self.clip_eps = self.objective.clip_eps
         self.grad_clip = grad_clip
         self.microbatch_size = microbatch_size
         self.chunk_tokens = chunk_tokens
@@ -93,40 +208,98 @@ class PolicyUpdate:
         self.state0 = copy.deepcopy(optimizer.state_dict())
 
     # -- gradient -----------------------------------------------------------------------
-    def loss_on(self, micro: SequenceBatch, advantages: torch.Tensor, old_logprob, scale: float):
+    def loss_on(
+        self,
+        micro: SequenceBatch,
+        advantages: torch.Tensor,
+        old_logprob,
+        norm: Normalisers,
+        ref_logprob: torch.Tensor | None = None,
+    ):
+        """This micro-batch's share of the loss (already globally normalised), θ's token
+        log-probs and the tokens' advantages."""
+        objective = self.objective
         decoder, head = decoder_and_head(self.model)
-        logp, _, rows = token_statistics(
-            decoder, head, micro, self.temperature, self.chunk_tokens, with_entropy=False
+        with_entropy = objective.entropy_coef != 0.0
+        logp, entropy, rows = token_statistics(
+            decoder, head, micro, self.temperature, self.chunk_tokens, with_entropy=with_entropy
         )
         old = logp.detach() if old_logprob is None else old_logprob
         ratio = torch.exp(logp - old)  # = 1 on-policy; gradient = ∇log π
         adv = advantages[rows].to(logp.dtype)
-        clipped = torch.clamp(ratio, 1 - self.clip_eps, 1 + self.clip_eps)
+        clipped = torch.clamp(ratio, 1 - objective.clip_eps, 1 + objective.upper_clip)
         token_loss = -torch.minimum(ratio * adv, clipped * adv)
-        return token_loss.sum() * scale, logp.detach(), adv
+        if objective.kl_beta != 0.0:
+            if ref_logprob is None:
+                raise ValueError("kl_beta > 0 needs the reference log-probs of the update batch")
+            kl = k3_kl(logp, ref_logprob.to(logp))
+            if objective.kl_bias_correction:
+                kl = kl * ratio
+            token_loss = token_loss + objective.kl_beta * kl
+        loss = LOSS_TYPES[objective.loss_type](token_loss, rows, micro, norm)
+        if with_entropy:  # TRL: the token mean of each micro-batch, ÷ accumulation steps
+            bonus = entropy.sum() / max(entropy.numel(), 1) / norm.microbatches
+            loss = loss - objective.entropy_coef * bonus
+        return loss, logp.detach(), adv
 
     @torch.no_grad()
-    def token_logprobs(self, seqs: SequenceBatch) -> torch.Tensor:
-        """θ's log-prob of every response token, flat in row-major order."""
-        decoder, head = decoder_and_head(self.model)
+    def token_logprobs(self, seqs: SequenceBatch, model: nn.Module | None = None) -> torch.Tensor:
+        """θ's (or ``model``'s) log-prob of every response token, flat in row-major order."""
+        decoder, head = decoder_and_head(self.model if model is None else model)
         device = next(iter(self.params.values())).device
         logp, _, _ = token_statistics(
             decoder, head, seqs.to(device), self.temperature, self.chunk_tokens, False
         )
         return logp
 
+    @torch.no_grad()
+    def reference_logprobs(
+        self, seqs: SequenceBatch, reference: nn.Module | None = None
+    ) -> torch.Tensor:
+        """The KL reference's log-prob of every response token: ``reference`` (a full
+        fine-tune's reference model) or, for a LoRA policy, the same model with its adapter
+        disabled (no second model in memory)."""
+        if reference is not None:
+            return self.token_logprobs(seqs, reference)
+        if not hasattr(self.model, "disable_adapter"):
+            raise ValueError("kl_beta > 0 on a full fine-tune needs a reference model")
+        with self.model.disable_adapter():
+            return self.token_logprobs(seqs)
+
+    def _microbatches(self, seqs: SequenceBatch) -> list[list[int]]:
+        """Rows of each micro-batch: ``microbatch_size`` whole prompt groups at a time."""
+        prompts = torch.unique(seqs.prompt_index).tolist()
+        index = seqs.prompt_index.tolist()
+        out = []
+        for start in range(0, len(prompts), self.microbatch_size):
+            group = set(prompts[start : start + self.microbatch_size])
+            out.append([i for i, q in enumerate(index) if q in group])
+        return out
+
+    def normalisers(self, update: UpdateBatch) -> Normalisers:
+        """The loss's counts over the whole update batch (summed over data-parallel ranks)."""
+        seqs = update.sequences
+        counts = [
+            len(seqs),
+            len(torch.unique(seqs.prompt_index)),
+            int(seqs.response_mask[:, 1:].sum()),
+            len(self._microbatches(seqs)),
+        ]
+        rows, prompts, tokens, micro = (round(distributed.sum_over_ranks(c)) for c in counts)
+        return Normalisers(
+            rows, prompts, tokens, micro, update.num_generations, update.max_new_tokens
+        )
+
     def gradient(self, update: UpdateBatch) -> Gradient:
-        """∇ of the Dr-GRPO loss over the whole buffer, micro-batched, then clipped.
+        """∇ of the trainer's loss over the whole buffer, micro-batched, then clipped.
 
         Data-parallel: ``update`` holds this rank's prompts (whole groups); the loss keeps the
         global normalisation and the per-rank gradients are summed before clipping.
         """
-        local_prompts = len(torch.unique(update.sequences.prompt_index))
-        num_prompts = round(distributed.sum_over_ranks(local_prompts))
-        grads, loss, tokens = self.local_gradient(update, num_prompts)
+        grads, loss, tokens = self.local_gradient(update, self.normalisers(update))
         # DDP semantics: gradients are synchronised once, after the last micro-batch (DDP's
         # no_sync() on the others). A manual all-reduce (sum) of the accumulated gradients is
-        # the same operation; the 1/num_prompts of the loss is already global, so no averaging.
+        # the same operation; the loss's normalisers are already global, so no averaging.
         for name in sorted(grads):  # the same order on every rank
             distributed.all_reduce_sum_(grads[name])
         gradient = self._clipped(grads, distributed.sum_over_ranks(loss))
@@ -134,18 +307,12 @@ class PolicyUpdate:
         return gradient
 
     def local_gradient(
-        self, update: UpdateBatch, num_prompts: int
+        self, update: UpdateBatch, norm: Normalisers
     ) -> tuple[dict[str, torch.Tensor], float, tuple[torch.Tensor, torch.Tensor]]:
-        """Accumulated gradient of this process's prompts, normalised by ``num_prompts``,
-        its loss, and the (log-prob, advantage) of every response token the loss saw.
-
-        Per prompt: sum over generations and tokens / (G · L_max); mean over all
-        ``num_prompts`` prompts of the buffer (every rank's).
-        """
+        """Accumulated gradient of this process's prompts under the global normalisers
+        ``norm``, its loss, and the (log-prob, advantage) of every response token it saw."""
         seqs = update.sequences
         device = next(iter(self.params.values())).device
-        prompts = torch.unique(seqs.prompt_index).tolist()
-        scale = 1.0 / (update.num_generations * update.max_new_tokens * num_prompts)
         for p in self.params.values():
             p.grad = None
         was_training = self.model.training
@@ -153,16 +320,23 @@ class PolicyUpdate:
         total = 0.0
         logps, advs = [], []
         token_offsets = _token_offsets(seqs)
+
+        def tokens_of(values: torch.Tensor | None, rows: list[int]) -> torch.Tensor | None:
+            if values is None:
+                return None
+            return torch.cat([values[token_offsets[i]] for i in rows]).to(device)
+
         try:
-            for start in range(0, len(prompts), self.microbatch_size):
-                group = set(prompts[start : start + self.microbatch_size])
-                rows = [i for i, q in enumerate(seqs.prompt_index.tolist()) if q in group]
+            for rows in self._microbatches(seqs):
                 micro = seqs.select(rows).to(device)
-                old = None
-                if update.old_logprob is not None:
-                    old = torch.cat([update.old_logprob[token_offsets[i]] for i in rows]).to(device)
                 adv = update.advantages[rows].to(device)
-                loss, logp, token_adv = self.loss_on(micro, adv, old, scale)
+                loss, logp, token_adv = self.loss_on(
+                    micro,
+                    adv,
+                    tokens_of(update.old_logprob, rows),
+                    norm,
+                    tokens_of(update.ref_logprob, rows),
+                )
                 loss.backward()
                 total += float(loss.detach())
                 logps.append(logp)
@@ -285,6 +459,21 @@ class PolicyUpdate:
             moved += int(nonzero.sum())
             unchanged += int(((p == self.theta0[n]) & nonzero).sum())
         return unchanged / moved if moved else 1.0
+
+    @torch.no_grad()
+    def rounding_effect(
+        self,
+        eta: float,
+        update_vector: dict[str, torch.Tensor],
+        entropy_grad: dict[str, torch.Tensor],
+    ) -> float:
+        """∇H·(θ − θ₀ − η·v) in fp64 at the current (stepped) θ: the first-order effect on ΔH
+        of storing θ₀ + η·v in the runtime dtype (0 when nothing is rounded)."""
+        total = torch.zeros((), dtype=torch.float64)
+        for n, p in self.params.items():
+            offset = p.double() - self.theta0[n].double() - eta * update_vector[n]
+            total += (entropy_grad[n] * offset).sum().cpu()
+        return float(total)
 
     def update_norm(self, update_vector: dict[str, torch.Tensor]) -> float:
         return float(torch.sqrt(sum((v**2).sum() for v in update_vector.values())))

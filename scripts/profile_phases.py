@@ -1,13 +1,14 @@
 #!/usr/bin/env python
 """Wall time, tokens/s and peak device memory of each phase of one sweep, on one checkpoint.
 
-The phases of DESIGN §2 in order: load, prepare (sample E and score it at θ₀), sample U_r,
-the Dr-GRPO gradient, the update vector v_r, the jvp oracles (∇H·v and vᵀ∇²H v), then one
+The phases of DESIGN §2 in order: load + prepare (sample E and score it at θ₀), sample U_r,
+the trainer's-loss gradient, the update vector v_r, the jvp oracles (first to third order),
+the covariance identity, then one
 point per η (a real AdamW step, E scored again, and the mirrored step −η). Tokens are the
 response tokens the phase generates or processes. Peak memory is
 ``torch.cuda.max_memory_allocated`` within the phase (None on the CPU).
 
-Usage: python scripts/profile_phases.py --checkpoint DIR [--device cuda] [--json PATH]
+Usage: python scripts/profile_phases.py [--checkpoint DIR] [--device cuda] [--json PATH]
 """
 
 from __future__ import annotations
@@ -55,56 +56,98 @@ def format_row(row: dict[str, Any]) -> str:
     return f"  {row['phase']:<24} {row['seconds']:>8.2f} s  {tps} tok/s  {mem_text} GiB peak"
 
 
-def profile(checkpoint: str, device: str, dtype: str, etas: list[float], **settings) -> dict:
-    from entropy_lab.checkpoint import load_checkpoint
-    from entropy_lab.config import ExperimentConfig
-    from entropy_lab.protocol import Direction, measure_point, prepare, sample_update_batch
-    from entropy_lab.theory import directional_derivatives
+def profile(
+    checkpoint: str | None, device: str, dtype: str | None, etas: list[float], **kw
+) -> dict:
+    """The sweep's own phases, opened as the sweep opens them (open_experiment: the same
+    training setup, seed, oracles — third order and the covariance identity included)."""
+    from entropy_lab.protocol import (
+        Direction,
+        _crude_forecasts,
+        measure_point,
+        open_experiment,
+        repeat_seed,
+        sample_update_batch,
+    )
+    from entropy_lab.theory import covariance_identity_slope, directional_derivatives
 
     timer = PhaseTimer(device)
-    with timer.phase("load checkpoint"):
-        ck = load_checkpoint(checkpoint, dtype=dtype, device=device)
-    cfg = ExperimentConfig.from_training_config(
-        ck.training_config, etas, device=device, dtype=dtype, **settings
-    )
-    with timer.phase("prepare (sample+score E)") as row:
-        setup = prepare(cfg, ck)
+    settings = {k: kw.pop(k) for k in ("buffer_size", "num_generations") if k in kw}
+    loaded: dict[str, Any] = {}
+    started = time.perf_counter()
+
+    def on_config(cfg, ck, training) -> None:  # the load ends here; prepare starts
+        from entropy_lab.cli import _set_threads
+
+        _set_threads(None, ck.metadata["total_parameters"])
+        loaded["seconds"] = time.perf_counter() - started
+        loaded["checkpoint"] = ck
+        print(training.table())
+
+    with timer.phase("load + prepare (E)") as row:
+        setup = open_experiment(
+            checkpoint,
+            etas,
+            dtype=dtype,
+            device=device,
+            settings=settings,
+            on_config=on_config,
+            **kw,
+        )
         row["tokens"] = setup.eval_batch.num_response_tokens
+    cfg = setup.cfg
+    repeat = 0
     with timer.phase("sample U") as row:
-        update = sample_update_batch(setup, 0)
+        update = sample_update_batch(setup, repeat)
         row["tokens"] = update.sequences.num_response_tokens
     with timer.phase("gradient") as row:
         gradient = setup.updater.gradient(update)
         row["tokens"] = update.sequences.num_response_tokens
     with timer.phase("update vector"):
         vector = setup.updater.update_vector(gradient)
-    with timer.phase("jvp + nested jvp") as row:
-        directional_derivatives(
-            setup.scorer, setup.eval_batch, setup.reference_logprob, setup.updater.theta0, vector
+    with timer.phase("jvp oracles (1st-3rd)") as row:
+        derivatives = directional_derivatives(
+            setup.scorer,
+            setup.eval_batch,
+            setup.reference_logprob,
+            setup.updater.theta0,
+            vector,
+            second_order=cfg.curvature,
+            third_order=cfg.curvature and cfg.third_order,
         )
         row["tokens"] = setup.eval_batch.num_response_tokens
-
+    identity = None
+    if cfg.identity_check:
+        with timer.phase("covariance identity") as row:
+            identity = covariance_identity_slope(
+                setup.scorer, setup.eval_batch, setup.updater.theta0, vector
+            )
+            row["tokens"] = setup.eval_batch.num_response_tokens
     direction = Direction(
-        repeat=0,
-        seed=cfg.seed,
+        repeat=repeat,
+        seed=repeat_seed(cfg.seed, repeat),
         update=update,
         gradient=gradient,
         vector=vector,
-        derivatives=None,
+        derivatives=derivatives,
         seconds=0.0,
+        identity_slope=identity,
+        forecasts=_crude_forecasts(gradient),
     )
     for eta in etas:
         with timer.phase(f"η={eta:g} (step, score, −η)") as row:
             measure_point(setup, direction, eta)
             row["tokens"] = 2 * setup.eval_batch.num_response_tokens
+    ck = setup.checkpoint
     return {
-        "checkpoint": checkpoint,
+        "checkpoint": ck.metadata["path"],
         "device": device,
-        "dtype": dtype,
+        "dtype": cfg.dtype,
         "eval_size": cfg.eval_size,
         "buffer_size": cfg.buffer_size,
         "num_generations": cfg.num_generations,
         "max_new_tokens": cfg.max_new_tokens,
+        "load_s": loaded.get("seconds"),
         "trainable_parameters": ck.metadata["trainable_parameters"],
         "total_parameters": ck.metadata["total_parameters"],
         "phases": timer.rows,
@@ -113,11 +156,11 @@ def profile(checkpoint: str, device: str, dtype: str, etas: list[float], **setti
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--checkpoint", default=None, help="default: the built-in tiny one")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp64", "bf16"])
+    parser.add_argument("--dtype", default=None, choices=["fp32", "fp64", "bf16"])
     parser.add_argument("--learning-rates", default="1e-6,1e-5")
-    parser.add_argument("--eval-size", type=int, default=64)
+    parser.add_argument("--eval-size", type=int, default=None)
     parser.add_argument("--buffer-size", type=int, default=32)
     parser.add_argument("--num-generations", type=int, default=None, help="G (default: config)")
     parser.add_argument(
@@ -137,10 +180,11 @@ def main(argv: list[str] | None = None) -> int:
         **({"num_generations": args.num_generations} if args.num_generations else {}),
     )
     # The measurement itself: everything after loading the checkpoint.
-    result["measurement_s"] = sum(row["seconds"] for row in result["phases"][1:])
+    phases = result["phases"]
+    result["measurement_s"] = sum(r["seconds"] for r in phases) - (result["load_s"] or 0.0)
     line = (
         f"measurement (E {result['eval_size']} × 1, U {result['buffer_size']} × "
-        f"{result['num_generations']}, {len(etas)} η, true + first order): "
+        f"{result['num_generations']}, {len(etas)} η, true + oracles): "
         f"{result['measurement_s']:.1f} s"
     )
     if args.target_s:

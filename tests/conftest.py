@@ -19,15 +19,21 @@ def tiny_checkpoint():
 
 
 def make_setup(path, dtype="fp32", eval_size=64, **settings):
-    from entropy_lab.checkpoint import load_checkpoint
-    from entropy_lab.config import ExperimentConfig
-    from entropy_lab.protocol import prepare
+    """``open_experiment`` with training-setup flags and measurement settings mixed, as tests
+    write them (``buffer_size=8, first_order=False``)."""
+    from entropy_lab.config import SETTING_NAMES
+    from entropy_lab.protocol import open_experiment
 
-    ck = load_checkpoint(path, dtype=dtype)
-    cfg = ExperimentConfig.from_training_config(
-        ck.training_config, [1e-6], num_repeats=2, dtype=dtype, eval_size=eval_size, **settings
+    flags = {k: settings.pop(k) for k in list(settings) if k in SETTING_NAMES}
+    return open_experiment(
+        path,
+        [1e-6],
+        dtype=dtype,
+        settings=flags,
+        num_repeats=2,
+        eval_size=eval_size,
+        **settings,
     )
-    return prepare(cfg, ck)
 
 
 @pytest.fixture(scope="session")

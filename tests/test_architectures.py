@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from entropy_lab import entropy, precision, theory
+from entropy_lab.analysis import routing_reason
 from entropy_lab.checkpoint import load_checkpoint, verify_model_function
 from entropy_lab.cli import main
-from entropy_lab.config import ExperimentConfig
 from entropy_lab.errors import CheckpointError, EntropyLabError
-from entropy_lab.protocol import direction, measure_point, prepare, run_sweep
+from entropy_lab.protocol import direction, measure_point, open_experiment, run_sweep
 from entropy_lab.rollout import sample_responses
 from entropy_lab.tiny import ARCHITECTURE_TASK, ARCHITECTURES, build_tiny_architecture
 
@@ -42,20 +42,16 @@ def arch_checkpoint(root: Path, name: str) -> Path:
     return _BUILT[name]
 
 
-def arch_setup(path: Path, dtype: str, **settings):
-    ck = load_checkpoint(path, dtype=dtype)
-    defaults = {
-        "num_repeats": 2,
-        "eval_size": 8,
-        "buffer_size": 4,
-        "num_generations": 4,
-        "microbatch_size": 2,
-        "task": ARCHITECTURE_TASK,
-    }
-    cfg = ExperimentConfig.from_training_config(
-        ck.training_config, [1e-9], dtype=dtype, **{**defaults, **settings}
+def arch_setup(path: Path, dtype: str, **measurement):
+    flags = {"buffer_size": 4, "num_generations": 4, "microbatch_size": 2}
+    flags["prompts"] = ARCHITECTURE_TASK
+    return open_experiment(
+        path,
+        [1e-9],
+        dtype=dtype,
+        settings=flags,
+        **{"num_repeats": 2, "eval_size": 8, **measurement},
     )
-    return prepare(cfg, ck)
 
 
 @pytest.fixture(scope="module")
@@ -153,20 +149,20 @@ def test_rollout_logits_equal_scorer_logits(name, arch_root, fp64_runs):
 def test_fp64_first_order_ratio_at_1e_9(name, arch_root, fp64_runs, record_property):
     setup64, d = fp64_run(arch_root, name, fp64_runs)
     record = measure_point(setup64, d, 1e-9)
-    ratio = record["entropy_change"] / record["first_order_prediction"]
+    ratio = record.entropy_change / record.first_order_prediction
     record_property("fp64_ratio_1e-9", ratio)
     assert abs(ratio - 1) <= 1e-4, ratio
     moe = bool(entropy.routers_of(setup64.checkpoint.policy))
-    assert (record["routing_changed_fraction"] is None) == (not moe)
+    assert (record.routing_changed_fraction is None) == (not moe)
     if moe:  # routing is discrete: a 1e-9 step changes no token's experts
-        assert record["routing_changed_fraction"] == 0.0
+        assert record.routing_changed_fraction == 0.0
 
 
 @pytest.mark.parametrize("name", ARCHS)
 def test_fp32_sweep_finishes(name, arch_root):
     """The default oracles (nested jvps to the third order, identity, symmetric check)."""
     setup = arch_setup(arch_checkpoint(arch_root, name), "fp32")
-    records = run_sweep(setup, repeats=[0], etas=[1e-3], progress=False)
+    records = [r.to_dict() for r in run_sweep(setup, repeats=[0], etas=[1e-3], progress=False)]
     assert [r["success"] for r in records] == [True], records
     r = records[0]
     assert all(math.isfinite(r[k]) for k in ("entropy_change", "curvature", "third_derivative"))
@@ -186,9 +182,10 @@ def test_moe_routing_change_is_flagged(arch_root, fp64_runs):
     finally:
         upd.restore()
     assert 0.0 < scorer.routing_changed_fraction() <= 1.0
-    rows = [{"success": True, "routing_changed_fraction": scorer.routing_changed_fraction()}]
-    assert "routing" in theory.routing_caveat(rows)
-    assert theory.routing_caveat([{"success": True, "routing_changed_fraction": 0.0}]) is None
+    # The analysis never calls such a point resolvable (the jet holds routing fixed).
+    changed = scorer.routing_changed_fraction()
+    assert "routing changed" in routing_reason(changed)
+    assert routing_reason(0.0) is None and routing_reason(None) is None
 
 
 # -- architectures outside the matrix: the logits step and the norm formula, at load -------

@@ -123,3 +123,25 @@ def test_original_quick_script_runs(tiny_checkpoint, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "LINEARITY ANALYSIS" in done.stdout
     assert len(list(tmp_path.glob("entropy_lr_experiment_*/lr_*_run_*/result.json"))) == 4
+
+
+def test_make_tiny_seed_zero_is_seed_zero(monkeypatch, tmp_path, capsys):
+    """``make-tiny --seed 0`` builds with seed 0 (it once became the default 1234)."""
+    import entropy_lab.tiny as tiny
+
+    seeds = []
+
+    def fake_build(folder, seed, verbose):
+        seeds.append(seed)
+        return {
+            "rl_greedy_accuracy": 0.0,
+            "trainable_parameters": 1,
+            "total_parameters": 1,
+            "build_seconds": 0.0,
+            "digest": "0" * 16,
+        }
+
+    monkeypatch.setattr(tiny, "build_tiny_checkpoint", fake_build)
+    assert cli.main(["make-tiny", str(tmp_path), "--seed", "0"]) == 0
+    assert cli.main(["make-tiny", str(tmp_path)]) == 0
+    assert seeds == [0, tiny.TINY_SEED]

@@ -20,8 +20,9 @@ from entropy_lab.tasks import (
     ArithmeticTask,
     JsonlTask,
     Problem,
-    answer_tag_reward,
+    load_rewards,
     load_task,
+    tag_pref,
 )
 
 pytestmark = pytest.mark.cpu
@@ -187,15 +188,20 @@ def test_experiment_config_validation():
         ExperimentConfig(learning_rates=[1e-6], eval_size=0)
 
 
-def test_experiment_config_from_training_config(tiny_checkpoint):
+def test_experiment_config_from_the_tiny_setup(tiny_checkpoint):
+    from entropy_lab.config import resolve_training_setup
+
     training = load_training_config(tiny_checkpoint / "config.yaml")
-    cfg = ExperimentConfig.from_training_config(training, "1e-6", num_repeats=2)
-    assert cfg.task == "arithmetic"
+    setup = resolve_training_setup(tiny_checkpoint, tiny=True)
+    cfg = ExperimentConfig.from_setup(setup, "1e-6", training, num_repeats=2)
+    assert cfg.prompts == "arithmetic"
     assert cfg.num_generations == training["num_generations"]
     assert cfg.max_new_tokens == training["max_new_tokens"]
-    assert cfg.clip_eps == training["clip_eps"]
-    explicit = ExperimentConfig.from_training_config(training, [1e-6], num_generations=3)
-    assert explicit.num_generations == 3  # explicit settings win
+    assert cfg.buffer_size == 128 and cfg.microbatch_size == 4  # the seed's overrides
+    assert cfg.loss_type == "dr_grpo" and cfg.reward == "exact_answer"
+    explicit = resolve_training_setup(tiny_checkpoint, tiny=True, flags={"num_generations": "3"})
+    assert ExperimentConfig.from_setup(explicit, [1e-6]).num_generations == 3
+    assert explicit.sources["num_generations"] == "--num-generations"
     effective = cfg.effective()
     assert effective["training_config"]["total_steps"] == 2
     assert effective["training_config"]["entropy_probe"]["enabled"] is True
@@ -210,7 +216,7 @@ def test_arithmetic_task_reward_exact_match():
     assert len(task.problems) == 25
     problem = Problem(prompt="3+4=", answer="7")
     assert problem in task.problems
-    assert task.reward("7", problem) == 1.0
+    assert task.reward("7", problem) == 1.0  # the built-in exact_answer reward
     assert task.reward(" 7\n", problem) == 1.0  # surrounding whitespace is not an answer
     for wrong in ("8", "77", "07", "7.0", "", "seven", "7 8"):
         assert task.reward(wrong, problem) == 0.0, wrong
@@ -224,19 +230,20 @@ def test_arithmetic_task_reward_exact_match():
         ("<answer>The answer is 72.</answer>", "72", 1.0),
         ("<answer>-3</answer>", "-3", 1.0),
         ("<answer>1,234</answer>", "1234", 1.0),
-        ("<answer>1234</answer>", "1,234", 1.0),
         ("<answer>72.0</answer>", "72", 1.0),
+        ("<answer>\\frac{1}{2}</answer>", "0.5", 1.0),
+        ("<answer>72</answer>", "9+63=72\n#### 72", 1.0),  # GSM8K's gold after ####
         ("<answer>72</answer> then <answer>72</answer>", "72", 0.0),
         ("<answer>71</answer><answer>72</answer>", "72", 0.0),
-        ("<answer>73</answer>", "72", 0.0),
-        ("<answer>3</answer>", "-3", 0.0),
+        ("<answer>73</answer>", "72", 0.5),  # one block, wrong: the format half only
+        ("<answer>3</answer>", "-3", 0.5),
         ("72", "72", 0.0),
-        ("<answer>no number</answer>", "72", 0.0),
+        ("<answer>no number</answer>", "72", 0.5),
         ("<answer>72", "72", 0.0),
     ],
 )
-def test_answer_tag_reward(response, gold, reward):
-    assert answer_tag_reward(response, gold) == reward
+def test_tag_pref_reward(response, gold, reward):
+    assert tag_pref([response], [gold]) == [reward]
 
 
 # ----------------------------------------------------------------------------- tasks: JSONL
@@ -263,7 +270,10 @@ def _write_jsonl(path, records, extra_lines=()):
 
 def test_jsonl_question_answer_records(tmp_path):
     path = _write_jsonl(tmp_path / "qa.jsonl", QA_RECORDS, extra_lines=["", "   "])
-    task = JsonlTask(path)
+    with pytest.raises(ConfigError, match="needs the training prompt's template") as e:
+        load_task(str(path))  # never a silent default template
+    _one_line(e)
+    task = load_task(str(path), DEFAULT_TEMPLATE, rewards=load_rewards("tag_pref"))
     assert [p.answer for p in task.problems] == ["72", "36", "1,534", "-3"]
     first = task.problems[0]
     assert first.prompt == DEFAULT_TEMPLATE.format(question=QA_RECORDS[0]["question"])
@@ -271,14 +281,13 @@ def test_jsonl_question_answer_records(tmp_path):
     assert task.problems[3].prompt == DEFAULT_TEMPLATE.format(question="What is 5 minus 8?")
     assert task.reward(" 9+63 is 72 </think><answer>72</answer>", first) == 1.0
     assert task.reward("<answer>1534</answer>", task.problems[2]) == 1.0
-    assert task.reward("<answer>71</answer>", first) == 0.0
-    assert load_task(str(path)).problems == task.problems
+    assert task.reward("<answer>71</answer>", first) == 0.5
 
 
 def test_jsonl_text_records_with_custom_template(tmp_path):
     path = _write_jsonl(tmp_path / "text.jsonl", TEXT_RECORDS)
     template = "Q: {question}\nA: <think>"
-    task = load_task(str(path), template)
+    task = load_task(str(path), template, rewards=load_rewards("tag_pref"))
     assert isinstance(task, JsonlTask)
     assert [p.prompt for p in task.problems] == [
         "Q: What is 8 times 9?\nA: <think>",
@@ -287,42 +296,44 @@ def test_jsonl_text_records_with_custom_template(tmp_path):
     ]
     assert [p.answer for p in task.problems] == ["72", "25", "6"]
     assert task.reward("9 eights</think><answer>72</answer>", task.problems[0]) == 1.0
+    own = load_task(str(path))  # no template: the record's own prompt, up to <think>
+    assert own.problems[0].prompt == "What is 8 times 9? <think>"
 
 
 def test_jsonl_template_errors(tmp_path):
     path = _write_jsonl(tmp_path / "qa.jsonl", QA_RECORDS)
     with pytest.raises(ConfigError, match=r"must contain the placeholder \{question\}"):
-        JsonlTask(path, template="Question: {q}\nAnswer:")
+        load_task(str(path), "Question: {q}\nAnswer:")
     # literal braces must be doubled for str.format; a single pair is a clear error
     with pytest.raises(ConfigError, match=r"cannot be filled with str\.format") as e:
-        JsonlTask(path, template="Put the result in \\boxed{}. {question}")
+        load_task(str(path), "Put the result in \\boxed{}. {question}")
     _one_line(e)
-    task = JsonlTask(path, template="Put the result in \\boxed{{}}. {question}")
+    task = load_task(str(path), "Put the result in \\boxed{{}}. {question}")
     assert task.problems[0].prompt.startswith("Put the result in \\boxed{}. Ada has")
 
 
 def test_jsonl_file_errors(tmp_path):
     with pytest.raises(ConfigError, match="prompt file not found"):
-        JsonlTask(tmp_path / "missing.jsonl")
+        load_task(str(tmp_path / "missing.jsonl"))
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n\n")
     with pytest.raises(ConfigError, match=r"prompt file .*empty\.jsonl holds no records"):
-        JsonlTask(empty)
+        load_task(str(empty))
     bad = _write_jsonl(tmp_path / "bad.jsonl", QA_RECORDS[:2], extra_lines=['{"question": "x",'])
     with pytest.raises(ConfigError, match=r"bad\.jsonl:3: not valid JSON") as e:
-        JsonlTask(bad)
+        load_task(str(bad))
     _one_line(e)
     for i, (record, message) in enumerate(
         [
-            ([1, 2], "each line must be a JSON object"),
-            ({"question": "no answer"}, "record needs 'question' and 'answer' fields"),
+            ([1, 2], "each (line|record) must be a JSON object"),
+            ({"question": "no answer"}, "record needs a 'prompt' column, 'question' and 'answer'"),
             ({"text": "q <answer>1</answer>"}, "a 'text' record must hold the question"),
             ({"text": "q <think>t</think><answer>1</answer><answer>2</answer>"}, "exactly one"),
         ]
     ):
         path = _write_jsonl(tmp_path / f"r{i}.jsonl", [TEXT_RECORDS[0], record])
         with pytest.raises(ConfigError, match=rf"r{i}\.jsonl:2: .*{message}"):
-            JsonlTask(path)
+            load_task(str(path), DEFAULT_TEMPLATE)
 
 
 def test_load_task_arithmetic_specs():
@@ -352,7 +363,9 @@ def test_split_is_disjoint_and_covering(eval_size):
 def test_split_depends_on_seed_and_handles_jsonl(tmp_path):
     task = ArithmeticTask()
     assert task.split(64, seed=0)[0] != task.split(64, seed=1)[0]
-    jsonl = JsonlTask(_write_jsonl(tmp_path / "qa.jsonl", QA_RECORDS + TEXT_RECORDS))
+    jsonl = load_task(
+        str(_write_jsonl(tmp_path / "qa.jsonl", QA_RECORDS + TEXT_RECORDS)), DEFAULT_TEMPLATE
+    )
     eval_set, pool = jsonl.split(2, seed=0)
     assert len(eval_set) == 2 and len(pool) == 5
     assert sorted(map(id, eval_set + pool)) == sorted(map(id, jsonl.problems))

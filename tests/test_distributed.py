@@ -132,9 +132,11 @@ def _combined(updater, update, world, *, normalise_by=None, drop_last=False, cli
     """Per-rank gradients summed as the all-reduce sums them, then clipped."""
     total, loss = None, 0.0
     shards = _shards(6, world)[: world - 1 if drop_last else world]
+    norm = updater.normalisers(update)  # the whole batch's counts, as every rank sums them
     for prompts in shards:
+        rank = _rank_update(update, prompts)
         grads, part_loss, _ = updater.local_gradient(
-            _rank_update(update, prompts), normalise_by or 6
+            rank, updater.normalisers(rank) if normalise_by == "local" else norm
         )
         if clip_per_rank:
             grads = updater._clipped(grads, part_loss).grads
@@ -169,7 +171,7 @@ def test_rank_gradients_sum_to_the_single_process_gradient(setup64, small_update
                 )
             else:  # (clipping to the global norm would hide a uniform factor)
                 planted["per-rank normalisation"] = _combined(
-                    updater, small_update, 2, normalise_by=3
+                    updater, small_update, 2, normalise_by="local"
                 )
             for name, wrong in planted.items():
                 print(f"{name}: {_max_rel_diff(wrong.grads, full.grads):.3g} relative")

@@ -99,8 +99,38 @@ def _prompt_config(tmp: Path, name: str, content: bytes) -> Path:
 
 
 def _five_prompts() -> bytes:
-    lines = [json.dumps({"question": f"{i}+1", "answer": str(i + 1)}) for i in range(5)]
+    lines = [json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) for i in range(5)]
     return "\n".join(lines).encode()
+
+
+def _not_tiny(tiny: Path, tmp: Path) -> Path:
+    """The tiny checkpoint without its build record and training config: any other
+    checkpoint, whose setup has no defaults and no source."""
+    ck = _copy(tiny, tmp / "ck")
+    (ck / "training_info.json").unlink()
+    (ck / "config.yaml").unlink()
+    return ck
+
+
+def _reward_file(tmp: Path, body: str) -> str:
+    path = tmp / "my_reward.py"
+    path.write_text(body)
+    return f"{path}:score"
+
+
+def _rl_practice_config(tmp: Path, extra: str) -> Path:
+    cfg = tmp / "rlp.yaml"
+    cfg.write_text(
+        "max_new_tokens: 4\nnum_generations: 4\ntemperature: 1.0\ntop_p: 1.0\ntop_k: 0\n"
+        "kl_beta: 0.0\nent_coef: 0.0\ngrad_clip: 1.0\nreward_fns: [tag_pref]\n" + extra
+    )
+    return cfg
+
+
+def _args_bin(tiny: Path, tmp: Path) -> Path:
+    ck = _copy(tiny, tmp / "ck")
+    torch.save({"loss_type": "dapo"}, ck / "training_args.bin")
+    return ck
 
 
 def _ck(build):
@@ -217,8 +247,68 @@ CLI_CASES = [
     (
         "prompt-file-too-small",
         lambda tiny, tmp: ["--base-config", str(_prompt_config(tmp, "small", _five_prompts()))],
-        r"task '.*small\.jsonl' has 5 prompts; the sweep needs at least eval_size \+ "
+        r"prompts '.*small\.jsonl' have 5 records; the sweep needs at least eval_size \+ "
         r"buffer_size = 12 \(lower --eval-size or buffer_size, or give a larger prompt file\)",
+    ),
+    (
+        "non-tiny-checkpoint-without-prompts",
+        lambda tiny, tmp: ["--checkpoint", str(_not_tiny(tiny, tmp))],
+        r"no source for max_new_tokens \(--max-new-tokens\), .*, prompts \(--prompts\), "
+        r"reward \(--reward\): the checkpoint's training config does not set them; pass .* "
+        r"or --base-config YAML \(only the built-in tiny checkpoint has defaults\)",
+    ),
+    (
+        "dataset-name-not-offline",
+        lambda tiny, tmp: [
+            "--checkpoint",
+            str(_not_tiny(tiny, tmp)),
+            "--base-config",
+            str(
+                _rl_practice_config(
+                    tmp, "scheduler: {dataset_name: gsm8k_r1_template, split: train}\n"
+                )
+            ),
+        ],
+        r"the data set 'gsm8k_r1_template' \(split train\) cannot be loaded offline "
+        r"\(\w+\): pass --prompts FILE with its records \(JSONL/JSON/CSV/Parquet\)",
+    ),
+    (
+        "unknown-loss-type",
+        lambda tiny, tmp: ["--loss-type", "ppo"],
+        r"--loss-type: unknown loss type 'ppo' \(--loss-type\): one of dr_grpo, "
+        r"dr_grpo_rl_practice, grpo, dapo, bnpo",
+    ),
+    (
+        "reward-does-not-import",
+        lambda tiny, tmp: ["--reward", _reward_file(tmp, "import no_such_module\n")],
+        r"--reward '.*my_reward\.py:score' does not import \(ModuleNotFoundError: No module "
+        r"named 'no_such_module'\)",
+    ),
+    (
+        "reward-wrong-length",
+        lambda tiny, tmp: [
+            "--reward",
+            _reward_file(tmp, "def score(completions, **kw):\n    return [1.0]\n"),
+        ],
+        r"reward '.*my_reward\.py:score' returned 1 values for \d+ completions: return one "
+        r"float per completion",
+    ),
+    (
+        "reward-not-finite",
+        lambda tiny, tmp: [
+            "--reward",
+            _reward_file(
+                tmp, "def score(completions, **kw):\n    return [float('nan')] * len(completions)\n"
+            ),
+        ],
+        r"reward '.*my_reward\.py:score' returned nan for completion 0: every reward must be a "
+        r"finite number",
+    ),
+    (
+        "training-args-not-an-argument-object",
+        _ck(_args_bin),
+        r".*training_args\.bin holds a dict, not a training-arguments object "
+        r"\(TrainingArguments / GRPOConfig\)",
     ),
     (
         "prompt-file-binary",
@@ -423,7 +513,9 @@ ETAS = [1e-7, 1e-6, 1e-5]
 def test_nan_gradient_fails_its_repeat_only_and_the_verdict_says_so(small, monkeypatch):
     from entropy_lab.report import build_analysis, format_tables
 
-    honest = protocol.run_sweep(small, repeats=[0, 1], etas=ETAS, progress=False)
+    honest = [
+        r.to_dict() for r in protocol.run_sweep(small, repeats=[0, 1], etas=ETAS, progress=False)
+    ]
     original = protocol.sample_update_batch
 
     def nan_advantage_in_repeat_1(setup, repeat):
@@ -433,7 +525,9 @@ def test_nan_gradient_fails_its_repeat_only_and_the_verdict_says_so(small, monke
         return update
 
     monkeypatch.setattr(protocol, "sample_update_batch", nan_advantage_in_repeat_1)
-    records = protocol.run_sweep(small, repeats=[0, 1], etas=ETAS, progress=False)
+    records = [
+        r.to_dict() for r in protocol.run_sweep(small, repeats=[0, 1], etas=ETAS, progress=False)
+    ]
     assert _at_theta0(small)
 
     by_repeat = {r: [x for x in records if x["repeat"] == r] for r in (0, 1)}
@@ -462,9 +556,16 @@ def test_nan_gradient_fails_its_repeat_only_and_the_verdict_says_so(small, monke
         (eta, 1) for eta in ETAS
     ]
     assert planted["verdict"] == "inconclusive"
-    # Repeat 0 alone is left at every η: no SE anywhere, so nothing can be decided.
-    assert "fewer than 2 successful repeats at η = " in planted["verdict_reason"]
-    assert "fewer than 2 successful repeats" not in clean["verdict_reason"]
+    # Repeat 0 alone is left at every η: no bound over repeats, so nothing can be decided.
+    assert "0 resolvable η of 3" in planted["verdict_reason"]
+    assert all(
+        "fewer than 2 successful repeats" in " ".join(row["unresolvable_reasons"])
+        for row in build_analysis(records, meta)["per_learning_rate"].values()
+    )
+    assert not any(
+        "fewer than 2 successful repeats" in " ".join(row["unresolvable_reasons"])
+        for row in build_analysis(honest, meta)["per_learning_rate"].values()
+    )
     assert "3 failed runs" in format_tables(build_analysis(records, meta))
 
 
@@ -480,8 +581,8 @@ def test_nan_entropy_fails_that_point_only(small, monkeypatch):
 
     monkeypatch.setattr(small.scorer, "measure", nan_at_1e_6)
     records = [protocol.measure_point(small, d, eta) for eta in ETAS]
-    assert [r["success"] for r in records] == [True, False, True]
-    assert records[1]["error"] == "FloatingPointError: non-finite entropy after the step (nan)"
+    assert [r.success for r in records] == [True, False, True]
+    assert records[1].error == "FloatingPointError: non-finite entropy after the step (nan)"
     assert _at_theta0(small)
 
 
@@ -546,14 +647,15 @@ def test_oom_in_scoring_retries_at_half_size_with_the_same_result(small, monkeyp
     count = _oom_on_calls(monkeypatch, EntropyScorer, "forward", {1})
     with pytest.warns(RuntimeWarning, match=r"CUDA out of memory in the step at η=1e-05: "):
         record = protocol.measure_point(small, d, 1e-5)
-    assert count["n"] > 1 and record["success"] is True
+    assert count["n"] > 1 and record.success is True
     assert _knobs(small) == (2, 8, 8, 4)
     monkeypatch.undo()
 
     direct = protocol.measure_point(small, d, 1e-5)  # at the halved sizes, no OOM
     for key in ("entropy_after", "entropy_change", "entropy_change_negative", "ess"):
-        assert record[key] == direct[key], key
-        assert record[key] == pytest.approx(reference[key], rel=1e-9, abs=1e-15), key
+        assert getattr(record, key) == getattr(direct, key), key
+        expected = getattr(reference, key)
+        assert getattr(record, key) == pytest.approx(expected, rel=1e-9, abs=1e-15), key
 
 
 def test_oom_at_the_smallest_sizes_is_a_clear_error(small, monkeypatch):

@@ -56,6 +56,7 @@ def synthetic_records(
                 "repeat": r,
                 "seed": 1000 * (r + 1),
                 "reading": "policy",
+                "dtype": "fp64",
                 "entropy_before": entropy_before,
                 "first_order_slope": s_r,
                 "first_order_prediction": eta * s_r,
@@ -214,13 +215,18 @@ def test_linear_data_is_linear():
     assert s["checks"]["first_order"]["passed"] is True
     assert math.isclose(s["slope"], s["first_order_slope"]["mean"], rel_tol=0.01)
     assert s["r_squared"] > 0.99 and s["lack_of_fit"]["p_value"] is not None
-    assert set(s["checks"]) == {*stats.CHECK_NAMES, "first_order"}
+    deciding = {name for name, c in s["checks"].items() if c["decides"]}
+    assert deciding == {"resolvable_points", "r_squared", "nonlinearity", "first_order"}
+    reported = {f"pooled_{n}" if n == "r_squared" else n for n in stats.CHECK_NAMES}
+    assert set(s["checks"]) == deciding | reported
     assert s["linear_regime"]["eta_min"] == 1e-8
-    assert s["linear_regime"]["eta_max"] > 1e-4
+    assert s["linear_regime"]["eta_max"] == 1e-4  # measured: never beyond the grid
+    assert s["linear_regime"]["eta_max_predicted"] > 1e-4
     assert list(analysis["per_learning_rate"]) == ["1e-08", "1e-07", "1e-06", "1e-05", "0.0001"]
     row = analysis["per_learning_rate"]["1e-05"]
-    assert row["resolvable"] and row["within_eta_max"] and row["n_samples"] == 4
-    assert analysis["schema_version"] == 1
+    assert row["resolvable"] and row["in_window"] and row["n_samples"] == 4
+    assert len(row["repeats"]) == 4 and row["status"] == "within"
+    assert analysis["schema_version"] == 2
     assert analysis["thresholds"]["linearity"]["r2_min"] == 0.95
     json.dumps(analysis, allow_nan=False)
 
@@ -232,9 +238,10 @@ def test_curved_data_is_nonlinear_and_beyond_eta_max_points_are_fitted():
     assert s["verdict"] == "nonlinear", s["verdict_reason"]
     assert s["linear_regime"]["eta_max"] < 1e-5
     big = s_all["per_learning_rate"]["0.0001"]
-    assert big["resolvable"] and big["within_eta_max"] is False
+    assert big["resolvable"] and big["status"] == "beyond" and not big["in_window"]
     assert 1e-4 in s["fitted_learning_rates"]
-    assert s["checks"]["first_order"]["passed"] is False
+    # The small-η calibration is still right: curvature is no failed first order.
+    assert s["checks"]["first_order"]["passed"] is True
 
 
 def test_noisy_symmetric_small_eta_is_unresolvable_and_excluded():
@@ -329,11 +336,14 @@ def test_write_report_needs_records(tmp_path):
 
 
 def test_folder_copied_without_meta_still_reports(tmp_path, monkeypatch):
+    """The records say their dtype: the same verdict and window without run_meta.json."""
     _no_plots(monkeypatch)
     folder = make_folder(tmp_path, synthetic_records(repeats=3))
+    full = report.write_report(folder.path)
     os.remove(tmp_path / "run_meta.json")
     analysis = report.write_report(folder.path)
     assert analysis["config"] == {} and analysis["summary"]["verdict"] == "linear"
+    assert analysis["per_learning_rate"] == full["per_learning_rate"]
 
 
 def test_measured_nonlinearity_caps_the_window_where_the_second_order_misses():
@@ -341,8 +351,8 @@ def test_measured_nonlinearity_caps_the_window_where_the_second_order_misses():
     grid = [1e-7, 1e-6, 1e-5, 1e-4]
     records = synthetic_records(etas=grid, curvature=-5e3)
     plain = report.build_analysis(records, synthetic_meta())
-    assert plain["summary"]["linear_regime"]["eta_max_from"] == "second order"
-    assert all(row["within_eta_max"] for row in plain["per_learning_rate"].values())
+    assert plain["summary"]["linear_regime"]["eta_max"] == 1e-4
+    assert all(row["in_window"] for row in plain["per_learning_rate"].values())
     bent = []
     for r in records:
         if r["learning_rate"] == 1e-4:
@@ -352,11 +362,13 @@ def test_measured_nonlinearity_caps_the_window_where_the_second_order_misses():
     analysis = report.build_analysis(bent, synthetic_meta())
     regime = analysis["summary"]["linear_regime"]
     row = analysis["per_learning_rate"]["0.0001"]
-    assert regime["eta_max_from"] == "measured" and regime["eta_max"] == 1e-4, regime
-    assert regime["eta_max_predicted"] > 5e-4 and "higher orders" in regime["note"]
-    assert row["resolvable"] and row["within_eta_max"] is False
-    assert row["measured_nonlinearity"] == pytest.approx(-0.2, abs=0.01)
+    assert regime["eta_max"] == 1e-5, regime
+    assert regime["eta_max_predicted"] > 5e-4  # the jet's edge, reported, not the window
+    assert "beyond the largest grid point" in regime["predicted_edge"]
+    assert row["resolvable"] and row["status"] == "beyond" and not row["in_window"]
+    assert row["nonlinearity_mean_abs"] == pytest.approx(0.2, abs=0.01)
     assert abs(row["predicted_nonlinearity"]) < 0.01
+    assert analysis["summary"]["verdict"] == "nonlinear"
 
 
 def test_oracle_ratios_pair_each_repeat_with_its_own_jvp():

@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import pytest
 
 from entropy_lab import protocol
+from entropy_lab.analysis import PointRecord
 from entropy_lab.store import ResultsFolder
 
 pytestmark = pytest.mark.cpu
@@ -40,7 +41,7 @@ def _fake_sweep(monkeypatch, on_measure):
 
     def measure_point(setup, d, eta):
         on_measure(eta, d.repeat)
-        return {"learning_rate": eta, "repeat": d.repeat, "success": True, "entropy_change": eta}
+        return PointRecord(eta, d.repeat, success=True, entropy_change=eta)
 
     monkeypatch.setattr(protocol, "direction_or_failure", direction)
     monkeypatch.setattr(protocol, "measure_point", measure_point)
@@ -72,7 +73,7 @@ def _sweep_checking_disk(monkeypatch, tmp_path, on_record_for):
 
     def on_record(record):
         on_record_for(folder)(record)
-        finished.append((record["learning_rate"], record["repeat"]))
+        finished.append((record.learning_rate, record.repeat))
 
     protocol.run_sweep(setup, on_record=on_record, progress=False)
     return folder, finished
@@ -107,7 +108,7 @@ def test_resume_skips_finished_points_and_their_directions(monkeypatch):
     records = protocol.run_sweep(setup, done=done, progress=False)
     assert measured == [(1e-6, 1), (1e-5, 1)]
     assert directions == [1]  # repeat 0 is finished: its direction is not recomputed
-    assert [(r["learning_rate"], r["repeat"]) for r in records] == measured
+    assert [(r.learning_rate, r.repeat) for r in records] == measured
 
 
 # ----------------------------------------------------------------------------- interruption

@@ -35,11 +35,17 @@ def test_suite_fails_far_outside_the_window(pytester, tiny_checkpoint):
     )
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     outcomes = {
-        t["nodeid"].split("::")[-1]: t["outcome"] for t in json.loads(report.read_text())["tests"]
+        "::".join(t["nodeid"].split("::")[-2:]): t["outcome"]
+        for t in json.loads(report.read_text())["tests"]
     }
-    assert outcomes["test_linear_window_covers_grid"] == "failed"
-    assert outcomes["test_relative_residuals"] == "failed"
-    result.stdout.fnmatch_lines(["*LINEARITY ANALYSIS*", "*DETAILED RESULTS*", "*above η_max*"])
+    # Both fixtures: directions that agree, and directions 50 % apart.
+    for suite in ("TestLinearityCPU", "TestLinearityCPUSpread"):
+        assert outcomes[f"{suite}::test_linear_window_covers_grid"] == "failed"
+        assert outcomes[f"{suite}::test_nonlinearity_within_tolerance"] == "failed"
+        assert outcomes[f"{suite}::test_entropy_change[eta=1.0]"] == "failed"
+    result.stdout.fnmatch_lines(
+        ["*LINEARITY ANALYSIS*", "*DETAILED RESULTS*", "*verdict NONLINEAR*", "*beyond*"]
+    )
 
 
 def test_each_eta_measured_once_under_xdist(pytester, tiny_checkpoint):
@@ -50,6 +56,8 @@ def test_each_eta_measured_once_under_xdist(pytester, tiny_checkpoint):
         "cpu",
         "-n",
         "2",
+        "-k",
+        "not Spread",  # one store is enough to show the sharing
         "--learning-rates",
         "1e-8,1e-7,1e-6,1e-5",
         "--num-repeats",
@@ -59,7 +67,7 @@ def test_each_eta_measured_once_under_xdist(pytester, tiny_checkpoint):
         f"--basetemp={pytester.path / 'bt'}",
         f"--junitxml={xml}",
     )
-    result.assert_outcomes(passed=12)
+    result.assert_outcomes(passed=8)  # 4 η + 4 aggregate tests
     logs = list((pytester.path / "bt").glob("entropy_store/*/measure_log.jsonl"))
     assert len(logs) == 1
     etas = [json.loads(line)["eta"] for line in logs[0].read_text().splitlines()]
@@ -73,6 +81,10 @@ def test_each_eta_measured_once_under_xdist(pytester, tiny_checkpoint):
         "slope",
         "r_squared",
         "lack_of_fit_p",
+        "verdict",
+        "r_squared_per_repeat_min",
+        "mixed_slope",
+        "status",
     ):
         assert f'name="{name}"' in text, name
 
@@ -83,7 +95,7 @@ def test_gpu_suite_skips_with_reason_and_runs_on_cpu(pytester, tiny_checkpoint):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: the skip path cannot be shown here")
     skipped = _run(pytester, "-m", "gpu", "-rs", f"--checkpoint={tiny_checkpoint}")
-    skipped.assert_outcomes(skipped=13)
+    skipped.assert_outcomes(skipped=9)  # 5 η + 4 aggregate tests
     skipped.stdout.fnmatch_lines(["*gpu suite needs CUDA; add --device cpu*"])
     no_ckpt = _run(pytester, "-m", "gpu", "-rs")
     no_ckpt.stdout.fnmatch_lines(["*gpu suite needs --checkpoint DIR*"])
@@ -103,7 +115,7 @@ def test_gpu_suite_skips_with_reason_and_runs_on_cpu(pytester, tiny_checkpoint):
         "--eval-size",
         "256",
     )
-    ran.assert_outcomes(passed=12)
+    ran.assert_outcomes(passed=8)
 
 
 def test_checkpoint_with_a_space_is_refused_with_the_fix(pytester, tiny_checkpoint):

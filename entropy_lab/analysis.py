@@ -1,0 +1,964 @@
+"""From measured points to the verdict, with the repeat (one update direction) as the unit.
+
+Imports neither torch nor transformers: ``report DIR`` rebuilds the analysis from
+raw_results.json on any machine.
+
+The sweep reuses each repeat's update batch U_r at every η (common random numbers), so the
+repeats differ by their update direction v_r; on a real checkpoint the slopes ∇H·v_r of
+different batches differ by 30–50 %. That spread says nothing about linearity, so nothing
+here uses it as noise. Per repeat r and grid point η (DESIGN §4):
+
+- f_r(η) = ΔH_r(η) / (η·s_r) − 1, s_r the repeat's first-order slope ∇H·v_r (without an
+  oracle: its own ΔH_r/η at its smallest resolvable η);
+- calibration c_r = f_r at the repeat's smallest resolvable η: an offset there is a failed
+  first-order check, not nonlinearity;
+- nonlinearity n_r(η) = (1 + f_r(η)) / (1 + c_r) − 1, the bend of ΔH_r/η from its own
+  small-η value.
+
+A grid point is *within* tolerance when the one-sided upper confidence bound of the mean
+|n_r(η)| over repeats is ≤ tol, *beyond* when that mean itself exceeds tol, else
+*undecided* (too few or too scattered repeats to bound it). The window is the longest
+contiguous run of resolvable grid points within tol. The verdict:
+LINEAR over the tested grid iff ≥ 3 resolvable η, every resolvable η within tol and in one
+contiguous run, calibration within tol and every repeat's own R² > r2_min; NONLINEAR iff a
+resolvable η is beyond tol; INCONCLUSIVE otherwise, with the reason.
+
+The pooled statistics of the seed (raw-point R², weighted fit, lack of fit, intercept test,
+standardized and relative residuals of the per-η means, log-log slope) are computed by
+``stats.analyze_linearity`` and reported, never deciding: under common random numbers the
+per-η means are correlated, so their spread is not the noise those tests assume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from entropy_lab import stats
+from entropy_lab.stats import Check
+
+__all__ = [
+    "ANALYSIS_SCHEMA_VERSION",
+    "EPS",
+    "RECORD_SCHEMA_VERSION",
+    "Analysis",
+    "FloorThresholds",
+    "PointRecord",
+    "analyze",
+    "eta_max",
+    "predicted_nonlinearity",
+]
+
+RECORD_SCHEMA_VERSION = 2  # 2: self-describing (dtype, eps), rounding term
+ANALYSIS_SCHEMA_VERSION = 2  # 2: paired verdict (per-repeat R², nonlinearity, window)
+EPS = {"fp32": 2.0**-23, "fp64": 2.0**-52, "bf16": 2.0**-7}
+DECIDING_CHECKS = ("resolvable_points", "r_squared", "nonlinearity", "first_order")
+
+
+# --------------------------------------------------------------------------------------
+# The record: one (η, repeat) point of raw_results.json
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class PointRecord:
+    """One (η, repeat) measurement, self-describing: dtype, eps, reading, H₀ and the jet.
+
+    ``to_dict()`` is the raw_results.json record (DESIGN §5 fields plus these); unknown
+    keys of a stored record are kept in ``extra`` and written back unchanged.
+    """
+
+    learning_rate: float
+    repeat: int
+    seed: int | None = None
+    success: bool = False
+    reading: str = "policy"
+    dtype: str | None = None  # the runtime dtype of θ (None: a schema-1 record)
+    eps: float | None = None  # its machine epsilon
+    entropy_before: float | None = None  # H(θ₀) in this record's reading
+    entropy_after: float | None = None
+    entropy_change: float | None = None  # ΔH(η) in this record's reading
+    entropy_change_negative: float | None = None  # ΔH(−η): the symmetric noise check
+    entropy_change_conditional: float | None = None
+    entropy_change_policy: float | None = None
+    ess: float | None = None
+    # The jet along v_r at η = 0 (per unit η).
+    first_order_slope: float | None = None  # ∇H·v
+    first_order_prediction: float | None = None  # η·∇H·v
+    first_order_slope_conditional: float | None = None
+    curvature: float | None = None  # vᵀ∇²H v
+    second_order_prediction: float | None = None
+    third_derivative: float | None = None  # ∇³H[v, v, v]
+    third_order_prediction: float | None = None
+    identity_slope: float | None = None
+    cui_vanilla_pg_slope: float | None = None
+    cui_natural_pg_slope: float | None = None
+    # Parameter rounding: ∇H·(θ₁ − θ₀ − η·v), θ₁ as stored in the runtime dtype.
+    rounding_effect: float | None = None
+    quantized_fraction: float | None = None
+    # MoE: fraction of E's tokens whose top-k experts differ between θ₀ and θ₁ (None: dense).
+    routing_changed_fraction: float | None = None
+    update_norm: float | None = None
+    grad_norm: float | None = None
+    mean_reward: float | None = None
+    duration_s: float | None = None
+    direction_seconds: float | None = None
+    error: str | None = None
+    schema_version: int = RECORD_SCHEMA_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], dtype: str | None = None) -> PointRecord:
+        """A record from its JSON form; ``dtype`` fills in a schema-1 record that lacks it."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in data.items() if k in names}
+        extra = {k: v for k, v in data.items() if k not in names}
+        extra.update(data.get("extra") or {})
+        known.setdefault("schema_version", 1)
+        record = cls(**known, extra=extra)
+        if record.dtype is None and dtype is not None:
+            record.dtype = dtype
+        if record.dtype is not None:
+            if record.dtype not in EPS:
+                raise ValueError(f"unknown dtype {record.dtype!r} (expected {sorted(EPS)})")
+            if record.eps is None:
+                record.eps = EPS[record.dtype]
+        return record
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        extra = out.pop("extra")
+        out.update(extra)
+        return out
+
+    @property
+    def measured(self) -> bool:
+        return bool(self.success) and _finite(self.entropy_change)
+
+
+def as_records(records: Iterable[PointRecord | Mapping[str, Any]], dtype: str | None = None):
+    """PointRecords sorted by (η, repeat), from records or their JSON dicts."""
+    out = [
+        r if isinstance(r, PointRecord) else PointRecord.from_dict(r, dtype=dtype) for r in records
+    ]
+    return sorted(out, key=lambda r: (float(r.learning_rate), int(r.repeat)))
+
+
+# --------------------------------------------------------------------------------------
+# Thresholds and the jet's predictions
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FloorThresholds:
+    """When one (η, repeat) measurement is resolvable (above the precision floor)."""
+
+    max_quantized_fraction: float = 0.01  # updated entries rounded away by fl(θ + η·v)
+    min_signal_eps: float = 10.0  # |ΔH_r| ≥ this × eps(dtype) × H₀
+    # |∇H·(θ₁ − θ₀ − η·v)| / |ΔH_r|: the first-order effect of the parameters' rounding.
+    # Antisymmetric in η, so the symmetric check below cannot see it.
+    max_rounding_effect: float = 0.01
+    # |ΔH(η) + ΔH(−η) − η²c| / |ΔH(η)| estimates √2·σ, σ the relative forward-pass noise
+    # of one ΔH; 0.5 % keeps 3σ ≈ 1 %, so a passing point is good to about 1 %.
+    max_symmetric_residual: float = 0.005
+    # The even part beyond η²c also holds η⁴ terms. A point whose ΔH/η is off ∇H·v by more
+    # than the tolerance and this multiple of the even part is read as bent, not noisy
+    # (tiny model, fp64 and fp32 alike, at η = 1e-3: odd part 21 %, even part 2.2 %).
+    curvature_over_noise: float = 3.0
+
+
+def predicted_nonlinearity(
+    eta: float, slope: float, curvature: float | None, third: float | None = None
+) -> float | None:
+    """Relative departure from linearity at η: η·c/(2·∇H·v) + η²·d/(6·∇H·v), d = ∇³H[v,v,v]
+    (the second term only when d is known)."""
+    if curvature is None or slope == 0:
+        return None
+    return eta * curvature / (2 * slope) + (eta**2 * third / (6 * slope) if third else 0.0)
+
+
+def eta_max(
+    slope: float, curvature: float | None, tol: float = 0.05, third: float | None = None
+) -> float | None:
+    """Smallest η > 0 whose predicted relative nonlinearity reaches ±tol (inf: never)."""
+    if curvature is None or slope == 0:
+        return None
+    a = curvature / (2 * slope)  # p(η) = a·η + b·η²
+    b = third / (6 * slope) if third else 0.0
+    roots = []
+    for target in (tol, -tol):
+        if b == 0:
+            if a != 0:
+                roots.append(target / a)
+            continue
+        disc = a * a + 4 * b * target
+        if disc >= 0:
+            roots += [(-a + sign * math.sqrt(disc)) / (2 * b) for sign in (1, -1)]
+    positive = [r for r in roots if r > 0]
+    return min(positive) if positive else math.inf
+
+
+# --------------------------------------------------------------------------------------
+# Result objects
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RepeatPoint(stats._ToDict):
+    """One (η, repeat): the floor's word on it and its place against the repeat's line."""
+
+    learning_rate: float
+    repeat: int
+    entropy_change: float
+    resolvable: bool
+    reasons: list[str]
+    relative_to_first_order: float | None  # f_r(η)
+    nonlinearity: float | None  # n_r(η); None where unresolvable or without a reference
+    symmetric_residual: float | None
+    rounding_ratio: float | None  # |∇H·(θ₁ − θ₀ − η·v)| / |ΔH_r|
+    quantized_fraction: float | None
+    predicted_nonlinearity: float | None  # from the jet of this repeat
+
+
+@dataclass(frozen=True)
+class RepeatSummary(stats._ToDict):
+    """One update direction across the grid."""
+
+    repeat: int
+    slope_reference: float | None  # s_r
+    reference: str  # "first order" or "ΔH/η at the smallest resolvable η"
+    eta_reference: float | None  # the repeat's smallest resolvable η
+    calibration: float | None  # c_r (None without an oracle)
+    r_squared: float | None  # OLS R² of its own line over its resolvable η (≥ 3)
+    slope: float | None  # that line's slope
+    intercept: float | None
+    n_resolvable: int
+
+
+@dataclass(frozen=True)
+class PointSummary(stats._ToDict):
+    """One grid point across repeats."""
+
+    learning_rate: float
+    n_repeats: int  # successful ones
+    n_failed: int
+    resolvable: bool
+    reasons: list[str]
+    nonlinearity_mean_abs: float | None  # mean over repeats of |n_r(η)|
+    nonlinearity_bound: float | None  # one-sided upper confidence bound of that mean
+    status: str  # within | beyond | undecided | unresolvable | failed
+    in_window: bool
+    predicted_nonlinearity: float | None  # max over repeats of |jet's prediction|
+
+
+@dataclass(frozen=True)
+class Window(stats._ToDict):
+    """The measured linear window: the longest contiguous run of grid points within tol."""
+
+    eta_min: float | None
+    eta_max: float | None
+    n_points: int
+    tolerance: float
+    eta_max_predicted: float | None  # the jet's extrapolation, never the window
+    predicted_edge: str  # where, against the grid, the jet puts the upper edge
+    note: str
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """Everything :func:`analyze` computed; ``to_dict()`` is analysis.json."""
+
+    dtype: str
+    reading: str
+    points: list[RepeatPoint]
+    repeats: list[RepeatSummary]
+    per_eta: list[PointSummary]
+    window: Window
+    checks: dict[str, Check]
+    verdict: str  # "linear" | "nonlinear" | "inconclusive"
+    verdict_reason: str
+    pooled: stats.LinearityAnalysis  # the seed's unpaired statistics (reported)
+    mixed_model: stats.RandomSlopeFit | None
+    records: list[PointRecord]
+    thresholds: stats.Thresholds
+    floor: FloorThresholds
+    meta: Mapping[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def point(self, eta: float) -> PointSummary:
+        for p in self.per_eta:
+            if math.isclose(p.learning_rate, eta, rel_tol=1e-12, abs_tol=0.0):
+                return p
+        raise KeyError(f"η = {eta!r} is not on the grid {[p.learning_rate for p in self.per_eta]}")
+
+    def repeat_point(self, eta: float, repeat: int) -> RepeatPoint:
+        for p in self.points:
+            if p.repeat == repeat and math.isclose(p.learning_rate, eta, rel_tol=1e-12):
+                return p
+        raise KeyError(f"no measured point at η = {eta!r}, repeat {repeat}")
+
+    def to_dict(self) -> dict[str, Any]:
+        from entropy_lab.store import eta_label, json_safe
+
+        measured = [r for r in self.records if r.measured]
+        failed = [r for r in self.records if not r.measured]
+        la = self.pooled
+        r2 = [s.r_squared for s in self.repeats if s.r_squared is not None]
+        window = self.window.to_dict()
+        regime = {
+            "eta_min": window["eta_min"],
+            "eta_max": window["eta_max"],
+            "eta_max_from": "measured",
+            "eta_max_predicted": window["eta_max_predicted"],
+            "predicted_edge": window["predicted_edge"],
+            "n_points": window["n_points"],
+            "tolerance": window["tolerance"],
+        }
+        if window["note"]:
+            regime["note"] = window["note"]
+        per_eta: dict[str, Any] = {}
+        for summary, point, z, rel in zip(
+            la.per_eta, self.per_eta, la.standardized_residual, la.relative_residual
+        ):
+            eta = point.learning_rate
+            entry = summary.to_dict()
+            mine = [p for p in self.points if p.learning_rate == eta]
+            entry.update(
+                n_failed=point.n_failed,
+                relative_residual=rel,
+                standardized_residual=z,
+                resolvable=point.resolvable,
+                unresolvable_reasons=list(point.reasons),
+                status=point.status,
+                in_window=point.in_window,
+                within_tolerance={"within": True, "beyond": False}.get(point.status),
+                nonlinearity_mean_abs=point.nonlinearity_mean_abs,
+                nonlinearity_bound=point.nonlinearity_bound,
+                predicted_nonlinearity=point.predicted_nonlinearity,
+                quantized_fraction=_max_or_none(p.quantized_fraction for p in mine),
+                symmetric_residual=_max_or_none(p.symmetric_residual for p in mine),
+                rounding_ratio=_max_or_none(p.rounding_ratio for p in mine),
+                repeats=[p.to_dict() for p in mine],
+            )
+            per_eta[eta_label(eta)] = entry
+        ols = la.ols
+        out = {
+            "schema_version": ANALYSIS_SCHEMA_VERSION,
+            "checkpoint": dict(self.meta.get("checkpoint") or {}),
+            "config": dict(self.meta.get("config") or {}),
+            "environment": dict(self.meta.get("environment") or {}),
+            "summary": {
+                "dtype": self.dtype,
+                "reading": self.reading,
+                "slope": ols.slope if ols else None,
+                "intercept": ols.intercept if ols else None,
+                "r_squared": ols.r_squared if ols else None,
+                "r_squared_per_repeat": {
+                    "min": min(r2) if r2 else None,
+                    "median": statistics.median(r2) if r2 else None,
+                    "values": {str(s.repeat): s.r_squared for s in self.repeats},
+                },
+                "mixed_model": self.mixed_model.to_dict() if self.mixed_model else None,
+                "ols": ols.to_dict() if ols else None,
+                "weighted": la.weighted.to_dict() if la.weighted else None,
+                "origin": la.origin.to_dict() if la.origin else None,
+                "quadratic": la.quadratic.to_dict() if la.quadratic else None,
+                "lack_of_fit": la.lack_of_fit.to_dict() if la.lack_of_fit else None,
+                "loglog_slope": la.loglog.to_dict() if la.loglog else None,
+                "first_order_slope": _per_repeat_mean(measured, "first_order_slope"),
+                "curvature": _per_repeat_mean(measured, "curvature"),
+                "third_derivative": _per_repeat_mean(measured, "third_derivative"),
+                "first_order_oracles": _oracle_comparison(measured),
+                "repeats": [s.to_dict() for s in self.repeats],
+                "linear_regime": regime,
+                "fitted_learning_rates": [
+                    s.learning_rate for s, f in zip(la.per_eta, la.resolvable) if f
+                ],
+                "checks": {name: _check_dict(c) for name, c in self.checks.items()},
+                "verdict": self.verdict,
+                "verdict_reason": self.verdict_reason,
+                "notes": list(self.notes),
+                "n_records": len(self.records),
+                "n_failed": len(failed),
+                "failures": [
+                    {
+                        "learning_rate": float(r.learning_rate),
+                        "repeat": int(r.repeat),
+                        "error": r.error
+                        or ("no finite entropy_change" if r.success else "unknown error"),
+                    }
+                    for r in failed
+                ],
+            },
+            "per_learning_rate": per_eta,
+            "thresholds": {
+                "linearity": self.thresholds.to_dict(),
+                "precision_floor": dataclasses.asdict(self.floor),
+            },
+        }
+        return json_safe(out)
+
+
+# --------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _max_or_none(values: Iterable[float | None]) -> float | None:
+    kept = [abs(v) for v in values if v is not None and math.isfinite(v)]
+    return max(kept) if kept else None
+
+
+def _check_dict(check: Check) -> dict[str, Any]:
+    return {
+        "threshold": check.threshold,
+        "value": check.value,
+        "passed": check.passed,
+        "detail": check.detail,
+        "decides": check.name in DECIDING_CHECKS,
+    }
+
+
+def _by_repeat(records: Iterable[PointRecord], name: str) -> dict[int, float]:
+    """{repeat: its value of ``name``} (a property of v_r, shared by every η), in order."""
+    values: dict[int, list[float]] = {}
+    for r in records:
+        value = getattr(r, name)
+        if _finite(value):
+            values.setdefault(int(r.repeat), []).append(float(value))
+    return {rep: float(np.mean(v)) for rep, v in sorted(values.items())}
+
+
+def _per_repeat_mean(records: Iterable[PointRecord], name: str) -> dict[str, Any]:
+    """Mean and SE over repeats of a per-direction quantity."""
+    m = stats.mean_stderr(list(_by_repeat(records, name).values()))
+    return {"mean": m.mean, "stderr": m.stderr, "n": m.n}
+
+
+def _oracle_comparison(records: list[PointRecord]) -> dict[str, Any]:
+    """The conditional-reading slope three ways: jvp, Cui et al.'s identity, their forecasts.
+
+    The identity must equal the jvp (both exact at first order); the crude forecasts
+    (ż ≈ π·A, ż ≈ A) are shown with their ratio to the jvp to say how far they miss.
+    Paired by repeat: each oracle against the jvp of the same update direction.
+    """
+    jvp = _by_repeat(records, "first_order_slope_conditional")
+    out: dict[str, Any] = {
+        "jvp_conditional": _per_repeat_mean(records, "first_order_slope_conditional")
+    }
+    for name, key in (
+        ("identity", "identity_slope"),
+        ("vanilla_pg_forecast", "cui_vanilla_pg_slope"),
+        ("natural_pg_forecast", "cui_natural_pg_slope"),
+    ):
+        values = _by_repeat(records, key)
+        entry = _per_repeat_mean(records, key)
+        ratios = [v / jvp[rep] for rep, v in values.items() if jvp.get(rep)]
+        entry["ratio_to_jvp"] = stats.mean_stderr(ratios).mean if ratios else None
+        out[name] = entry
+    return out
+
+
+def _fmt(value: float | None, spec: str = ".3g") -> str:
+    return "n/a" if value is None or not math.isfinite(value) else format(value, spec)
+
+
+# --------------------------------------------------------------------------------------
+# The precision floor, one (η, repeat) at a time
+# --------------------------------------------------------------------------------------
+
+
+def routing_reason(changed: float | None) -> str | None:
+    """Why a point with changed MoE routing is not judged, or None.
+
+    The jvp differentiates with every token's top-k experts held fixed (routing is
+    discrete). When the step moves some token's experts, ΔH holds a jump the jet cannot
+    see: agreement or disagreement with it is no evidence, so the point is never called
+    resolvable (and so never within the tolerance) on the jet's word.
+    """
+    if not changed:
+        return None
+    return f"top-k routing changed for {changed:.2%} of E's tokens (the jet holds routing fixed)"
+
+
+def _floor_reasons(
+    r: PointRecord, tol: float, floor: FloorThresholds
+) -> tuple[list[str], float | None, float | None, float | None]:
+    """Why this one measurement is below the floor (empty: resolvable), with the symmetric
+    residual, the rounding ratio and the jet's predicted nonlinearity."""
+    eta = float(r.learning_rate)
+    change = float(r.entropy_change)  # type: ignore[arg-type]
+    dtype = r.dtype or "fp32"
+    reasons = []
+    qf = r.quantized_fraction
+    if qf is not None and qf > floor.max_quantized_fraction:
+        reasons.append(
+            f"{qf:.1%} of updated entries rounded away in {dtype} "
+            f"(> {floor.max_quantized_fraction:.1%})"
+        )
+    routing = routing_reason(r.routing_changed_fraction)
+    if routing:
+        reasons.append(routing)
+    eps = r.eps if r.eps is not None else EPS[dtype]
+    signal_floor = floor.min_signal_eps * eps * abs(r.entropy_before or 0.0)
+    if abs(change) < signal_floor:
+        reasons.append(f"|ΔH| {abs(change):.2e} below {signal_floor:.2e} (10·eps×H floor)")
+    rounding = None
+    if r.rounding_effect is not None and change != 0:
+        rounding = abs(r.rounding_effect) / abs(change)
+        if rounding > floor.max_rounding_effect:
+            reasons.append(
+                f"parameter rounding moves ΔH by {rounding:.1%} "
+                f"(> {floor.max_rounding_effect:.1%}; ∇H·(θ₁ − θ₀ − η·v))"
+            )
+    slope = r.first_order_slope
+    predicted = None
+    if slope is not None and r.curvature is not None:
+        predicted = predicted_nonlinearity(eta, slope, r.curvature, r.third_derivative)
+    sym = None
+    if r.entropy_change_negative is not None and change != 0:
+        even = change + r.entropy_change_negative - eta**2 * (r.curvature or 0.0)
+        sym = abs(even) / abs(change)
+        # Beyond the jet's η_max the even part holds η⁴ terms: it says nothing of noise.
+        far = predicted is not None and abs(predicted) > tol
+        bent = bool(slope) and abs(change / (eta * slope) - 1) > max(
+            tol, floor.curvature_over_noise * sym
+        )
+        if sym > floor.max_symmetric_residual and not far and not bent:
+            cause = (
+                "forward-pass noise"
+                if r.curvature is not None
+                else "noise or curvature (no vᵀ∇²H v measured)"
+            )
+            reasons.append(
+                f"ΔH(η)+ΔH(−η)−η²c is {sym:.1%} of |ΔH| "
+                f"(> {floor.max_symmetric_residual:.1%}): {cause}"
+            )
+    return reasons, sym, rounding, predicted
+
+
+# --------------------------------------------------------------------------------------
+# The analysis
+# --------------------------------------------------------------------------------------
+
+
+def _run_dtype(records: list[PointRecord], meta: Mapping[str, Any]) -> str:
+    dtypes = {r.dtype for r in records if r.dtype is not None}
+    if len(dtypes) > 1:
+        raise ValueError(f"records of several dtypes in one analysis: {sorted(dtypes)}")
+    if dtypes:
+        return dtypes.pop()
+    config = meta.get("config") or {}
+    environment = meta.get("environment") or {}
+    dtype = config.get("dtype") or environment.get("dtype")
+    if dtype is None:
+        raise ValueError(
+            "the records do not say their dtype (written before record schema 2) and there "
+            "is no run_meta.json beside them: pass --dtype fp32|fp64|bf16 to `entropy-lab "
+            "report`, the dtype the sweep ran in (the precision floor depends on it)"
+        )
+    if dtype not in EPS:
+        raise ValueError(f"unknown dtype {dtype!r} in run_meta.json (expected {sorted(EPS)})")
+    return str(dtype)
+
+
+def _longest_run(flags: list[bool], etas: list[float]) -> tuple[int, int] | None:
+    """[i, j] of the longest run of True (ties: the widest in η, then the lowest)."""
+    best: tuple[int, float, int, int] | None = None
+    i = 0
+    while i < len(flags):
+        if not flags[i]:
+            i += 1
+            continue
+        j = i
+        while j + 1 < len(flags) and flags[j + 1]:
+            j += 1
+        key = (j - i + 1, etas[j] / etas[i], -i, j)
+        if best is None or key[:3] > best[:3]:
+            best = key
+        i = j + 1
+    return None if best is None else (-best[2], best[3])
+
+
+def _predicted_edge(predicted: float | None, grid: list[float]) -> str:
+    if predicted is None:
+        return "no curvature data: the jet gives no upper edge"
+    if math.isinf(predicted):
+        return "zero curvature: the jet puts no upper edge"
+    below = [e for e in grid if e <= predicted]
+    above = [e for e in grid if e > predicted]
+    if not below:
+        return f"below the smallest grid point {grid[0]:.3g}"
+    if not above:
+        return f"beyond the largest grid point {grid[-1]:.3g} (extrapolated, not measured)"
+    return f"between grid points {below[-1]:.3g} and {above[0]:.3g}"
+
+
+def analyze(
+    records: Iterable[PointRecord | Mapping[str, Any]],
+    meta: Mapping[str, Any] | None = None,
+    thresholds: stats.Thresholds = stats.Thresholds(),  # noqa: B008 - frozen
+    floor: FloorThresholds = FloorThresholds(),  # noqa: B008 - frozen
+    dtype: str | None = None,
+) -> Analysis:
+    """The verdict on raw (η, repeat) records (PointRecords or their JSON dicts).
+
+    ``meta`` is run_meta.json (checkpoint, config, environment: copied into analysis.json;
+    its dtype is used only for records that lack their own). ``dtype`` overrides both for
+    schema-1 records.
+    """
+    meta = dict(meta or {})
+    fallback = dtype or (meta.get("config") or {}).get("dtype")
+    rows = as_records(records, dtype=fallback)
+    if not rows:
+        raise ValueError("no records to analyse")
+    run_dtype = dtype or _run_dtype(rows, meta)
+    reading = rows[0].reading
+    tol = thresholds.tolerance
+    grid = sorted({float(r.learning_rate) for r in rows})
+    if not all(e > 0 for e in grid):
+        raise ValueError("learning rates must be > 0")
+    measured = [r for r in rows if r.measured]
+    by_repeat: dict[int, list[PointRecord]] = {}
+    for r in measured:
+        by_repeat.setdefault(int(r.repeat), []).append(r)
+
+    # -- per (η, repeat): the floor, then f, c and n against the repeat's own reference ----
+    floor_of = {
+        (float(r.learning_rate), int(r.repeat)): _floor_reasons(r, tol, floor) for r in measured
+    }
+    points: list[RepeatPoint] = []
+    summaries: list[RepeatSummary] = []
+    for rep, mine in sorted(by_repeat.items()):
+        ok = [r for r in mine if not floor_of[(float(r.learning_rate), rep)][0]]
+        ref = ok[0] if ok else None  # sorted by η: the smallest resolvable
+        oracle = mine[0].first_order_slope
+        if oracle is not None and oracle != 0:
+            s_r, how = float(oracle), "first order"
+        elif ref is not None and ref.entropy_change != 0:
+            s_r = float(ref.entropy_change) / float(ref.learning_rate)  # type: ignore[arg-type]
+            how = "ΔH/η at the smallest resolvable η"
+        else:
+            s_r, how = None, "none"
+        calibration = None
+        if ref is not None and s_r is not None and how == "first order":
+            calibration = float(ref.entropy_change) / (float(ref.learning_rate) * s_r) - 1
+        for r in mine:
+            eta = float(r.learning_rate)
+            reasons, sym, rounding, predicted = floor_of[(eta, rep)]
+            f = None if s_r is None else float(r.entropy_change) / (eta * s_r) - 1  # type: ignore[arg-type]
+            n = None
+            if not reasons and ref is not None and f is not None:
+                n = (1 + f) / (1 + (calibration or 0.0)) - 1
+            points.append(
+                RepeatPoint(
+                    learning_rate=eta,
+                    repeat=rep,
+                    entropy_change=float(r.entropy_change),  # type: ignore[arg-type]
+                    resolvable=not reasons,
+                    reasons=reasons,
+                    relative_to_first_order=f if how == "first order" else None,
+                    nonlinearity=n,
+                    symmetric_residual=sym,
+                    rounding_ratio=rounding,
+                    quantized_fraction=r.quantized_fraction,
+                    predicted_nonlinearity=predicted,
+                )
+            )
+        line = None
+        if len({float(r.learning_rate) for r in ok}) >= 3:
+            line = stats.fit_ols(
+                [float(r.learning_rate) for r in ok],
+                [float(r.entropy_change) for r in ok],  # type: ignore[arg-type]
+            )
+        summaries.append(
+            RepeatSummary(
+                repeat=rep,
+                slope_reference=s_r,
+                reference=how,
+                eta_reference=float(ref.learning_rate) if ref else None,
+                calibration=calibration,
+                r_squared=line.r_squared if line else None,
+                slope=line.slope if line else None,
+                intercept=line.intercept if line else None,
+                n_resolvable=len(ok),
+            )
+        )
+
+    # -- per grid point: resolvable iff every successful repeat is; then the bound on |n| --
+    per_eta: list[PointSummary] = []
+    for eta in grid:
+        mine = [p for p in points if p.learning_rate == eta]
+        n_failed = sum(1 for r in rows if float(r.learning_rate) == eta and not r.measured)
+        reasons = [f"repeat {p.repeat}: {why}" for p in mine for why in p.reasons]
+        predicted = _max_or_none(p.predicted_nonlinearity for p in mine)
+        if not mine:
+            reasons = ["every run failed"]
+        elif len(mine) < 2:
+            reasons.append("fewer than 2 successful repeats")
+        resolvable = not reasons
+        mean_abs = bound = None
+        status = "failed" if not mine else "unresolvable"
+        if resolvable:
+            values = [abs(p.nonlinearity) for p in mine if p.nonlinearity is not None]
+            if len(values) == len(mine):
+                mean_abs = float(np.mean(values))
+                bound = stats.upper_bound(values, thresholds.confidence)
+                if bound <= tol:
+                    status = "within"
+                elif mean_abs > tol:
+                    status = "beyond"
+                else:
+                    status = "undecided"
+            else:  # a repeat without a reference slope (ΔH = 0 at its smallest η)
+                status = "undecided"
+        per_eta.append(
+            PointSummary(
+                learning_rate=eta,
+                n_repeats=len(mine),
+                n_failed=n_failed,
+                resolvable=resolvable,
+                reasons=reasons,
+                nonlinearity_mean_abs=mean_abs,
+                nonlinearity_bound=bound,
+                status=status,
+                in_window=False,
+                predicted_nonlinearity=predicted,
+            )
+        )
+
+    # -- the window: the longest contiguous run of points within tol -----------------------
+    run = _longest_run([p.status == "within" for p in per_eta], grid)
+    if run is not None:
+        per_eta = [
+            dataclasses.replace(p, in_window=run[0] <= i <= run[1]) for i, p in enumerate(per_eta)
+        ]
+    maxima = [
+        eta_max(r.first_order_slope, r.curvature, tol, r.third_derivative)
+        for r in measured
+        if r.first_order_slope is not None
+    ]
+    maxima = [m for m in maxima if m is not None]
+    predicted_max = min(maxima) if maxima else None
+    resolvable_etas = [p.learning_rate for p in per_eta if p.resolvable]
+    notes = []
+    if not resolvable_etas:
+        notes.append("no resolvable η: every point is below the precision floor or failed")
+    elif run is None:
+        notes.append("empty: no resolvable η is within the tolerance")
+    window = Window(
+        eta_min=grid[run[0]] if run else None,
+        eta_max=grid[run[1]] if run else None,
+        n_points=run[1] - run[0] + 1 if run else 0,
+        tolerance=tol,
+        eta_max_predicted=predicted_max,
+        predicted_edge=_predicted_edge(predicted_max, grid),
+        note="; ".join(notes),
+    )
+
+    # -- checks -----------------------------------------------------------------------------
+    checks: dict[str, Check] = {}
+    m = len(resolvable_etas)
+    checks["resolvable_points"] = Check(
+        "resolvable_points",
+        thresholds.min_resolvable_points,
+        m,
+        m >= thresholds.min_resolvable_points,
+        f"{m} resolvable η of {len(grid)} (need ≥ {thresholds.min_resolvable_points})",
+    )
+    r2 = [(s.repeat, s.r_squared) for s in summaries]
+    r2_known = [v for _, v in r2 if v is not None]
+    if not r2 or len(r2_known) < len(r2):
+        missing = [rep for rep, v in r2 if v is None]
+        checks["r_squared"] = Check(
+            "r_squared",
+            thresholds.r2_min,
+            min(r2_known) if r2_known else None,
+            None,
+            f"repeat(s) {missing} have fewer than 3 resolvable η: no line of their own"
+            if r2
+            else "no measured repeat",
+        )
+    else:
+        low, mid = min(r2_known), statistics.median(r2_known)
+        ok = low > thresholds.r2_min and mid > thresholds.r2_min
+        checks["r_squared"] = Check(
+            "r_squared",
+            thresholds.r2_min,
+            low,
+            ok,
+            f"each repeat's own line ΔH_r = α_r·η + β_r over its resolvable η: R² min "
+            f"{low:.6f}, median {mid:.6f} {'>' if ok else 'not >'} {thresholds.r2_min}",
+        )
+    decided = [p for p in per_eta if p.resolvable]
+    worst = max(
+        decided,
+        key=lambda p: -1 if p.nonlinearity_bound is None else p.nonlinearity_bound,
+        default=None,
+    )
+    if not decided:
+        checks["nonlinearity"] = Check("nonlinearity", tol, None, None, "no resolvable η")
+    else:
+        beyond = [p for p in decided if p.status == "beyond"]
+        undecided = [p for p in decided if p.status == "undecided"]
+        value = None if worst is None else worst.nonlinearity_bound
+        passed = False if beyond else None if undecided else True
+        detail = (
+            f"max over resolvable η of the {thresholds.confidence:.0%} upper bound of mean "
+            f"|n_r(η)| = {_fmt(value)} at η = {worst.learning_rate:.3g} (tolerance {tol:g})"
+        )
+        if beyond:
+            detail += "; beyond tolerance at η = " + ", ".join(
+                f"{p.learning_rate:.3g} (mean |n| {p.nonlinearity_mean_abs:.3g})" for p in beyond
+            )
+        if undecided:
+            detail += "; undecided (bound > tol ≥ mean: more repeats) at η = " + ", ".join(
+                f"{p.learning_rate:.3g}" for p in undecided
+            )
+        checks["nonlinearity"] = Check("nonlinearity", tol, value, passed, detail)
+    calibrations = [s.calibration for s in summaries if s.calibration is not None]
+    if not any(s.reference == "first order" for s in summaries):
+        checks["first_order"] = Check(
+            "first_order",
+            tol,
+            None,
+            None,
+            "no first-order oracle (first order disabled or steps > 1): each repeat's "
+            "reference is its own ΔH/η at its smallest resolvable η",
+        )
+    elif len(calibrations) < len(summaries) or len(calibrations) < 2:
+        checks["first_order"] = Check(
+            "first_order", tol, None, None, "some repeat has no resolvable η to calibrate at"
+        )
+    else:
+        mean_abs = float(np.mean(np.abs(calibrations)))
+        bound = stats.upper_bound(np.abs(calibrations), thresholds.confidence)
+        passed = True if bound <= tol else False if mean_abs > tol else None
+        checks["first_order"] = Check(
+            "first_order",
+            tol,
+            bound,
+            passed,
+            "c_r = ΔH_r/(η·∇H·v_r) − 1 at each repeat's smallest resolvable η: "
+            + ", ".join(f"{c:+.2e}" for c in calibrations)
+            + f"; {thresholds.confidence:.0%} upper bound of mean |c_r| {bound:.3g}, "
+            f"mean {mean_abs:.3g} (tolerance {tol:g})",
+        )
+
+    # -- the seed's pooled statistics, reported --------------------------------------------
+    pooled = stats.analyze_linearity(
+        [float(r.learning_rate) for r in rows],
+        [float(r.entropy_change) if r.measured else math.nan for r in rows],  # type: ignore[arg-type]
+        first_order=[
+            float(r.first_order_prediction) if _finite(r.first_order_prediction) else math.nan
+            for r in rows
+        ]
+        if any(_finite(r.first_order_prediction) for r in rows)
+        else None,
+        resolvable={p.learning_rate: p.resolvable for p in per_eta},
+        thresholds=thresholds,
+        repeats=[int(r.repeat) for r in rows],
+    )
+    reported = {
+        "pooled_r_squared": "r_squared",
+        "standardized_residual": "standardized_residual",
+        "relative_residual": "relative_residual",
+        "lack_of_fit": "lack_of_fit",
+        "intercept": "intercept",
+        "loglog_slope": "loglog_slope",
+    }
+    for name, source in reported.items():
+        c = pooled.checks[source]
+        checks[name] = Check(
+            name,
+            c.threshold,
+            c.value,
+            c.passed,
+            c.detail + " [reported, not deciding]",
+        )
+
+    mixed = None
+    fit_points = [p for p in points if p.resolvable]
+    if len({p.repeat for p in fit_points}) >= 2 and len({p.learning_rate for p in fit_points}) >= 2:
+        try:
+            mixed = stats.fit_random_slope(
+                [p.learning_rate for p in fit_points],
+                [p.entropy_change for p in fit_points],
+                [p.repeat for p in fit_points],
+                thresholds.confidence,
+            )
+        except (ValueError, np.linalg.LinAlgError) as exc:
+            notes.append(f"mixed model not fitted: {exc}")
+
+    verdict, reason = _verdict(per_eta, checks)
+    return Analysis(
+        dtype=run_dtype,
+        reading=reading,
+        points=points,
+        repeats=summaries,
+        per_eta=per_eta,
+        window=window,
+        checks=checks,
+        verdict=verdict,
+        verdict_reason=reason,
+        pooled=pooled,
+        mixed_model=mixed,
+        records=rows,
+        thresholds=thresholds,
+        floor=floor,
+        meta=meta,
+        notes=notes,
+    )
+
+
+def _verdict(per_eta: list[PointSummary], checks: dict[str, Check]) -> tuple[str, str]:
+    """DESIGN §4: LINEAR over the tested grid, NONLINEAR, or INCONCLUSIVE with the reason."""
+    beyond = [p.learning_rate for p in per_eta if p.status == "beyond"]
+    if beyond:
+        first = min(beyond)
+        inside = [p.learning_rate for p in per_eta if p.in_window]
+        where = (
+            f"linear within [{min(inside):.3g}, {max(inside):.3g}]"
+            if inside
+            else "no linear window"
+        )
+        return "nonlinear", (
+            f"ΔH/η bends beyond the tolerance at η = {', '.join(f'{e:.3g}' for e in beyond)} "
+            f"(first at {first:.3g}); {where}"
+        )
+    reasons = []
+    resolvable = [p for p in per_eta if p.resolvable]
+    if checks["resolvable_points"].passed is not True:
+        reasons.append(checks["resolvable_points"].detail)
+    if resolvable and not all(p.in_window for p in resolvable):
+        outside = [p for p in resolvable if not p.in_window]
+        reasons.append(
+            "resolvable η outside the window: "
+            + ", ".join(f"{p.learning_rate:.3g} ({p.status})" for p in outside)
+        )
+    for name in ("nonlinearity", "first_order", "r_squared"):
+        c = checks[name]
+        if c.passed is False:
+            reasons.append(f"{name} failed: {c.detail}")
+        elif c.passed is None and not (
+            name == "first_order" and "no first-order oracle" in c.detail
+        ):
+            reasons.append(f"{name} undecided: {c.detail}")
+    if reasons:
+        return "inconclusive", "; ".join(reasons)
+    lo, hi = resolvable[0].learning_rate, resolvable[-1].learning_rate
+    reason = f"linear over the tested grid [{lo:.3g}, {hi:.3g}]: every decisive check passed"
+    below = [p.learning_rate for p in per_eta if not p.resolvable]
+    if below:
+        reason += "; unresolvable (not judged): η = " + ", ".join(f"{e:.3g}" for e in below)
+    return "linear", reason

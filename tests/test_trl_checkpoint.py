@@ -1,0 +1,133 @@
+"""A real TRL ``GRPOTrainer`` run on the tiny base (CPU, LoRA, Dr-GRPO) writes checkpoint-N;
+``entropy-lab sweep`` on it takes the trainer's setup from its training_args.bin and says so."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from entropy_lab.cli import main
+
+pytestmark = pytest.mark.cpu
+
+REWARD_CODE = '''
+def exact(completions, answer, **kwargs):
+    """1 for the exact sum (what the tiny base was trained to write)."""
+    return [float(c.strip() == str(a)) for c, a in zip(completions, answer)]
+'''
+TRAINER = {
+    "max_completion_length": 4,
+    "num_generations": 4,
+    "temperature": 0.9,
+    "loss_type": "dr_grpo",
+    "scale_rewards": "group",
+    "beta": 0.04,
+}
+
+
+@pytest.fixture(scope="module")
+def trl_run(tiny_checkpoint, tmp_path_factory):
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("trl")
+    reward_file = root / "rewards.py"
+    reward_file.write_text(REWARD_CODE)
+    records = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(10) for b in range(6)]
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("trl_test_rewards", reward_file)
+    rewards = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rewards)  # the same function the sweep imports from the file
+
+    base = tiny_checkpoint / "base_model"
+    args = GRPOConfig(
+        output_dir=str(root / "run"),
+        max_steps=2,
+        save_steps=2,
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        seed=0,
+        disable_tqdm=True,
+        logging_steps=1,
+        **TRAINER,
+    )
+    trainer = GRPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(base),
+        reward_funcs=rewards.exact,
+        args=args,
+        train_dataset=Dataset.from_list(records),
+        processing_class=AutoTokenizer.from_pretrained(base),
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    )
+    trainer.train()
+    return root / "run" / "checkpoint-2", prompts, f"{reward_file}:exact"
+
+
+SWEEP = [
+    "--learning-rates", "1e-6,1e-5", "--num-repeats", "2", "--eval-size", "8",
+    "--buffer-size", "4", "--no-curvature", "--no-progress", "--threads", "1",
+]  # fmt: skip
+
+
+def test_sweep_takes_the_trainer_setup_from_training_args(trl_run, tmp_path, capsys):
+    checkpoint, prompts, reward = trl_run
+    assert (checkpoint / "training_args.bin").is_file()
+    argv = ["sweep", "--checkpoint", str(checkpoint), "--prompts", str(prompts)]
+    argv += ["--reward", reward, "--output-dir", str(tmp_path), *SWEEP]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    rows = {}
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.split("|")]
+        if len(cells) == 3:
+            rows[cells[0]] = (cells[1], cells[2])
+    expected = {
+        "max_new_tokens": ("4", "training_args.bin: max_completion_length"),
+        "num_generations": ("4", "training_args.bin: num_generations"),
+        "temperature": ("0.9", "training_args.bin: temperature"),
+        "loss_type": ("dr_grpo", "training_args.bin: loss_type"),
+        "scale_rewards": ("group", "training_args.bin: scale_rewards"),
+        "kl_beta": ("0.04", "training_args.bin: beta"),
+        "prompts": (str(prompts), "--prompts"),
+        "reward": (reward, "--reward"),
+    }
+    for name, row in expected.items():
+        assert rows[name] == row, name
+    (folder,) = tmp_path.glob("entropy_lr_experiment_*")
+    meta = json.loads((folder / "run_meta.json").read_text())
+    config = meta["config"]
+    assert (config["max_new_tokens"], config["num_generations"]) == (4, 4)
+    assert (config["loss_type"], config["scale_rewards"], config["kl_beta"]) == (
+        "dr_grpo",
+        "group",
+        0.04,
+    )
+    assert config["temperature"] == pytest.approx(0.9)
+    assert meta["setup_sources"]["loss_type"] == "training_args.bin: loss_type"
+    records = json.loads((folder / "raw_results.json").read_text())
+    assert all(r["success"] for r in records)
+
+
+def test_trl_checkpoint_without_prompts_or_reward_is_an_error(trl_run, tmp_path, capsys):
+    checkpoint, _, _ = trl_run
+    argv = ["sweep", "--checkpoint", str(checkpoint), "--output-dir", str(tmp_path), *SWEEP]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert re.fullmatch(
+        r"entropy-lab: error: no source for prompts \(--prompts\), reward \(--reward\): .*",
+        err[0],
+    )
