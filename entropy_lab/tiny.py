@@ -564,7 +564,7 @@ def build_tiny_architecture(
             "architecture": name,
             "step": rl_steps,
             # A build of this module: the setup's tiny defaults apply (is_tiny_checkpoint).
-            "task": f"arithmetic a+b=, operands 0-{task.max_operand - 1}",
+            "task": "arithmetic a+b=, operands 0-5",  # ArithmeticTask(max_operand=6)
             "sft_steps": sft_steps,
             "rl_mean_reward_per_step": rewards,
         }
