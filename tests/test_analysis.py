@@ -200,6 +200,17 @@ def test_parameter_rounding_is_seen_where_the_symmetric_check_is_blind():
     assert a.verdict == "linear"  # over the resolvable grid 1e-7 … 1e-4
 
 
+def test_a_point_with_changed_moe_routing_is_never_judged_on_the_jet():
+    records = planted([-2.0, -2.5, -3.0])
+    for r in records:
+        r["routing_changed_fraction"] = 0.02 if r["learning_rate"] == 1e-4 else 0.0
+    a = analyze(records)
+    p = a.point(1e-4)
+    assert not p.resolvable and not p.in_window
+    assert "routing changed for 2.00%" in " ".join(p.reasons)
+    assert a.point(1e-5).resolvable and a.window.eta_max == 1e-5
+
+
 def test_without_an_oracle_each_repeat_is_its_own_reference():
     a = analyze(planted([-2.0, -3.0, -2.5], jet=False, negative=False))
     assert a.verdict == "linear" and a.checks["first_order"].passed is None
@@ -245,9 +256,9 @@ def test_a_schema_one_record_without_dtype_is_refused_not_assumed_fp32(tmp_path)
 
 
 def test_records_round_trip_and_keep_unknown_fields():
-    raw = planted([-2.0, -2.5])[0] | {"routing_changed_fraction": 0.0}
+    raw = planted([-2.0, -2.5])[0] | {"a_later_field": 0.0}
     record = PointRecord.from_dict(raw)
-    assert record.eps == EPS["fp64"] and record.extra == {"routing_changed_fraction": 0.0}
+    assert record.eps == EPS["fp64"] and record.extra == {"a_later_field": 0.0}
     again = record.to_dict()
     assert {k: again[k] for k in raw} == raw
 
@@ -269,7 +280,7 @@ grids = st.lists(
 ).map(sorted)
 
 
-@settings(max_examples=60)
+@settings(max_examples=40)
 @given(
     n=st.integers(2, 6),
     cv=st.floats(0.0, 0.8),
@@ -283,7 +294,7 @@ def test_exact_linearity_with_any_spread_is_linear(n, cv, mixed, seed, grid):
     assert a.window.n_points == len(grid)
 
 
-@settings(max_examples=60)
+@settings(max_examples=40)
 @given(
     n=st.integers(2, 6),
     cv=st.floats(0.0, 0.8),
@@ -324,7 +335,7 @@ def test_a_calibration_offset_of_twice_the_tolerance_fails_first_order(n, seed, 
     assert a.verdict != "linear"
 
 
-@settings(max_examples=60)
+@settings(max_examples=40)
 @given(
     n=st.integers(2, 5),
     seed=st.integers(0, 10_000),
