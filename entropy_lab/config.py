@@ -95,23 +95,7 @@ EXPERIMENT_OVERRIDES: dict[str, Any] = {
 
 def load_training_config(path: str | Path) -> dict[str, Any]:
     """Read and validate a training YAML (always ``yaml.safe_load``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(
-            f"config file not found: {path} (pass an existing YAML with --base-config)"
-        )
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"malformed YAML in {path}{where}: fix the syntax") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"{path} must hold a mapping of keys to values, not {type(data).__name__}"
-        )
+    data = read_yaml_mapping(path, hint="pass an existing YAML with --base-config")
     return validate_training_config(data, source=str(path))
 
 
@@ -820,11 +804,11 @@ def _is_trl_yaml(data: Mapping[str, Any]) -> bool:
     return any(key in data for key in _TRL_MARKERS)
 
 
-def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+def read_yaml_mapping(path: str | Path, hint: str = "pass an existing YAML") -> dict[str, Any]:
     """A YAML file holding a mapping (``yaml.safe_load``), without RL_Practice validation."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path} (pass an existing YAML)")
+        raise ConfigError(f"config file not found: {path} ({hint})")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:

@@ -326,6 +326,20 @@ def sample_update_batch(setup: Setup, repeat: int) -> UpdateBatch:
     return update
 
 
+def jet_along(setup: Setup, vector: dict[str, torch.Tensor]) -> DirectionalDerivatives:
+    """The theory along v_r on E, to the order the config asks for."""
+    cfg = setup.cfg
+    return directional_derivatives(
+        setup.scorer,
+        setup.eval_batch,
+        setup.reference_logprob,
+        setup.updater.theta0,
+        vector,
+        second_order=cfg.curvature,
+        third_order=cfg.curvature and cfg.third_order,
+    )
+
+
 def direction(setup: Setup, repeat: int) -> Direction:
     started = time.perf_counter()
     cfg = setup.cfg
@@ -334,15 +348,7 @@ def direction(setup: Setup, repeat: int) -> Direction:
     vector = setup.updater.update_vector(gradient)
     derivatives = identity = forecasts = None
     if cfg.first_order and cfg.steps == 1:
-        derivatives = directional_derivatives(
-            setup.scorer,
-            setup.eval_batch,
-            setup.reference_logprob,
-            setup.updater.theta0,
-            vector,
-            second_order=cfg.curvature,
-            third_order=cfg.curvature and cfg.third_order,
-        )
+        derivatives = jet_along(setup, vector)
         if cfg.identity_check:
             identity = covariance_identity_slope(
                 setup.scorer, setup.eval_batch, setup.updater.theta0, vector

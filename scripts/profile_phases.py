@@ -64,12 +64,13 @@ def profile(
     from entropy_lab.protocol import (
         Direction,
         _crude_forecasts,
+        jet_along,
         measure_point,
         open_experiment,
         repeat_seed,
         sample_update_batch,
     )
-    from entropy_lab.theory import covariance_identity_slope, directional_derivatives
+    from entropy_lab.theory import covariance_identity_slope
 
     timer = PhaseTimer(device)
     settings = {k: kw.pop(k) for k in ("buffer_size", "num_generations") if k in kw}
@@ -106,15 +107,7 @@ def profile(
     with timer.phase("update vector"):
         vector = setup.updater.update_vector(gradient)
     with timer.phase("jvp oracles (1st-3rd)") as row:
-        derivatives = directional_derivatives(
-            setup.scorer,
-            setup.eval_batch,
-            setup.reference_logprob,
-            setup.updater.theta0,
-            vector,
-            second_order=cfg.curvature,
-            third_order=cfg.curvature and cfg.third_order,
-        )
+        derivatives = jet_along(setup, vector)
         row["tokens"] = setup.eval_batch.num_response_tokens
     identity = None
     if cfg.identity_check:
