@@ -30,7 +30,7 @@ def test_suite_fails_far_outside_the_window(pytester, tiny_checkpoint):
         "--num-repeats",
         "2",
         "--eval-size",
-        "64",
+        "32",
         f"--entropy-json={report}",
     )
     assert result.ret == pytest.ExitCode.TESTS_FAILED
@@ -63,7 +63,7 @@ def test_each_eta_measured_once_under_xdist(pytester, tiny_checkpoint):
         "--num-repeats",
         "2",
         "--eval-size",
-        "64",
+        "32",
         f"--basetemp={pytester.path / 'bt'}",
         f"--junitxml={xml}",
     )
@@ -113,7 +113,7 @@ def test_gpu_suite_skips_with_reason_and_runs_on_cpu(pytester, tiny_checkpoint):
         "--num-repeats",
         "2",
         "--eval-size",
-        "64",
+        "32",
     )
     ran.assert_outcomes(passed=7)
 
