@@ -265,8 +265,11 @@ def run_sweep_command(args: argparse.Namespace, quick: bool) -> Path | None:
         ) from exc
     if not main_rank:
         return None
+    # What each phase cost this run (a resumed run counts only what it did itself).
+    folder.write_meta({**folder.read_meta(), "costs": setup.costs.to_dict()})
     analysis = write_report(folder.path)
     print(format_tables(analysis))
+    print(setup.costs.table())
     print(f"\nresults: {folder.path}  ({time.perf_counter() - started:.1f} s)")
     return folder.path
 

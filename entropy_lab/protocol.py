@@ -11,11 +11,13 @@ measure_point(): per η, from (θ₀, S₀): real AdamW step(s) at lr = η → H
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import random
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +50,49 @@ def repeat_seed(seed: int, repeat: int) -> int:
     return seed + 1000 * (repeat + 1)
 
 
+EVAL_PHASE = "score E at θ₀"  # one evaluation of E: the unit every phase is counted in
+
+
+class PhaseCosts:
+    """Wall-clock seconds per phase of the sweep (this process), and how many times each ran;
+    ``to_dict`` also states each in evaluations of E (one eval = scoring E at θ₀)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+            self.calls[name] = self.calls.get(name, 0) + 1
+
+    def to_dict(self) -> dict[str, dict[str, float]]:
+        unit = self.seconds.get(EVAL_PHASE)
+        return {
+            name: {
+                "seconds": total,
+                "calls": self.calls[name],
+                "evals_of_E": total / unit if unit else None,
+            }
+            for name, total in self.seconds.items()
+        }
+
+    def table(self) -> str:
+        rows = self.to_dict()
+        width = max((len(n) for n in rows), default=5)
+        lines = ["COST PER PHASE  (this process; 1 eval of E = scoring E at θ₀ once)"]
+        for name, row in rows.items():
+            evals = "" if row["evals_of_E"] is None else f"{row['evals_of_E']:9.1f} evals of E"
+            lines.append(
+                f"  {name.ljust(width)}  {row['seconds']:8.2f} s  ×{row['calls']:<4d} {evals}"
+            )
+        return "\n".join(lines)
+
+
 @dataclass
 class Setup:
     """Everything fixed for a whole sweep."""
@@ -64,6 +109,7 @@ class Setup:
     training: TrainingSetup | None = None  # where each setting came from (open_experiment)
     kl_reference: torch.nn.Module | None = None  # a full fine-tune's KL reference model
     entropy_grad: dict[str, torch.Tensor] | None = None  # ∇H(θ₀) of the reading (rounding)
+    costs: PhaseCosts = dataclasses.field(default_factory=PhaseCosts)
 
 
 def open_experiment(
@@ -214,17 +260,19 @@ def prepare(cfg: ExperimentConfig, checkpoint: LoadedCheckpoint) -> Setup:
             policy, 3 if cfg.curvature and cfg.third_order else 2 if cfg.curvature else 1
         )
     device = next(policy.parameters()).device
+    costs = PhaseCosts()
     # Data-parallel, each rank samples its shard of E; every rank then holds all of E.
-    eval_shard = sample_responses(
-        policy,
-        tokenizer,
-        eval_problems,
-        1,
-        seed=cfg.seed,
-        **cfg.sampling(),
-        rows=distributed.shard(cfg.eval_size),
-    )
-    eval_batch = _gather_batch(eval_shard).to(device)
+    with costs.phase("sample E"):
+        eval_shard = sample_responses(
+            policy,
+            tokenizer,
+            eval_problems,
+            1,
+            seed=cfg.seed,
+            **cfg.sampling(),
+            rows=distributed.shard(cfg.eval_size),
+        )
+        eval_batch = _gather_batch(eval_shard).to(device)
     # The reward functions called once on E's completions: one that fails, returns the
     # wrong length or a non-finite value stops the run here, before any point is measured.
     task.rewards(eval_batch.responses, [eval_problems[int(i)] for i in eval_batch.prompt_index])
@@ -242,7 +290,7 @@ def prepare(cfg: ExperimentConfig, checkpoint: LoadedCheckpoint) -> Setup:
         objective=cfg.objective(),
     )
     policy.eval()
-    with torch.no_grad():
+    with torch.no_grad(), costs.phase(EVAL_PHASE):
         sums = with_oom_retry(
             "scoring E at θ₀", lambda: scorer.global_sums(eval_batch), updater, scorer
         )
@@ -256,18 +304,8 @@ def prepare(cfg: ExperimentConfig, checkpoint: LoadedCheckpoint) -> Setup:
         )
     entropy_grad = None
     if cfg.rounding_check and cfg.steps == 1:
-        entropy_grad = with_oom_retry(
-            "∇H at θ₀ (the rounding check)",
-            lambda: entropy_gradient(
-                scorer,
-                eval_batch,
-                updater.params,
-                getattr(baseline, _reading_key(cfg)),
-                cfg.reading,
-            ),
-            updater,
-            scorer,
-        )
+        with costs.phase("∇H at θ₀ (rounding check)"):
+            entropy_grad = _entropy_grad(cfg, scorer, eval_batch, updater, baseline)
     return Setup(
         cfg,
         checkpoint,
@@ -279,6 +317,22 @@ def prepare(cfg: ExperimentConfig, checkpoint: LoadedCheckpoint) -> Setup:
         sums.logprob.detach(),
         baseline,
         entropy_grad=entropy_grad,
+        costs=costs,
+    )
+
+
+def _entropy_grad(cfg, scorer, eval_batch, updater, baseline) -> dict[str, torch.Tensor]:
+    return with_oom_retry(
+        "∇H at θ₀ (the rounding check)",
+        lambda: entropy_gradient(
+            scorer,
+            eval_batch,
+            updater.params,
+            getattr(baseline, _reading_key(cfg)),
+            cfg.reading,
+        ),
+        updater,
+        scorer,
     )
 
 
@@ -342,17 +396,23 @@ def jet_along(setup: Setup, vector: dict[str, torch.Tensor]) -> DirectionalDeriv
 
 def direction(setup: Setup, repeat: int) -> Direction:
     started = time.perf_counter()
-    cfg = setup.cfg
-    update = sample_update_batch(setup, repeat)
-    gradient = setup.updater.gradient(update)
-    vector = setup.updater.update_vector(gradient)
+    cfg, costs = setup.cfg, setup.costs
+    with costs.phase("sample U"):
+        update = sample_update_batch(setup, repeat)
+    with costs.phase("gradient"):
+        gradient = setup.updater.gradient(update)
+    with costs.phase("update vector"):
+        vector = setup.updater.update_vector(gradient)
     derivatives = identity = forecasts = None
     if cfg.first_order and cfg.steps == 1:
-        derivatives = jet_along(setup, vector)
+        order = 3 if cfg.curvature and cfg.third_order else 2 if cfg.curvature else 1
+        with costs.phase(f"jvp to order {order}"):
+            derivatives = jet_along(setup, vector)
         if cfg.identity_check:
-            identity = covariance_identity_slope(
-                setup.scorer, setup.eval_batch, setup.updater.theta0, vector
-            )
+            with costs.phase("Cui identity"):
+                identity = covariance_identity_slope(
+                    setup.scorer, setup.eval_batch, setup.updater.theta0, vector
+                )
         forecasts = _crude_forecasts(gradient)
     return Direction(
         repeat,
@@ -543,12 +603,13 @@ def measure_point(setup: Setup, d: Direction | FailedDirection, eta: float) -> P
         for name, value in _jet_fields(d, eta, key).items():
             setattr(record, name, value)
     try:
-        after = with_oom_retry(
-            f"the step at η={eta!r}",
-            lambda: _entropy_after(setup, d, eta),
-            setup.updater,
-            setup.scorer,
-        )
+        with setup.costs.phase("step + score E at +η"):
+            after = with_oom_retry(
+                f"the step at η={eta!r}",
+                lambda: _entropy_after(setup, d, eta),
+                setup.updater,
+                setup.scorer,
+            )
         record.routing_changed_fraction = setup.scorer.routing_changed_fraction()
         change = getattr(after.readings, key) - getattr(before, key)
         if not math.isfinite(change):
@@ -561,12 +622,13 @@ def measure_point(setup: Setup, d: Direction | FailedDirection, eta: float) -> P
         record.entropy_change_policy = after.readings.policy - before.policy
         record.ess = after.readings.ess
         if cfg.symmetric_check and cfg.steps == 1:
-            mirrored = with_oom_retry(
-                f"the step at η={-eta!r}",
-                lambda: _entropy_after(setup, d, -eta),
-                setup.updater,
-                setup.scorer,
-            )
+            with setup.costs.phase("step + score E at −η"):
+                mirrored = with_oom_retry(
+                    f"the step at η={-eta!r}",
+                    lambda: _entropy_after(setup, d, -eta),
+                    setup.updater,
+                    setup.scorer,
+                )
             record.entropy_change_negative = getattr(mirrored.readings, key) - getattr(before, key)
         record.success = True
     except (FloatingPointError, RuntimeError) as exc:

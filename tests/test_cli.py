@@ -64,6 +64,11 @@ def test_results_folder_has_every_artefact(quick_run):
     assert config["learning_rates"] == [1e-7, 1e-6, 1e-5] and config["dtype"] == "fp64"
     meta = json.loads((quick_run / "run_meta.json").read_text())
     assert meta["thresholds"]["linearity"]["r2_min"] == 0.95
+    costs = meta["costs"]  # seconds and evaluations of E per phase of this run
+    assert costs["score E at θ₀"]["evals_of_E"] == 1.0 and costs["score E at θ₀"]["calls"] == 1
+    assert costs["sample U"]["calls"] == 2 and costs["step + score E at +η"]["calls"] == 6
+    assert {"sample E", "gradient", "update vector", "jvp to order 3"} <= set(costs)
+    assert all(row["seconds"] > 0 for row in costs.values())
 
 
 def test_report_elsewhere_reproduces_analysis_exactly(quick_run, tmp_path, capsys):
