@@ -41,11 +41,19 @@ from entropy_lab.rollout import SequenceBatch
 SCHEMA_VERSION = 1
 QWEN_VOCAB = 151_936
 
-# Targets of issue #8: (section, field, comparison, threshold, what it means).
+# Targets of issues #8 and #16: (section, field, comparison, threshold, what it means).
 TARGETS = [
     ("entropy_eval", "overhead_ratio", "<=", 1.10, "entropy eval ≤ 1.1 × bare forward"),
     ("memory", "chunked_over_naive", "<=", 0.10, "chunked fp64 peak ≤ 1/10 of naive"),
-    ("eta_sweep", "marginal_eta_over_eval", "<=", 1.20, "each extra η ≤ 1.2 × eval of E"),
+    # An η is a pair of evaluations by design (η and −η: the symmetric noise check), so the
+    # target is per pair (issue #16 restated issue #8's 1.2, which counted one evaluation).
+    (
+        "eta_sweep",
+        "marginal_eta_over_eval",
+        "<=",
+        2.20,
+        "each extra η (its ±η pair) ≤ 2.2 × eval of E",
+    ),
     ("jvp", "jvp_over_eval", "<=", 3.00, "jvp ≤ 3 × eval of E"),
     ("quick", "seconds", "<=", 30.0, "entropy-lab quick ≤ 30 s"),
 ]
