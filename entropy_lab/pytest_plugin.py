@@ -308,6 +308,10 @@ class MeasurementStore:
                 on_config=lambda cfg, ck, _: _set_threads(None, ck.metadata["total_parameters"]),
                 num_repeats=s.num_repeats,
                 eval_size=s.eval_size,
+                # The cpu suite checks the verdict on the tiny model: the third-order jet only
+                # places the jet's predicted edge (reported, never deciding) and costs about
+                # 42 evaluations of E per direction. Its tests are in test_measurement.
+                third_order=s.kind != "cpu",
             )
         return self._setup
 
@@ -327,6 +331,7 @@ class MeasurementStore:
                 "setup_flags": list(s.setup_flags),
                 "reference_model": s.reference_model,
                 "buffer_size": s.buffer_size,
+                "third_order": s.kind != "cpu",
             }
             key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
             self._key_dir = self.root / key
