@@ -492,13 +492,14 @@ def routing_reason(changed: float | None) -> str | None:
 
 
 def _floor_reasons(
-    r: PointRecord, tol: float, floor: FloorThresholds
+    r: PointRecord, run_dtype: str, tol: float, floor: FloorThresholds
 ) -> tuple[list[str], float | None, float | None, float | None]:
     """Why this one measurement is below the floor (empty: resolvable), with the symmetric
-    residual, the rounding ratio and the jet's predicted nonlinearity."""
+    residual, the rounding ratio and the jet's predicted nonlinearity. ``run_dtype`` is the
+    sweep's, for a record that does not say its own."""
     eta = float(r.learning_rate)
     change = float(r.entropy_change)  # type: ignore[arg-type]
-    dtype = r.dtype or "fp32"
+    dtype = r.dtype or run_dtype
     reasons = []
     qf = r.quantized_fraction
     if qf is not None and qf > floor.max_quantized_fraction:
@@ -512,7 +513,10 @@ def _floor_reasons(
     eps = r.eps if r.eps is not None else EPS[dtype]
     signal_floor = floor.min_signal_eps * eps * abs(r.entropy_before or 0.0)
     if abs(change) < signal_floor:
-        reasons.append(f"|ΔH| {abs(change):.2e} below {signal_floor:.2e} (10·eps×H floor)")
+        reasons.append(
+            f"|ΔH| {abs(change):.2e} below {signal_floor:.2e} "
+            f"({floor.min_signal_eps:g}·eps×H floor)"
+        )
     rounding = None
     if r.rounding_effect is not None and change != 0:
         rounding = abs(r.rounding_effect) / abs(change)
@@ -635,7 +639,8 @@ def analyze(
 
     # -- per (η, repeat): the floor, then f, c and n against the repeat's own reference ----
     floor_of = {
-        (float(r.learning_rate), int(r.repeat)): _floor_reasons(r, tol, floor) for r in measured
+        (float(r.learning_rate), int(r.repeat)): _floor_reasons(r, run_dtype, tol, floor)
+        for r in measured
     }
     points: list[RepeatPoint] = []
     summaries: list[RepeatSummary] = []

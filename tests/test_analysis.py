@@ -255,6 +255,17 @@ def test_a_schema_one_record_without_dtype_is_refused_not_assumed_fp32(tmp_path)
     assert fp32["1e-08"]["resolvable"] is False
 
 
+def test_records_without_a_dtype_take_the_runs_not_fp32():
+    """PointRecords that do not say their dtype are judged in the sweep's (run_meta)."""
+    records = [
+        PointRecord(**{k: v for k, v in r.items() if k != "dtype"})
+        for r in planted([-2.0, -2.5, -3.0])
+    ]
+    a = analyze(records, {"config": {"dtype": "fp64"}})
+    assert a.point(1e-8).resolvable  # |ΔH| 2e-8: above fp64's 10·eps·H, below fp32's
+    assert not analyze(records, {"config": {"dtype": "fp32"}}).point(1e-8).resolvable
+
+
 def test_records_round_trip_and_keep_unknown_fields():
     raw = planted([-2.0, -2.5])[0] | {"a_later_field": 0.0}
     record = PointRecord.from_dict(raw)
