@@ -256,9 +256,7 @@ def prepare(cfg: ExperimentConfig, checkpoint: LoadedCheckpoint) -> Setup:
             f"{distributed.world_size()} (got {cfg.eval_size} and {cfg.buffer_size})"
         )
     if cfg.first_order and cfg.steps == 1:  # before sampling: a jvp the sweep could not take
-        check_forward_ad(
-            policy, 3 if cfg.curvature and cfg.third_order else 2 if cfg.curvature else 1
-        )
+        check_forward_ad(policy, jet_order(cfg))
     device = next(policy.parameters()).device
     costs = PhaseCosts()
     # Data-parallel, each rank samples its shard of E; every rank then holds all of E.
@@ -380,17 +378,22 @@ def sample_update_batch(setup: Setup, repeat: int) -> UpdateBatch:
     return update
 
 
+def jet_order(cfg: ExperimentConfig) -> int:
+    """How many derivatives along v the config asks for: 1 (∇H·v), 2 (+ vᵀ∇²H v), 3 (+ ∇³H)."""
+    return 3 if cfg.curvature and cfg.third_order else 2 if cfg.curvature else 1
+
+
 def jet_along(setup: Setup, vector: dict[str, torch.Tensor]) -> DirectionalDerivatives:
     """The theory along v_r on E, to the order the config asks for."""
-    cfg = setup.cfg
+    order = jet_order(setup.cfg)
     return directional_derivatives(
         setup.scorer,
         setup.eval_batch,
         setup.reference_logprob,
         setup.updater.theta0,
         vector,
-        second_order=cfg.curvature,
-        third_order=cfg.curvature and cfg.third_order,
+        second_order=order >= 2,
+        third_order=order >= 3,
     )
 
 
@@ -405,8 +408,7 @@ def direction(setup: Setup, repeat: int) -> Direction:
         vector = setup.updater.update_vector(gradient)
     derivatives = identity = forecasts = None
     if cfg.first_order and cfg.steps == 1:
-        order = 3 if cfg.curvature and cfg.third_order else 2 if cfg.curvature else 1
-        with costs.phase(f"jvp to order {order}"):
+        with costs.phase(f"jvp to order {jet_order(cfg)}"):
             derivatives = jet_along(setup, vector)
         if cfg.identity_check:
             with costs.phase("Cui identity"):

@@ -276,6 +276,7 @@ class MeasurementStore:
         self._key_dir: Path | None = None
         self._digest: str | None = None
         self._analysis = None
+        self._analysis_json: dict[str, Any] = {}
 
     @property
     def digest(self) -> str:
@@ -401,8 +402,14 @@ class MeasurementStore:
             meta = self.meta()
             linearity, floor = thresholds_from_meta(meta)
             self._analysis = analyze(self.all_records(), meta, linearity, floor)
-            atomic_write_json(self.key_dir / "analysis.json", self._analysis.to_dict())
+            self._analysis_json = self._analysis.to_dict()
+            atomic_write_json(self.key_dir / "analysis.json", self._analysis_json)
         return self._analysis
+
+    def analysis_json(self) -> dict[str, Any]:
+        """``analysis().to_dict()``, built once (every aggregate test reads it)."""
+        self.analysis()
+        return self._analysis_json
 
 
 def _store_root(config: pytest.Config) -> Path:
@@ -480,8 +487,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 def _record_run_facts(record_property, store: MeasurementStore) -> dict[str, Any]:
     """The run's headline numbers as JUnit properties (built-in types only, for xdist)."""
-    analysis = store.analysis()
-    out = analysis.to_dict()
+    out = store.analysis_json()
     summary = out["summary"]
     env = out.get("environment", {})
     mixed = summary.get("mixed_model") or {}
@@ -546,7 +552,7 @@ class LinearitySuite:
                 f"η={eta!r} is outside the linear window [{w.eta_min}, {w.eta_max}]: {point.status} "
                 f"(mean |n_r| {_percent(point.nonlinearity_mean_abs)}, upper bound "
                 f"{_percent(point.nonlinearity_bound)}, tolerance {w.tolerance:.0%})\n\n"
-                f"{format_tables(analysis.to_dict())}",
+                f"{format_tables(entropy_store.analysis_json())}",
                 pytrace=False,
             )
 
