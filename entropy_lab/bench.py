@@ -419,7 +419,7 @@ def zero_tangent_matmuls(
 
     What a frozen layer's all-zero weight tangent costs in stock torch: mm's forward-mode
     rule also forms x·Ẇᵀ, and torch has no ZeroTensor mm kernel. Inside the jvps the theory
-    module supplies one (theory._zero_tangent_mm); x·0 against x·W is what it saves.
+    module supplies one (theory.zero_tangent_kernels); x·0 against x·W is what it saves.
     """
     decoder, _ = decoder_and_head(causal_lm)
     hidden, inner = decoder.config.hidden_size, decoder.config.intermediate_size

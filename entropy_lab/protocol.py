@@ -230,6 +230,7 @@ class Direction:
     seconds: float
     identity_slope: float | None = None  # dH_cond/dη by the covariance identity
     forecasts: CrudeForecasts | None = None  # Cui et al.'s π·A and A forecasts from U
+    update_norm: float | None = None  # ‖v_r‖
 
 
 def prepare(cfg: ExperimentConfig, checkpoint: LoadedCheckpoint) -> Setup:
@@ -426,6 +427,7 @@ def direction(setup: Setup, repeat: int) -> Direction:
         time.perf_counter() - started,
         identity,
         forecasts,
+        setup.updater.update_norm(vector),
     )
 
 
@@ -557,10 +559,10 @@ def _entropy_after(setup: Setup, d: Direction, eta: float) -> _After:
     ∇H·(θ₁ − θ₀ − η·v) (one step only: later steps leave the line θ₀ + η·v)."""
     try:
         setup.updater.steps(eta, d.gradient, d.update, setup.cfg.steps)
-        quantized = setup.updater.quantized_fraction(d.vector)
-        rounding = None
-        if setup.entropy_grad is not None and setup.cfg.steps == 1:
-            rounding = setup.updater.rounding_effect(eta, d.vector, setup.entropy_grad)
+        one_step = setup.entropy_grad is not None and setup.cfg.steps == 1
+        quantized, rounding = setup.updater.rounding(
+            eta, d.vector, setup.entropy_grad if one_step else None
+        )
         readings_after = setup.scorer.measure(setup.eval_batch, setup.reference_logprob)
         return _After(readings_after, quantized, rounding)
     finally:
@@ -598,7 +600,7 @@ def measure_point(setup: Setup, d: Direction | FailedDirection, eta: float) -> P
     key = _reading_key(cfg)
     before = setup.baseline
     record = _record_head(setup, d, eta)
-    record.update_norm = setup.updater.update_norm(d.vector)
+    record.update_norm = d.update_norm
     record.grad_norm = d.gradient.grad_norm
     record.mean_reward = d.update.mean_reward
     if d.derivatives is not None:

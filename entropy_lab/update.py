@@ -205,6 +205,7 @@ class PolicyUpdate:
         self.microbatch_size = microbatch_size
         self.chunk_tokens = chunk_tokens
         self.theta0 = {n: p.detach().clone() for n, p in self.params.items()}
+        self._stepped = True  # whether θ may have left θ₀ since the last restore()
         self.state0 = copy.deepcopy(optimizer.state_dict())
 
     # -- gradient -----------------------------------------------------------------------
@@ -374,6 +375,7 @@ class PolicyUpdate:
             p.grad = None
         if not self._copy_state_in_place():
             self.optimizer.load_state_dict(copy.deepcopy(self.state0))
+        self._stepped = False
 
     @torch.no_grad()
     def _copy_state_in_place(self) -> bool:
@@ -412,7 +414,9 @@ class PolicyUpdate:
 
     def step(self, eta: float, gradient: Gradient) -> None:
         """From (θ₀, S₀): one real AdamW step at lr = η with the given gradient."""
-        self.restore()
+        if self._stepped:  # else θ is at θ₀ already
+            self.restore()
+        self._stepped = True
         self._set_lr(self.optimizer, eta)
         for n, p in self.params.items():
             p.grad = gradient.grads[n].to(p.dtype)
@@ -451,29 +455,30 @@ class PolicyUpdate:
         return {n: (shadow[n].detach() - self.theta0[n].to(torch.float64)) for n in names}
 
     @torch.no_grad()
-    def quantized_fraction(self, update_vector: dict[str, torch.Tensor]) -> float:
-        """Fraction of entries with v ≠ 0 that the current (stepped) θ left equal to θ₀."""
-        moved = unchanged = 0
-        for n, p in self.params.items():
-            nonzero = update_vector[n] != 0
-            moved += int(nonzero.sum())
-            unchanged += int(((p == self.theta0[n]) & nonzero).sum())
-        return unchanged / moved if moved else 1.0
-
-    @torch.no_grad()
-    def rounding_effect(
+    def rounding(
         self,
         eta: float,
         update_vector: dict[str, torch.Tensor],
-        entropy_grad: dict[str, torch.Tensor],
-    ) -> float:
-        """∇H·(θ − θ₀ − η·v) in fp64 at the current (stepped) θ: the first-order effect on ΔH
-        of storing θ₀ + η·v in the runtime dtype (0 when nothing is rounded)."""
-        total = torch.zeros((), dtype=torch.float64)
+        entropy_grad: dict[str, torch.Tensor] | None = None,
+    ) -> tuple[float, float | None]:
+        """What storing θ₀ + η·v in the runtime dtype did, at the current (stepped) θ:
+
+        - the fraction of entries with v ≠ 0 that θ left equal to θ₀ (rounded away);
+        - with ``entropy_grad``, ∇H·(θ − θ₀ − η·v) in fp64: the first-order effect of that
+          rounding on ΔH (0 when nothing is rounded).
+        One pass over the parameters, one device sync.
+        """
+        moved, unchanged, effect = [], [], []
         for n, p in self.params.items():
-            offset = p.double() - self.theta0[n].double() - eta * update_vector[n]
-            total += (entropy_grad[n] * offset).sum().cpu()
-        return float(total)
+            offset = p.double() - self.theta0[n].double()  # exact: both are fp64 values
+            nonzero = update_vector[n] != 0
+            moved.append(nonzero.sum())
+            unchanged.append(((offset == 0) & nonzero).sum())
+            if entropy_grad is not None:
+                effect.append((entropy_grad[n] * (offset - eta * update_vector[n])).sum())
+        counts = torch.stack([torch.stack(moved).sum(), torch.stack(unchanged).sum()]).tolist()
+        fraction = counts[1] / counts[0] if counts[0] else 1.0
+        return fraction, float(torch.stack(effect).sum()) if effect else None
 
     def update_norm(self, update_vector: dict[str, torch.Tensor]) -> float:
         return float(torch.sqrt(sum((v**2).sum() for v in update_vector.values())))
