@@ -125,7 +125,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-third-order", action="store_true")
     parser.add_argument(
-        "--stock-mm", action="store_true", help="torch's own ZeroTensor kernels (x·Ẇ in full for all-zero Ẇ)"
+        "--stock-mm",
+        action="store_true",
+        help="torch's own ZeroTensor kernels (x·Ẇ in full for all-zero Ẇ)",
     )
     parser.add_argument("--output", default=None, help="also write the result as JSON here")
     args = parser.parse_args(argv)
