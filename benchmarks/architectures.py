@@ -42,7 +42,7 @@ def _setup(path, dtype: str, eval_size: int, task: str | None):
         settings=flags,
         num_repeats=2,
         eval_size=eval_size,
-        curvature=False,
+        jet=1,
         identity_check=False,
         symmetric_check=False,
     )

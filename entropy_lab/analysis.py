@@ -171,6 +171,12 @@ class FloorThresholds:
     # than the tolerance and this multiple of the even part is read as bent, not noisy
     # (tiny model, fp64 and fp32 alike, at η = 1e-3: odd part 21 %, even part 2.2 %).
     curvature_over_noise: float = 3.0
+    # Forward-pass rounding noise of one ΔH is of the order of eps·H₀ (measured on the tiny
+    # checkpoint in fp32: 0.3·eps·H₀ at 1e-6). Where no c is known (no nested jvp, and no
+    # ±η pair of the repeat inside the tolerance to read it off, e.g. a grid far beyond the
+    # window), an even part beyond this multiple of eps·H₀ is read as curvature or higher
+    # orders, not noise.
+    max_noise_eps: float = 1000.0
 
 
 def predicted_nonlinearity(
@@ -239,6 +245,29 @@ class RepeatSummary(stats._ToDict):
     slope: float | None  # that line's slope
     intercept: float | None
     n_resolvable: int
+    measured_jet: MeasuredJet | None = None
+
+
+@dataclass(frozen=True)
+class MeasuredJet(stats._ToDict):
+    """vᵀ∇²H v and ∇³H[v,v,v] of one repeat, read off its own ±η pairs (no extra evaluation).
+
+    Per pair, the even part E(η) = ΔH(η) + ΔH(−η) = c·η² + O(η⁴) and the odd part
+    O(η) = [ΔH(η) − ΔH(−η)]/2 = s·η + d·η³/6 + O(η⁵), with s = ∇H·v. Least squares over
+    the pairs whose second- and third-order terms are each within the tolerance of the first
+    (so the η⁴ and η⁵ terms are small), with equal absolute noise at every η (the forward
+    pass's rounding does not scale with η): ĉ = ΣEη²/Ση⁴ and d̂/6 = Σ(O − sη)η³/Ση⁶. The
+    largest such η dominates both (its weight is η⁴); ``leverage`` says by how much.
+    """
+
+    repeat: int
+    curvature: float | None  # ĉ_r
+    curvature_stderr: float | None  # from the even residuals (≥ 2 pairs)
+    third_derivative: float | None  # d̂_r (needs the first-order slope s)
+    third_derivative_stderr: float | None
+    etas: list[float]  # the pairs fitted
+    leverage: dict[float, float]  # η → η⁴/Ση⁴ over the fitted pairs
+    noise: float | None  # RMS even residual of the pairs below the largest fitted η
 
 
 @dataclass(frozen=True)
@@ -317,6 +346,7 @@ class Analysis:
             "eta_max_from": "measured",
             "eta_max_predicted": window["eta_max_predicted"],
             "predicted_edge": window["predicted_edge"],
+            "predicted_from": _jet_source(measured, self.repeats),
             "n_points": window["n_points"],
             "tolerance": window["tolerance"],
         }
@@ -372,8 +402,7 @@ class Analysis:
                 "lack_of_fit": la.lack_of_fit.to_dict() if la.lack_of_fit else None,
                 "loglog_slope": la.loglog.to_dict() if la.loglog else None,
                 "first_order_slope": _per_repeat_mean(measured, "first_order_slope"),
-                "curvature": _per_repeat_mean(measured, "curvature"),
-                "third_derivative": _per_repeat_mean(measured, "third_derivative"),
+                **_jet_summary(measured, self.repeats),
                 "first_order_oracles": _oracle_comparison(measured),
                 "repeats": [s.to_dict() for s in self.repeats],
                 "linear_regime": regime,
@@ -445,6 +474,36 @@ def _per_repeat_mean(records: Iterable[PointRecord], name: str) -> dict[str, Any
     return {"mean": m.mean, "stderr": m.stderr, "n": m.n}
 
 
+def _jet_source(records: list[PointRecord], repeats: list[RepeatSummary]) -> str | None:
+    if any(_finite(r.curvature) for r in records):
+        return "jvp"
+    if any(s.measured_jet and s.measured_jet.curvature is not None for s in repeats):
+        return "±η pairs"
+    return None
+
+
+def _jet_summary(records: list[PointRecord], repeats: list[RepeatSummary]) -> dict[str, Any]:
+    """summary.curvature and summary.third_derivative (mean ± SE over repeats) from the
+    source the analysis used, and ``jet``: both sources side by side, paired by repeat."""
+    jets = {s.repeat: s.measured_jet for s in repeats if s.measured_jet is not None}
+    out: dict[str, Any] = {}
+    jet: dict[str, Any] = {"source": _jet_source(records, repeats)}
+    for name in ("curvature", "third_derivative"):
+        jvp = _by_repeat(records, name)
+        pairs = {rep: getattr(j, name) for rep, j in jets.items() if getattr(j, name) is not None}
+        from_pairs = stats.mean_stderr(list(pairs.values()))
+        jet[name] = {
+            "jvp": _per_repeat_mean(records, name),
+            "pairs": {"mean": from_pairs.mean, "stderr": from_pairs.stderr, "n": from_pairs.n},
+            "pairs_over_jvp": {str(rep): pairs[rep] / jvp[rep] for rep in pairs if jvp.get(rep)},
+        }
+        used = jet[name]["jvp"] if jvp else jet[name]["pairs"]
+        out[name] = {**used, "source": "jvp" if jvp else "±η pairs" if pairs else None}
+    jet["per_repeat"] = {str(rep): j.to_dict() for rep, j in jets.items()}
+    out["jet"] = jet
+    return out
+
+
 def _oracle_comparison(records: list[PointRecord]) -> dict[str, Any]:
     """The conditional-reading slope three ways: jvp, Cui et al.'s identity, their forecasts.
 
@@ -491,13 +550,12 @@ def routing_reason(changed: float | None) -> str | None:
     return f"top-k routing changed for {changed:.2%} of E's tokens (the jet holds routing fixed)"
 
 
-def _floor_reasons(
-    r: PointRecord, run_dtype: str, tol: float, floor: FloorThresholds
-) -> tuple[list[str], float | None, float | None, float | None]:
-    """Why this one measurement is below the floor (empty: resolvable), with the symmetric
-    residual, the rounding ratio and the jet's predicted nonlinearity. ``run_dtype`` is the
-    sweep's, for a record that does not say its own."""
-    eta = float(r.learning_rate)
+def _base_floor_reasons(
+    r: PointRecord, run_dtype: str, floor: FloorThresholds
+) -> tuple[list[str], float | None]:
+    """Why this one measurement is below the floor, the symmetric check aside (rounding,
+    the eps floor, MoE routing), with the rounding ratio. ``run_dtype`` is the sweep's, for
+    a record that does not say its own."""
     change = float(r.entropy_change)  # type: ignore[arg-type]
     dtype = r.dtype or run_dtype
     reasons = []
@@ -525,30 +583,120 @@ def _floor_reasons(
                 f"parameter rounding moves ΔH by {rounding:.1%} "
                 f"(> {floor.max_rounding_effect:.1%}; ∇H·(θ₁ − θ₀ − η·v))"
             )
+    return reasons, rounding
+
+
+# Above this share of ĉ, a pair's own even residual says nothing of its noise (ĉ was read
+# off it); its noise is then the level the smaller η of its repeat show.
+_SELF_FITTED_LEVERAGE = 0.9
+
+
+def measured_jet(records: list[PointRecord], tol: float, usable: set[float]) -> MeasuredJet:
+    """The MeasuredJet of one repeat's records; ``usable`` are the η whose pair is above the
+    floor's other checks (a pair that rounds away says nothing of curvature)."""
+    rep = int(records[0].repeat)
+    s = records[0].first_order_slope
+    pairs = []
+    for r in records:
+        eta = float(r.learning_rate)
+        if r.entropy_change_negative is None or eta not in usable:
+            continue
+        plus, minus = float(r.entropy_change), float(r.entropy_change_negative)  # type: ignore[arg-type]
+        even, odd = plus + minus, (plus - minus) / 2
+        small = odd != 0 and abs(even) <= 2 * tol * abs(odd)  # |c·η/(2s)| ≤ tol
+        if small and s:
+            small = abs(odd / (eta * s) - 1) <= tol  # |d·η²/(6s)| ≤ tol
+        pairs.append((eta, even, odd, small))
+    fitted = [(e, ev, od) for e, ev, od, small in pairs if small]
+    if not fitted:
+        return MeasuredJet(rep, None, None, None, None, [], {}, None)
+    etas = np.array([e for e, _, _ in fitted])
+    even = np.array([ev for _, ev, _ in fitted])
+    odd = np.array([od for _, _, od in fitted])
+    w4, w6 = float(np.sum(etas**4)), float(np.sum(etas**6))
+    c = float(np.sum(even * etas**2) / w4)
+    resid = even - c * etas**2
+    sigma = float(np.sqrt(np.sum(resid**2) / (len(etas) - 1))) if len(etas) >= 2 else None
+    d = d_se = None
+    if s:
+        d = float(6 * np.sum((odd - s * etas) * etas**3) / w6)
+        # Noise of O is half that of E (ε₊ − ε₋ over 2 against ε₊ + ε₋), hence 6/2.
+        d_se = 3 * sigma / math.sqrt(w6) if sigma is not None else None
+    top = float(etas.max())
+    below = [ev - c * e**2 for e, ev, _, _ in pairs if e < top]
+    noise = float(np.sqrt(np.mean(np.square(below)))) if below else None
+    return MeasuredJet(
+        repeat=rep,
+        curvature=c,
+        curvature_stderr=sigma / math.sqrt(w4) if sigma is not None else None,
+        third_derivative=d,
+        third_derivative_stderr=d_se,
+        etas=[float(e) for e in etas],
+        leverage={float(e): float(e**4 / w4) for e in etas},
+        noise=noise,
+    )
+
+
+def jet_terms(r: PointRecord, jet: MeasuredJet | None) -> tuple[float | None, float | None, bool]:
+    """(c, d, measured): the record's own jvp terms where the jvps ran, else its repeat's
+    MeasuredJet (measured True)."""
+    measured = r.curvature is None and jet is not None and jet.curvature is not None
+    if not measured:
+        return r.curvature, r.third_derivative, False
+    third = r.third_derivative if r.third_derivative is not None else jet.third_derivative  # type: ignore[union-attr]
+    return jet.curvature, third, True  # type: ignore[union-attr]
+
+
+def _symmetric_reasons(
+    r: PointRecord, run_dtype: str, tol: float, floor: FloorThresholds, jet: MeasuredJet | None
+) -> tuple[list[str], float | None, float | None]:
+    """The symmetric check of one measurement, with its symmetric residual and the jet's
+    predicted nonlinearity. The jet is the jvps' where they ran (``--jet 2|3``), else the
+    repeat's MeasuredJet."""
+    eta = float(r.learning_rate)
+    change = float(r.entropy_change)  # type: ignore[arg-type]
     slope = r.first_order_slope
+    curvature, third, measured = jet_terms(r, jet)
     predicted = None
-    if slope is not None and r.curvature is not None:
-        predicted = predicted_nonlinearity(eta, slope, r.curvature, r.third_derivative)
-    sym = None
-    if r.entropy_change_negative is not None and change != 0:
-        even = change + r.entropy_change_negative - eta**2 * (r.curvature or 0.0)
-        sym = abs(even) / abs(change)
-        # Beyond the jet's η_max the even part holds η⁴ terms: it says nothing of noise.
-        far = predicted is not None and abs(predicted) > tol
-        bent = bool(slope) and abs(change / (eta * slope) - 1) > max(
-            tol, floor.curvature_over_noise * sym
-        )
-        if sym > floor.max_symmetric_residual and not far and not bent:
-            cause = (
-                "forward-pass noise"
-                if r.curvature is not None
-                else "noise or curvature (no vᵀ∇²H v measured)"
-            )
-            reasons.append(
-                f"ΔH(η)+ΔH(−η)−η²c is {sym:.1%} of |ΔH| "
-                f"(> {floor.max_symmetric_residual:.1%}): {cause}"
-            )
-    return reasons, sym, rounding, predicted
+    if slope is not None and curvature is not None:
+        predicted = predicted_nonlinearity(eta, slope, curvature, third)
+    if r.entropy_change_negative is None or change == 0:
+        return [], None, predicted
+    even = change + r.entropy_change_negative - eta**2 * (curvature or 0.0)
+    eps = r.eps if r.eps is not None else EPS[r.dtype or run_dtype]
+    too_large_for_noise = curvature is None and abs(even) > floor.max_noise_eps * eps * abs(
+        r.entropy_before or 0.0
+    )
+    sym: float | None = abs(even) / abs(change)
+    if measured:
+        h = jet.leverage.get(eta, 0.0)  # type: ignore[union-attr]
+        if h > _SELF_FITTED_LEVERAGE:  # ĉ came from this pair: the smaller η's noise level
+            sym = None if jet.noise is None else jet.noise / abs(change)  # type: ignore[union-attr]
+        else:  # its residual from a fit it is part of is shrunk by √(1 − h)
+            sym = sym / math.sqrt(1 - h)  # type: ignore[operator]
+    if sym is None:
+        return [], None, predicted
+    # Beyond the jet's η_max the even part holds η⁴ terms: it says nothing of noise.
+    far = predicted is not None and abs(predicted) > tol
+    bent = bool(slope) and abs(change / (eta * slope) - 1) > max(  # type: ignore[operator]
+        tol, floor.curvature_over_noise * sym
+    )
+    if sym <= floor.max_symmetric_residual or far or bent or too_large_for_noise:
+        return [], sym, predicted
+    cause = (
+        "forward-pass noise"
+        if curvature is not None
+        else "noise or curvature (no vᵀ∇²H v: no pair within the tolerance to read it off)"
+    )
+    source = "c from the ±η pairs" if measured else "c"
+    return (
+        [
+            f"ΔH(η)+ΔH(−η)−η²c is {sym:.1%} of |ΔH| "
+            f"(> {floor.max_symmetric_residual:.1%}; {source}): {cause}"
+        ],
+        sym,
+        predicted,
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -638,10 +786,21 @@ def analyze(
         by_repeat.setdefault(int(r.repeat), []).append(r)
 
     # -- per (η, repeat): the floor, then f, c and n against the repeat's own reference ----
-    floor_of = {
-        (float(r.learning_rate), int(r.repeat)): _floor_reasons(r, run_dtype, tol, floor)
-        for r in measured
-    }
+    # The symmetric check needs c, which (without the nested jvp) the repeat's own pairs
+    # give: the other checks first, then each repeat's MeasuredJet, then the symmetric check.
+    base = {(float(r.learning_rate), int(r.repeat)): _base_floor_reasons(r, run_dtype, floor)
+            for r in measured}  # fmt: skip
+    jets = {
+        rep: measured_jet(
+            mine, tol, {float(r.learning_rate) for r in mine if not base[(float(r.learning_rate), rep)][0]}
+        )
+        for rep, mine in by_repeat.items()
+    }  # fmt: skip
+    floor_of = {}
+    for (eta, rep), (reasons, rounding) in base.items():
+        r = next(x for x in by_repeat[rep] if float(x.learning_rate) == eta)
+        more, sym, predicted = _symmetric_reasons(r, run_dtype, tol, floor, jets[rep])
+        floor_of[(eta, rep)] = (reasons + more, sym, rounding, predicted)
     points: list[RepeatPoint] = []
     summaries: list[RepeatSummary] = []
     for rep, mine in sorted(by_repeat.items()):
@@ -697,6 +856,7 @@ def analyze(
                 slope=line.slope if line else None,
                 intercept=line.intercept if line else None,
                 n_resolvable=len(ok),
+                measured_jet=jets[rep],
             )
         )
 
@@ -748,11 +908,11 @@ def analyze(
         per_eta = [
             dataclasses.replace(p, in_window=run[0] <= i <= run[1]) for i, p in enumerate(per_eta)
         ]
-    maxima = [
-        eta_max(r.first_order_slope, r.curvature, tol, r.third_derivative)
-        for r in measured
-        if r.first_order_slope is not None
-    ]
+    maxima = []
+    for r in measured:
+        if r.first_order_slope is not None:
+            c, d, _ = jet_terms(r, jets[int(r.repeat)])
+            maxima.append(eta_max(r.first_order_slope, c, tol, d))
     maxima = [m for m in maxima if m is not None]
     predicted_max = min(maxima) if maxima else None
     resolvable_etas = [p.learning_rate for p in per_eta if p.resolvable]

@@ -55,7 +55,15 @@ TARGETS = [
         "each extra η (its ±η pair) ≤ 2.2 × eval of E",
     ),
     ("jvp", "jvp_over_eval", "<=", 3.00, "jvp ≤ 3 × eval of E"),
+    (
+        "sweep",
+        "theory_over_measurement",
+        "<=",
+        1.50,
+        "the default sweep's theory ≤ 1.5 × its measurement evaluations",
+    ),
     ("quick", "seconds", "<=", 30.0, "entropy-lab quick ≤ 30 s"),
+    ("quick", "seconds_over_jet3", "<", 1.0, "entropy-lab quick faster than with --jet 3"),
 ]
 
 
@@ -539,17 +547,73 @@ def flops_section(setup, results: dict[str, Any], matmul_size: int) -> dict[str,
     }
 
 
-def quick_section(timeout: float = 600.0) -> dict[str, Any]:
-    """Wall time of ``entropy-lab quick`` as a user runs it (own process, imports included)."""
+# What the sweep's phases are (protocol.PhaseCosts names): the theory oracles, and the
+# measurement itself (a real step and E scored, at +η and at −η).
+THEORY_PHASES = ("jvp to order", "Cui identity", "∇H at θ₀")
+MEASUREMENT_PHASES = ("step + score E at",)
+
+
+def sweep_section(setup, eval_s: float) -> dict[str, Any]:
+    """The default sweep of this setup end to end (its grid, repeats and jet), each phase in
+    seconds and in evaluations of E (``eval_s``: the interleaved median), and what its theory
+    costs against its measurement. The once-per-sweep phases of prepare() (sampling and
+    scoring E, ∇H) are carried over from the setup's own opening."""
+    from entropy_lab.protocol import PhaseCosts, run_sweep
+
+    opened = setup.costs
+    setup.costs = costs = PhaseCosts()
+    for name in opened.seconds:
+        if name.startswith(("sample E", "score E", "∇H at θ₀")):
+            costs.seconds[name], costs.calls[name] = opened.seconds[name], opened.calls[name]
+    run_sweep(setup, progress=False)
+    phases = {
+        name: {"seconds": total, "calls": costs.calls[name], "evals_of_E": total / eval_s}
+        for name, total in costs.seconds.items()
+    }
+
+    def total(prefixes: tuple[str, ...]) -> float:
+        return sum(v["seconds"] for k, v in phases.items() if k.startswith(prefixes))
+
+    theory, measurement = total(THEORY_PHASES), total(MEASUREMENT_PHASES)
+    return {
+        "jet": setup.cfg.jet,
+        "learning_rates": len(setup.cfg.learning_rates),
+        "repeats": setup.cfg.num_repeats,
+        "phases": phases,
+        "theory_s": theory,
+        "measurement_s": measurement,
+        "theory_over_measurement": theory / measurement,
+    }
+
+
+def _quick_seconds(extra: list[str], timeout: float) -> float:
     with tempfile.TemporaryDirectory() as out:
         started = time.perf_counter()
         subprocess.run(
-            [sys.executable, "-m", "entropy_lab", "quick", "--output-dir", out, "--no-progress"],
+            [sys.executable, "-m", "entropy_lab", "quick", "--output-dir", out, "--no-progress"]
+            + extra,
             check=True,
             capture_output=True,
             timeout=timeout,
         )
-        return {"seconds": time.perf_counter() - started}
+        return time.perf_counter() - started
+
+
+def quick_section(timeout: float = 600.0, runs: int = 2) -> dict[str, Any]:
+    """Wall time of ``entropy-lab quick`` as a user runs it (own process, imports included),
+    beside the same command with every nested jvp (``--jet 3``, the default before issue
+    #16): alternating, ``runs`` of each, medians."""
+    default, jet3 = [], []
+    for _ in range(runs):
+        default.append(_quick_seconds([], timeout))
+        jet3.append(_quick_seconds(["--jet", "3"], timeout))
+    seconds, seconds_jet3 = statistics.median(default), statistics.median(jet3)
+    return {
+        "seconds": seconds,
+        "seconds_jet3": seconds_jet3,
+        "seconds_over_jet3": seconds / seconds_jet3,
+        "runs": runs,
+    }
 
 
 # -- the whole run -----------------------------------------------------------------------
@@ -592,6 +656,7 @@ def run_benchmarks(setup, options: BenchOptions) -> dict[str, Any]:
         results["memory"] = memory_peaks(options.memory)
     results["eta_sweep"], d = eta_sweep_section(setup, options.repeats, options.directions)
     results["jvp"] = jvp_section(setup, d, options.repeats)
+    results["sweep"] = sweep_section(setup, results["jvp"]["eval_s"])
     results["rollout"] = rollout_section(setup, options.repeats)
     if options.flops or device.type == "cuda":
         results["flops"] = flops_section(setup, results, options.matmul_size)
@@ -634,7 +699,7 @@ def check_targets(results: dict[str, Any]) -> dict[str, Any]:
         value = results.get(section, {}).get(field)
         if value is None:
             continue
-        met = value <= threshold if op == "<=" else value >= threshold
+        met = {"<=": value <= threshold, "<": value < threshold, ">=": value >= threshold}[op]
         out[f"{section}.{field}"] = {
             "target": text,
             "value": value,
@@ -737,8 +802,26 @@ def format_table(results: dict[str, Any]) -> str:
                     f"{fl[f'{name}_fraction_of_peak']:.1%}",
                 )
             )
+    sweep = results.get("sweep")
+    if sweep:
+        rows.append(
+            (
+                f"default sweep's theory (jet {sweep['jet']})",
+                f"{sweep['theory_s'] * 1e3:.0f} ms",
+                f"its ±η evaluations {sweep['measurement_s'] * 1e3:.0f} ms",
+                f"{sweep['theory_over_measurement']:.2f}×",
+            )
+        )
     if "quick" in results:
-        rows.append(("entropy-lab quick", f"{results['quick']['seconds']:.1f} s", "", ""))
+        q = results["quick"]
+        rows.append(
+            (
+                "entropy-lab quick",
+                f"{q['seconds']:.1f} s",
+                f"--jet 3 {q['seconds_jet3']:.1f} s",
+                f"{q['seconds_over_jet3']:.2f}×",
+            )
+        )
     header = ("figure", "measured", "side-by-side reference", "ratio")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
     line = "  ".join("-" * w for w in widths)
@@ -756,7 +839,31 @@ def format_table(results: dict[str, Any]) -> str:
     for t in results["targets"].values():
         mark = "met" if t["met"] else "MISSED"
         text.append(f"  {mark:6}  {t['target']}  (measured {t['value']:.3g})")
+    if sweep:
+        text += ["", _phase_table(sweep)]
     return "\n".join(text)
+
+
+def _phase_table(sweep: dict[str, Any]) -> str:
+    """The default sweep's cost per phase (theory phases marked)."""
+    width = max(len(n) for n in sweep["phases"])
+    lines = [
+        f"COST PER PHASE of the default sweep ({sweep['learning_rates']} η × "
+        f"{sweep['repeats']} repeats, jet {sweep['jet']}; T = theory, M = measurement)"
+    ]
+    for name, row in sweep["phases"].items():
+        kind = (
+            "T"
+            if name.startswith(THEORY_PHASES)
+            else "M"
+            if name.startswith(MEASUREMENT_PHASES)
+            else " "
+        )
+        lines.append(
+            f"  {kind} {name.ljust(width)}  {row['seconds'] * 1e3:8.1f} ms  ×{row['calls']:<3d} "
+            f"{row['evals_of_E']:7.1f} evals of E"
+        )
+    return "\n".join(lines)
 
 
 def _bytes(n: float) -> str:

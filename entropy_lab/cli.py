@@ -52,14 +52,26 @@ def _add_sweep_arguments(p: argparse.ArgumentParser, quick: bool) -> None:
     p.add_argument("--reading", default="policy", choices=["policy", "conditional"])
     p.add_argument("--no-first-order", action="store_true", help="skip every jvp oracle")
     p.add_argument("--no-faithful", action="store_true", help="fp64 with the stock fp32 casts")
-    p.add_argument("--no-curvature", action="store_true", help="skip the nested-jvp terms")
     p.add_argument(
-        "--no-third-order", action="store_true", help="skip ∇³H[v,v,v] (a third jvp level)"
+        "--jet",
+        type=int,
+        choices=[1, 2, 3],
+        default=1,
+        help="derivatives along v by jvp: 1 = ∇H·v (default; vᵀ∇²H v and ∇³H[v,v,v] come "
+        "from the ±η pairs), 2 = + vᵀ∇²H v by nested jvp, 3 = + ∇³H[v,v,v] (cross-checks)",
     )
+    # Before --jet: the nested jvps were on by default and these turned them off.
+    p.add_argument("--no-curvature", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--no-third-order", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--r2-min", type=float, default=0.95, help="R² threshold of the verdict")
     p.add_argument("--resume", metavar="DIR", help="continue an interrupted sweep in DIR")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: auto)")
     p.add_argument("--no-progress", action="store_true")
+
+
+def jet_of(args: argparse.Namespace) -> int:
+    """--jet, capped by the older --no-curvature (1) and --no-third-order (2)."""
+    return min(args.jet, 1 if args.no_curvature else 3, 2 if args.no_third_order else 3)
 
 
 def add_setting_arguments(p: argparse.ArgumentParser) -> None:
@@ -202,8 +214,7 @@ def run_sweep_command(args: argparse.Namespace, quick: bool) -> Path | None:
             reading=args.reading,
             first_order=not args.no_first_order,
             faithful_fp64=not args.no_faithful,
-            curvature=not args.no_curvature,
-            third_order=not args.no_third_order,
+            jet=jet_of(args),
         )
     except BaseException:
         folder = opened.get("folder")

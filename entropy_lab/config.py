@@ -221,8 +221,9 @@ class ExperimentConfig:
     # and the scorer holds about 6 at once (measured by `entropy-lab bench`).
     eval_chunk_tokens: int = 256
     first_order: bool = True
-    curvature: bool = True
-    third_order: bool = True  # ∇³H[v,v,v] by a third nested jvp: η_max where c alone misleads
+    # Derivatives along v by jvp: 1 = ∇H·v only (the ±η pairs give c and ∇³H; see
+    # analysis.MeasuredJet), 2 = + vᵀ∇²H v by a nested jvp, 3 = + ∇³H[v,v,v] (cross-checks).
+    jet: int = 1
     identity_check: bool = True  # Cui et al.'s covariance identity: a second first-order oracle
     faithful_fp64: bool = True
     symmetric_check: bool = True  # also measure ΔH(−η): ΔH(η) + ΔH(−η) ≈ η²·c exposes noise
@@ -235,6 +236,8 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         self.learning_rates = parse_learning_rates(self.learning_rates)
         check_num_repeats(self.num_repeats)
+        if self.jet not in (1, 2, 3):
+            raise ConfigError(f"--jet must be 1, 2 or 3, got {self.jet!r}")
         if self.dtype not in ("fp32", "fp64", "bf16"):
             raise ConfigError(f"--dtype must be fp32, fp64 or bf16, got {self.dtype!r}")
         if self.reading not in ("policy", "conditional"):

@@ -85,6 +85,21 @@ class ModelLogits:
         return logits
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """The model in eval mode inside the block, in its own mode again after. A switch walks
+    every module (1.7 ms on the tiny model: 5 % of a ±η point, which made four): none is
+    made when the model is in eval mode already."""
+    was_training = model.training
+    if was_training:
+        model.eval()
+    try:
+        yield
+    finally:
+        if was_training:
+            model.train()
+
+
 def decoder_and_head(causal_lm: nn.Module) -> tuple[nn.Module, ModelLogits]:
     """The transformer trunk (returns hidden states) and the model's own logits from them
     (projection and final transform: ``ModelLogits``)."""
@@ -319,14 +334,9 @@ class EntropyScorer(nn.Module):
     @torch.no_grad()
     def measure(self, batch: SequenceBatch, reference_logprob: torch.Tensor) -> EntropyReadings:
         """The readings at the current θ; for an MoE model, its routing into ``last_routing``."""
-        was_training = self.lm.training
-        self.lm.eval()
-        try:
-            with self._recording(batch):
-                sums = self.global_sums(batch)
-            conditional, policy, ess = readings(sums, reference_logprob)
-        finally:
-            self.lm.train(was_training)
+        with eval_mode(self.lm), self._recording(batch):
+            sums = self.global_sums(batch)
+        conditional, policy, ess = readings(sums, reference_logprob)
         return EntropyReadings(float(conditional), float(policy), float(ess))
 
     @contextlib.contextmanager
@@ -352,13 +362,8 @@ class EntropyScorer(nn.Module):
         """θ₀'s routing of E (call at θ₀; a no-op for a dense model)."""
         if not self.routers:
             return
-        was_training = self.lm.training
-        self.lm.eval()
-        try:
-            with self._recording(batch):
-                self.global_sums(batch)
-        finally:
-            self.lm.train(was_training)
+        with eval_mode(self.lm), self._recording(batch):
+            self.global_sums(batch)
         self.reference_routing = self.last_routing
 
     def routing_changed_fraction(self) -> float | None:

@@ -381,7 +381,7 @@ def sample_update_batch(setup: Setup, repeat: int) -> UpdateBatch:
 
 def jet_order(cfg: ExperimentConfig) -> int:
     """How many derivatives along v the config asks for: 1 (∇H·v), 2 (+ vᵀ∇²H v), 3 (+ ∇³H)."""
-    return 3 if cfg.curvature and cfg.third_order else 2 if cfg.curvature else 1
+    return cfg.jet
 
 
 def jet_along(setup: Setup, vector: dict[str, torch.Tensor]) -> DirectionalDerivatives:

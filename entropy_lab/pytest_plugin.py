@@ -44,6 +44,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     g.addoption("--eval-size", type=int, default=None, help="evaluation prompts B_E")
     g.addoption("--r2-min", type=float, default=0.95, help="R² threshold (default 0.95)")
+    g.addoption(
+        "--jet",
+        type=int,
+        choices=[1, 2, 3],
+        default=1,
+        help="derivatives along v by jvp (as the CLI's --jet; default 1: ∇H·v, the rest "
+        "from the ±η pairs)",
+    )
     g.addoption("--entropy-json", default=None, help="write the JSON report to PATH")
     _add_setting_options(g)
     g.addoption("--reference-model", default=None, help="KL reference of a full fine-tune")
@@ -196,6 +204,7 @@ class SuiteSettings:
     reference_model: str | None = None
     buffer_size: int | None = None  # the spread fixture's setting; None: the checkpoint's
     variant: str = "default"
+    jet: int = 1  # derivatives along v by jvp (--jet)
 
 
 def suite_settings(config: pytest.Config, kind: str, variant: str = "default") -> SuiteSettings:
@@ -248,6 +257,7 @@ def suite_settings(config: pytest.Config, kind: str, variant: str = "default") -
         reference_model=config.getoption("--reference-model"),
         buffer_size=buffer_size,
         variant=variant,
+        jet=config.getoption("--jet"),
     )
 
 
@@ -309,10 +319,7 @@ class MeasurementStore:
                 on_config=lambda cfg, ck, _: _set_threads(None, ck.metadata["total_parameters"]),
                 num_repeats=s.num_repeats,
                 eval_size=s.eval_size,
-                # The cpu suite checks the verdict on the tiny model: the third-order jet only
-                # places the jet's predicted edge (reported, never deciding) and costs about
-                # 42 evaluations of E per direction. Its tests are in test_measurement.
-                third_order=s.kind != "cpu",
+                jet=s.jet,
             )
         return self._setup
 
@@ -332,7 +339,7 @@ class MeasurementStore:
                 "setup_flags": list(s.setup_flags),
                 "reference_model": s.reference_model,
                 "buffer_size": s.buffer_size,
-                "third_order": s.kind != "cpu",
+                "jet": s.jet,
             }
             key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
             self._key_dir = self.root / key

@@ -150,6 +150,26 @@ def _oracle_line(oracles: Mapping[str, Any]) -> str:
     return "; ".join(parts) + "  (ratio to the jvp)"
 
 
+def _source(term: Mapping[str, Any]) -> str:
+    """Where a jet term came from (nothing for folders written before the measured jet)."""
+    return {"jvp": " (nested jvp)", "±η pairs": " (from the ±η pairs)"}.get(term.get("source"), "")
+
+
+def _jet_cross_check(jet: Mapping[str, Any] | None) -> str | None:
+    """The ±η pairs' c and d against the nested jvps', where both exist (--jet 2|3)."""
+    if not jet:
+        return None
+    parts = []
+    for name, label in (("curvature", "c"), ("third_derivative", "d")):
+        ratios = list(((jet.get(name) or {}).get("pairs_over_jvp") or {}).values())
+        if ratios:
+            worst = max(ratios, key=lambda x: abs(x - 1))
+            parts.append(
+                f"{label} pairs/jvp {min(ratios):.6f} … {max(ratios):.6f} (worst {worst - 1:+.1e})"
+            )
+    return "; ".join(parts) if parts else None
+
+
 def _window_line(regime: Mapping[str, Any]) -> str:
     if regime.get("eta_min") is None:
         measured = "empty"
@@ -210,12 +230,20 @@ def format_tables(analysis: Mapping[str, Any]) -> str:
             f"{_g(fo['mean'], '.6g')} ± {_g(fo['stderr'], '.2g')} "
             f"(SE over {_plural(fo['n'], 'repeat')})",
         ),
-        ("curvature vᵀ∇²H v", f"{_g(cv['mean'], '.4g')} ± {_g(cv['stderr'], '.2g')}"),
+        (
+            "curvature vᵀ∇²H v",
+            f"{_g(cv['mean'], '.4g')} ± {_g(cv['stderr'], '.2g')}{_source(cv)}"
+            if cv.get("n")
+            else "n/a",
+        ),
         (
             "third order ∇³H[v,v,v]",
-            f"{_g(d3['mean'], '.4g')} ± {_g(d3['stderr'], '.2g')}" if d3.get("n") else "n/a",
+            f"{_g(d3['mean'], '.4g')} ± {_g(d3['stderr'], '.2g')}{_source(d3)}"
+            if d3.get("n")
+            else "n/a",
         ),
         ("first-order oracles", _oracle_line(s.get("first_order_oracles") or {})),
+        *([("jet cross-check", cross)] if (cross := _jet_cross_check(s.get("jet"))) else []),
         ("linear window", _window_line(s["linear_regime"])),
         (
             "pooled (reported)",

@@ -30,6 +30,7 @@ from entropy_lab.entropy import (
     EntropyScorer,
     SequenceSums,
     decoder_and_head,
+    eval_mode,
     probe_batch,
     readings,
     sequence_sums,
@@ -235,8 +236,8 @@ def check_forward_ad(causal_lm: torch.nn.Module, order: int) -> None:
     # The highest order that does pass decides the advice.
     passing = next((k for k in range(order - 1, 0, -1) if failure(k) is None), 0)
     fix = {
-        2: "--no-third-order",
-        1: "--no-curvature (first order only)",
+        2: "--jet 2",
+        1: "--jet 1 (first order by jvp)",
         0: "--no-first-order (ΔH is still measured, without the jvp oracles)",
     }[passing]
     what = ("∇H·v", "vᵀ∇²H v", "∇³H[v,v,v]")[passing]
@@ -300,13 +301,8 @@ def sums_jet(
     # derivatives with one op fewer per parameter per forward-mode level.
     f = _sums_at(scorer, batch)
     tangent = {n: direction[n].to(theta0[n].dtype) for n in theta0}
-    was_training = scorer.lm.training
-    scorer.lm.eval()
-    try:
-        with torch.no_grad(), forward_ad_safe(scorer.lm, order):
-            terms = _derivatives_up_to(f, tangent, order, unnested=True)(dict(theta0))
-    finally:
-        scorer.lm.train(was_training)
+    with eval_mode(scorer.lm), torch.no_grad(), forward_ad_safe(scorer.lm, order):
+        terms = _derivatives_up_to(f, tangent, order, unnested=True)(dict(theta0))
     return torch.stack(terms, dim=2)
 
 
@@ -377,29 +373,24 @@ def covariance_identity_slope(
         return _prefixed({n: theta0[n] + s * direction[n].to(dtype) for n in theta0})
 
     total, tokens = 0.0, 0
-    was_training = scorer.lm.training
-    scorer.lm.eval()
-    try:
-        local = scorer.shard_of(batch)
-        with torch.no_grad(), forward_ad_safe(scorer.lm, order=1):
-            for rows in local.length_sorted_chunks(scorer.max_rows):
-                part = local.select(rows)
-                hidden, hidden_dot = jvp(
-                    lambda s, part=part: functional_call(trunk, along(s), (part,)), (zero,), (one,)
+    local = scorer.shard_of(batch)
+    with eval_mode(scorer.lm), torch.no_grad(), forward_ad_safe(scorer.lm, order=1):
+        for rows in local.length_sorted_chunks(scorer.max_rows):
+            part = local.select(rows)
+            hidden, hidden_dot = jvp(
+                lambda s, part=part: functional_call(trunk, along(s), (part,)), (zero,), (one,)
+            )
+            for start in range(0, hidden.shape[0], scorer.chunk_tokens):
+                h = hidden[start : start + scorer.chunk_tokens]
+                hd = hidden_dot[start : start + scorer.chunk_tokens]
+                # The head's own parameters may move along v too.
+                z, z_dot = jvp(
+                    lambda s, h=h, hd=hd: functional_call(head, along(s), (h + s * hd,)),
+                    (zero,),
+                    (one,),
                 )
-                for start in range(0, hidden.shape[0], scorer.chunk_tokens):
-                    h = hidden[start : start + scorer.chunk_tokens]
-                    hd = hidden_dot[start : start + scorer.chunk_tokens]
-                    # The head's own parameters may move along v too.
-                    z, z_dot = jvp(
-                        lambda s, h=h, hd=hd: functional_call(head, along(s), (h + s * hd,)),
-                        (zero,),
-                        (one,),
-                    )
-                    total += float(-_logit_covariance(z.double(), z_dot.double()).sum())
-                    tokens += z.shape[0]
-    finally:
-        scorer.lm.train(was_training)
+                total += float(-_logit_covariance(z.double(), z_dot.double()).sum())
+                tokens += z.shape[0]
     return distributed.sum_over_ranks(total) / distributed.sum_over_ranks(tokens)
 
 
@@ -494,9 +485,7 @@ def entropy_gradient(
     tokens = distributed.sum_over_ranks(float(local.response_mask[:, 1:].sum()))
     grads = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
     decoder, head = decoder_and_head(scorer.lm)
-    was_training = scorer.lm.training
-    scorer.lm.eval()
-    try:
+    with eval_mode(scorer.lm):
         for rows in local.length_sorted_chunks(scorer.max_rows):
             part = local.select(rows)
             sums = sequence_sums(
@@ -518,8 +507,6 @@ def entropy_gradient(
             for (name, _), g in zip(params.items(), chunk):
                 if g is not None:
                     grads[name] += g.double()
-    finally:
-        scorer.lm.train(was_training)
     for name in sorted(grads):  # the same order on every rank
         distributed.all_reduce_sum_(grads[name])
     return grads

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -176,6 +176,10 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+# Entries per group in PolicyUpdate.rounding: 2^25 fp64 values are 256 MiB per temporary.
+ROUNDING_GROUP_ELEMENTS = 2**25
 
 
 class PolicyUpdate:
@@ -468,17 +472,35 @@ class PolicyUpdate:
           rounding on ΔH (0 when nothing is rounded).
         One pass over the parameters, one device sync.
         """
-        moved, unchanged, effect = [], [], []
-        for n, p in self.params.items():
-            offset = p.double() - self.theta0[n].double()  # exact: both are fp64 values
-            nonzero = update_vector[n] != 0
-            moved.append(nonzero.sum())
-            unchanged.append(((offset == 0) & nonzero).sum())
+        totals = []  # per group of parameters: [moved, unchanged, effect]
+        for names in self._groups_of(ROUNDING_GROUP_ELEMENTS):
+
+            def flat(tensors, names=names) -> torch.Tensor:
+                return torch.cat([tensors[n].detach().reshape(-1) for n in names])
+
+            offset = flat(self.params).double() - flat(self.theta0).double()  # exact in fp64
+            v = flat(update_vector)
+            nonzero = v != 0
+            effect = torch.zeros((), dtype=torch.float64, device=v.device)
             if entropy_grad is not None:
-                effect.append((entropy_grad[n] * (offset - eta * update_vector[n])).sum())
-        counts = torch.stack([torch.stack(moved).sum(), torch.stack(unchanged).sum()]).tolist()
-        fraction = counts[1] / counts[0] if counts[0] else 1.0
-        return fraction, float(torch.stack(effect).sum()) if effect else None
+                effect = torch.dot(flat(entropy_grad), offset - eta * v)
+            totals.append(torch.stack([nonzero.sum(), ((offset == 0) & nonzero).sum(), effect]))
+        moved, unchanged, effect = torch.stack(totals).sum(0).tolist()  # the one sync
+        fraction = unchanged / moved if moved else 1.0
+        return fraction, effect if entropy_grad is not None else None
+
+    def _groups_of(self, elements: int) -> Iterator[list[str]]:
+        """The parameter names in consecutive groups of about ``elements`` entries (a full
+        fine-tune's fp64 temporaries stay bounded; a LoRA adapter is one group)."""
+        group, size = [], 0
+        for name, p in self.params.items():
+            group.append(name)
+            size += p.numel()
+            if size >= elements:
+                yield group
+                group, size = [], 0
+        if group:
+            yield group
 
     def update_norm(self, update_vector: dict[str, torch.Tensor]) -> float:
         return float(torch.sqrt(sum((v**2).sum() for v in update_vector.values())))

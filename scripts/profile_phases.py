@@ -2,7 +2,7 @@
 """Wall time, tokens/s and peak device memory of each phase of one sweep, on one checkpoint.
 
 The phases of DESIGN §2 in order: load + prepare (sample E and score it at θ₀), sample U_r,
-the trainer's-loss gradient, the update vector v_r, the jvp oracles (first to third order),
+the trainer's-loss gradient, the update vector v_r, the jvp oracles (to the order of --jet),
 the covariance identity, then one
 point per η (a real AdamW step, E scored again, and the mirrored step −η). Tokens are the
 response tokens the phase generates or processes. Peak memory is
@@ -60,7 +60,7 @@ def profile(
     checkpoint: str | None, device: str, dtype: str | None, etas: list[float], **kw
 ) -> dict:
     """The sweep's own phases, opened as the sweep opens them (open_experiment: the same
-    training setup, seed, oracles — third order and the covariance identity included)."""
+    training setup, seed, oracles: the jet's order and the covariance identity included)."""
     from entropy_lab.protocol import (
         Direction,
         _crude_forecasts,
@@ -106,7 +106,7 @@ def profile(
         row["tokens"] = update.sequences.num_response_tokens
     with timer.phase("update vector"):
         vector = setup.updater.update_vector(gradient)
-    with timer.phase("jvp oracles (1st-3rd)") as row:
+    with timer.phase(f"jvp to order {cfg.jet}") as row:
         derivatives = jet_along(setup, vector)
         row["tokens"] = setup.eval_batch.num_response_tokens
     identity = None
@@ -159,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--target-s", type=float, default=None, help="print the measurement time against this"
     )
+    parser.add_argument(
+        "--jet", type=int, choices=[1, 2, 3], default=1, help="jvp order (as the sweep's --jet)"
+    )
     parser.add_argument("--json", help="also write the profile to this file")
     args = parser.parse_args(argv)
     etas = [float(x) for x in args.learning_rates.split(",")]
@@ -170,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         etas,
         eval_size=args.eval_size,
         buffer_size=args.buffer_size,
+        jet=args.jet,
         **({"num_generations": args.num_generations} if args.num_generations else {}),
     )
     # The measurement itself: everything after loading the checkpoint.

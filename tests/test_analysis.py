@@ -420,3 +420,127 @@ def test_floor_thresholds_are_stored_and_reapplied():
     records[0]["entropy_change_negative"] *= 1 + 1e-9
     assert analyze(records).point(1e-8).resolvable
     assert not analyze(records, floor=strict).point(1e-8).resolvable
+
+
+# -- the jet from the ±η pairs (issue 16): c and ∇³H without the nested jvps ------------------
+
+
+def taylor(slopes, c, d, etas=GRID[1:], noise=0.0, quartic=0.0, seed=0, h0=2.0, dtype="fp64"):
+    """Records of a sweep at --jet 1: ΔH_r(±η) = ±s_r·η + c·η²/2 ± d·η³/6 + q·η⁴/24 plus
+    independent forward-pass noise of absolute size ``noise`` at each evaluation; the
+    records carry ∇H·v only, as the default sweep writes them."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for r, s in enumerate(slopes):
+        for eta in etas:
+            plus, minus = (
+                sign * s * eta + c * eta**2 / 2 + sign * d * eta**3 / 6 + quartic * eta**4 / 24
+                for sign in (1, -1)
+            )
+            out.append(
+                dict(
+                    learning_rate=eta,
+                    repeat=r,
+                    seed=r,
+                    success=True,
+                    dtype=dtype,
+                    entropy_before=h0,
+                    entropy_change=plus + noise * rng.standard_normal(),
+                    entropy_change_negative=minus + noise * rng.standard_normal(),
+                    quantized_fraction=0.0,
+                    first_order_slope=s,
+                    first_order_prediction=s * eta,
+                )
+            )
+    return out
+
+
+def test_the_pairs_give_the_planted_curvature_and_third_derivative():
+    records = taylor([-2.7, -3.1], c=200.0, d=3e6, quartic=1e8, noise=1e-15)
+    a = analyze(records)
+    for s in a.repeats:
+        jet = s.measured_jet
+        assert jet.etas == list(GRID[1:])  # every pair within the tolerance is fitted
+        assert jet.curvature == pytest.approx(200.0, rel=1e-3)
+        assert jet.third_derivative == pytest.approx(3e6, rel=1e-3)
+        assert jet.leverage[1e-4] > 0.999
+    summary = a.to_dict()["summary"]
+    assert summary["curvature"]["source"] == "±η pairs"
+    assert summary["curvature"]["mean"] == pytest.approx(200.0, rel=1e-3)
+    assert summary["linear_regime"]["predicted_from"] == "±η pairs"
+
+
+def test_a_bent_pair_is_not_fitted_for_the_curvature():
+    """At 1e-2 the planted quadratic term is 37 % of the linear one and the quartic one
+    moves its E/η² to 5× c: ĉ comes from the smaller η alone."""
+    records = taylor([-2.7, -3.1], c=200.0, d=0.0, quartic=1e8, etas=(1e-6, 1e-5, 1e-4, 1e-2))
+    for s in analyze(records).repeats:
+        assert s.measured_jet.etas == [1e-6, 1e-5, 1e-4]
+        assert s.measured_jet.curvature == pytest.approx(200.0, rel=1e-3)
+
+
+def test_curvature_is_not_read_as_noise_without_the_nested_jvp(monkeypatch):
+    """fp32, c·η/s = 4 % at 1e-4 (the bend c·η/2s = 2 % is inside the tolerance): the even
+    part is 8× the symmetric check's 0.5 %, all of it η²c, and (1.1e-5) well inside what
+    fp32 noise could be (1000·eps·H₀ = 6e-5). With ĉ from the pairs the point is resolvable
+    and in the window; with no c (the default sweep before the measured jet) it was called
+    noise."""
+    records = taylor(spread(3, 0.3), c=1080.0, d=0.0, etas=GRID[2:], h0=0.5, dtype="fp32")
+    a = analyze(records)
+    assert a.verdict == "linear", a.verdict_reason
+    assert a.point(1e-4).in_window
+    from entropy_lab import analysis
+
+    monkeypatch.setattr(
+        analysis,
+        "measured_jet",
+        lambda records, tol, usable: analysis.MeasuredJet(
+            int(records[0].repeat), None, None, None, None, [], {}, None
+        ),
+    )
+    blind = analyze(records)
+    assert not blind.point(1e-4).resolvable
+    assert "noise or curvature" in " ".join(blind.point(1e-4).reasons)
+
+
+def test_forward_noise_is_found_at_small_eta_without_the_nested_jvp():
+    """Equal absolute noise at every η: 3e-9 is 1 % of |ΔH| at 1e-7 (> 0.5 %) and 1e-5 of it
+    at 1e-4. The pairs say the same as the exact c would."""
+    records = taylor([-2.7, -3.1, -2.9], c=200.0, d=3e6, noise=3e-9, seed=3)
+    a = analyze(records)
+    assert not a.point(1e-7).resolvable
+    assert "forward-pass noise" in " ".join(a.point(1e-7).reasons)
+    assert a.point(1e-5).resolvable and a.point(1e-4).resolvable
+    exact = [dict(r, curvature=200.0, third_derivative=3e6) for r in records]
+    b = analyze(exact)
+    assert [p.resolvable for p in a.per_eta] == [p.resolvable for p in b.per_eta]
+
+
+def test_noise_at_the_self_fitted_pair_is_judged_by_the_smaller_etas():
+    """ĉ is read off the largest fitted pair, whose own even residual is then ≈ 0. Its noise
+    is the level the smaller η show: 1 % of |ΔH| at the top fails it too."""
+    noise = 0.01 * 2.7e-4 / math.sqrt(2)  # √2·σ relative to |ΔH(1e-4)| = 1 %
+    records = taylor([-2.7, -3.1, -2.9], c=200.0, d=0.0, noise=noise, seed=5)
+    a = analyze(records)
+    top = a.point(1e-4)
+    assert not top.resolvable, [p.symmetric_residual for p in a.points if p.learning_rate == 1e-4]
+    assert "forward-pass noise" in " ".join(top.reasons)
+
+
+def test_far_beyond_the_window_without_any_c_is_nonlinear_not_noise():
+    """Shaped like the tiny checkpoint at 1e-2 … 1 (the suite's far grid): ΔH/η bending by
+    20 % and 50 % and an even part half the size of |ΔH|. No pair is inside the tolerance, so no c
+    can be read off; the even parts (≥ 1e-2) are 10¹³ eps·H₀ in fp64, curvature, not
+    rounding noise: NONLINEAR. Read as noise (no cap: the check before), INCONCLUSIVE."""
+    records = taylor([-2.7, -3.1], c=0.0, d=0.0, etas=(1e-2, 1e-1, 1.0))
+    for r in records:
+        bend = {1e-2: 0.0, 1e-1: 0.2, 1.0: 0.5}[r["learning_rate"]]
+        plus = r["first_order_slope"] * r["learning_rate"] * (1 + bend)
+        r["entropy_change"] = plus
+        r["entropy_change_negative"] = -plus + 0.5 * abs(plus)
+    a = analyze(records)
+    assert all(s.measured_jet.curvature is None for s in a.repeats)
+    assert a.verdict == "nonlinear", a.verdict_reason
+    uncapped = analyze(records, floor=FloorThresholds(max_noise_eps=math.inf))
+    assert uncapped.verdict == "inconclusive"
+    assert "noise or curvature" in " ".join(uncapped.point(1e-2).reasons)

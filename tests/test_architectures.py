@@ -65,7 +65,7 @@ def fp64_run(root: Path, name: str, cache: dict):
         setup = arch_setup(
             arch_checkpoint(root, name),
             "fp64",
-            curvature=False,
+            jet=1,
             identity_check=False,
             symmetric_check=False,
         )
@@ -160,8 +160,8 @@ def test_fp64_first_order_ratio_at_1e_9(name, arch_root, fp64_runs, record_prope
 
 @pytest.mark.parametrize("name", ARCHS)
 def test_fp32_sweep_finishes(name, arch_root):
-    """The default oracles (nested jvps to the third order, identity, symmetric check)."""
-    setup = arch_setup(arch_checkpoint(arch_root, name), "fp32")
+    """Every oracle (nested jvps to the third order, identity, symmetric check)."""
+    setup = arch_setup(arch_checkpoint(arch_root, name), "fp32", jet=3)
     records = [r.to_dict() for r in run_sweep(setup, repeats=[0], etas=[1e-3], progress=False)]
     assert [r["success"] for r in records] == [True], records
     r = records[0]
@@ -311,8 +311,8 @@ def _cli(capsys, path: Path, out: Path, *extra: str) -> tuple[int, str]:
 
 
 def test_an_unswapped_activation_fails_before_sampling(arch_root, tmp_path, monkeypatch, capsys):
-    """The issue's Phi-3 crash: SiLU left in place → one line, exit 2, no results folder,
-    nothing sampled; the sweep without the jvp oracles still runs."""
+    """The issue's Phi-3 crash: SiLU left in place under a nested jvp (--jet 2) → one line,
+    exit 2, no results folder, nothing sampled; the sweep without the jvp oracles still runs."""
     monkeypatch.setattr(theory, "UNSAFE_ACTIVATIONS", {})
     sampled = []
     monkeypatch.setattr(
@@ -320,14 +320,14 @@ def test_an_unswapped_activation_fails_before_sampling(arch_root, tmp_path, monk
     )
     path = arch_checkpoint(arch_root, "phi3")
     capsys.readouterr()  # the build's progress bars
-    rc, err = _cli(capsys, path, tmp_path / "out", "--dtype", "fp64")
+    rc, err = _cli(capsys, path, tmp_path / "out", "--dtype", "fp64", "--jet", "2")
     assert rc == 2 and not sampled, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err
     assert re.match(
         r"entropy-lab: error: forward-mode AD cannot pass through Phi3ForCausalLM for "
-        r"vᵀ∇²H v \(NotImplementedError: .*silu_backward.*\); run with --no-curvature \(first "
-        r"order only\)$",
+        r"vᵀ∇²H v \(NotImplementedError: .*silu_backward.*\); run with --jet 1 \(first "
+        r"order by jvp\)$",
         lines[0],
     ), lines[0]
     assert not list((tmp_path / "out").glob("entropy_lr_experiment_*"))

@@ -67,7 +67,9 @@ def test_results_folder_has_every_artefact(quick_run):
     costs = meta["costs"]  # seconds and evaluations of E per phase of this run
     assert costs["score E at θ₀"]["evals_of_E"] == 1.0 and costs["score E at θ₀"]["calls"] == 1
     assert costs["sample U"]["calls"] == 2 and costs["step + score E at +η"]["calls"] == 6
-    assert {"sample E", "gradient", "update vector", "jvp to order 3"} <= set(costs)
+    assert {"sample E", "gradient", "update vector", "jvp to order 1"} <= set(costs)
+    assert config["jet"] == 1  # the default: ∇H·v by jvp, c and ∇³H from the ±η pairs
+    assert all(r["curvature"] is None and r["entropy_change_negative"] for r in raw)
     assert all(row["seconds"] > 0 for row in costs.values())
 
 
@@ -93,6 +95,23 @@ def test_report_applies_the_stored_thresholds(quick_run, tmp_path):
     analysis = json.loads((copy / "analysis.json").read_text())
     assert analysis["summary"]["checks"]["r_squared"]["threshold"] == 0.999999999
     assert analysis["summary"]["checks"]["r_squared"]["passed"] is False
+
+
+def test_the_jet_flag_and_the_older_flags_that_capped_it():
+    parser = cli.build_parser()
+
+    def jet(*flags):
+        return cli.jet_of(parser.parse_args(["sweep", "--checkpoint", "x", *flags]))
+
+    assert jet() == 1 and jet("--jet", "3") == 3 and jet("--jet", "2") == 2
+    assert jet("--jet", "3", "--no-third-order") == 2 and jet("--jet", "3", "--no-curvature") == 1
+    with pytest.raises(SystemExit):
+        parser.parse_args(["sweep", "--checkpoint", "x", "--jet", "4"])
+    from entropy_lab.config import ExperimentConfig
+    from entropy_lab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--jet must be 1, 2 or 3"):
+        ExperimentConfig(learning_rates=[1e-6], jet=0)
 
 
 def test_legacy_flags_are_translated(monkeypatch):

@@ -78,7 +78,7 @@ def trl_run(tiny_checkpoint, tmp_path_factory):
 
 SWEEP = [
     "--learning-rates", "1e-6,1e-5", "--num-repeats", "2", "--eval-size", "8",
-    "--buffer-size", "4", "--no-curvature", "--no-progress", "--threads", "1",
+    "--buffer-size", "4", "--no-progress", "--threads", "1",
 ]  # fmt: skip
 
 
