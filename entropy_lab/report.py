@@ -480,6 +480,8 @@ def plot_summary(analysis: Mapping[str, Any], path: str | os.PathLike[str]) -> P
         theory_label = "theory η·∇H·v + η²c/2 + η³d/6"
     else:
         theory_label = "second order η·∇H·v + η²c/2"
+    if (curv or {}).get("source") == "±η pairs":
+        theory_label += " (c, d from the ±η pairs)"
     regime = s["linear_regime"]
 
     # (a) means ± SE -------------------------------------------------------------------
