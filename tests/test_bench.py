@@ -47,6 +47,7 @@ EXPECTED_FIELDS = {
         "zero_tangent_mm_over_mm",
     ],
     "rollout": ["tokens_per_s", "response_tokens"],
+    "sweep": ["theory_s", "measurement_s", "theory_over_measurement"],
     "flops": ["matmul_peak_flops_per_s", "forward_flops_per_s", "eval_fraction_of_peak"],
 }
 
@@ -95,8 +96,13 @@ def test_bench_command_smoke(tmp_path, capsys):
         "memory.chunked_over_naive",
         "eta_sweep.marginal_eta_over_eval",
         "jvp.jvp_over_eval",
+        "sweep.theory_over_measurement",
     }
-    assert "BENCHMARKS" in capsys.readouterr().out
+    phases = results["sweep"]["phases"]  # the default sweep's, jet 1: no nested jvp
+    assert results["sweep"]["jet"] == 1 and "jvp to order 1" in phases
+    assert phases["step + score E at −η"]["calls"] == len(results["settings"]["learning_rates"]) * 3
+    out = capsys.readouterr().out
+    assert "BENCHMARKS" in out and "COST PER PHASE of the default sweep" in out
 
 
 def test_planted_bad_measurements_and_missed_targets_are_reported():
@@ -105,11 +111,16 @@ def test_planted_bad_measurements_and_missed_targets_are_reported():
         "jvp": {"jvp_s": math.nan, "jvp_over_eval": 4.0, "eval_s": 0.02},
         "rollout": {"tokens_per_s": 0.0, "seconds": -1.0, "sequences": 3},
         "entropy_eval": {"overhead_ratio": 1.05},
+        "sweep": {"theory_over_measurement": 1.6},
+        "quick": {"seconds": 12.0, "seconds_over_jet3": 1.0},
     }
     assert set(bad_measurements(doc)) == {"jvp.jvp_s", "rollout.tokens_per_s", "rollout.seconds"}
     targets = check_targets(doc)
     assert targets["jvp.jvp_over_eval"]["met"] is False
     assert targets["entropy_eval.overhead_ratio"]["met"] is True
+    assert targets["sweep.theory_over_measurement"]["met"] is False
+    assert targets["quick.seconds_over_jet3"]["met"] is False  # "faster": strictly
+    assert targets["quick.seconds"]["met"] is True
     assert "memory.chunked_over_naive" not in targets  # not measured: not claimed
 
 
