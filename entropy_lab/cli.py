@@ -22,6 +22,8 @@ QUICK_REPEATS = 3
 
 
 def _add_sweep_arguments(p: argparse.ArgumentParser, quick: bool) -> None:
+    from entropy_lab.config import JET_OPTION
+
     p.add_argument("--checkpoint", help="checkpoint folder (default for quick: the tiny one)")
     p.add_argument("--base-config", help="training YAML (default: the checkpoint's config.yaml)")
     p.add_argument("--base-model", help="base model folder or cached hub id for an adapter")
@@ -52,14 +54,7 @@ def _add_sweep_arguments(p: argparse.ArgumentParser, quick: bool) -> None:
     p.add_argument("--reading", default="policy", choices=["policy", "conditional"])
     p.add_argument("--no-first-order", action="store_true", help="skip every jvp oracle")
     p.add_argument("--no-faithful", action="store_true", help="fp64 with the stock fp32 casts")
-    p.add_argument(
-        "--jet",
-        type=int,
-        choices=[1, 2, 3],
-        default=1,
-        help="derivatives along v by jvp: 1 = ∇H·v (default; vᵀ∇²H v and ∇³H[v,v,v] come "
-        "from the ±η pairs), 2 = + vᵀ∇²H v by nested jvp, 3 = + ∇³H[v,v,v] (cross-checks)",
-    )
+    p.add_argument("--jet", **JET_OPTION)
     # Before --jet: the nested jvps were on by default and these turned them off.
     p.add_argument("--no-curvature", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--no-third-order", action="store_true", help=argparse.SUPPRESS)

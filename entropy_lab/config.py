@@ -184,6 +184,16 @@ def check_num_repeats(num_repeats: int) -> int:
     return num_repeats
 
 
+# The --jet flag of the CLI and of the pytest plugin.
+JET_OPTION: dict[str, Any] = {
+    "type": int,
+    "choices": [1, 2, 3],
+    "default": 1,
+    "help": "derivatives along v by jvp: 1 = ∇H·v (default; vᵀ∇²H v and ∇³H[v,v,v] come from "
+    "the ±η pairs), 2 = + vᵀ∇²H v by nested jvp, 3 = + ∇³H[v,v,v] (cross-checks)",
+}
+
+
 @dataclasses.dataclass
 class ExperimentConfig:
     """Everything one sweep needs besides the checkpoint itself."""

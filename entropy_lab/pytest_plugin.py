@@ -29,6 +29,8 @@ JSON_SCHEMA_VERSION = 1
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
+    from entropy_lab.config import JET_OPTION
+
     g = parser.getgroup("entropy_lab", "entropy-lab linearity suite")
     g.addoption("--checkpoint", default=None, help="checkpoint folder (gpu suite: required)")
     g.addoption("--base-config", default=None, help="training YAML (default: checkpoint's)")
@@ -44,14 +46,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     g.addoption("--eval-size", type=int, default=None, help="evaluation prompts B_E")
     g.addoption("--r2-min", type=float, default=0.95, help="R² threshold (default 0.95)")
-    g.addoption(
-        "--jet",
-        type=int,
-        choices=[1, 2, 3],
-        default=1,
-        help="derivatives along v by jvp (as the CLI's --jet; default 1: ∇H·v, the rest "
-        "from the ±η pairs)",
-    )
+    g.addoption("--jet", **JET_OPTION)
     g.addoption("--entropy-json", default=None, help="write the JSON report to PATH")
     _add_setting_options(g)
     g.addoption("--reference-model", default=None, help="KL reference of a full fine-tune")
