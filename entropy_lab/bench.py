@@ -553,10 +553,11 @@ THEORY_PHASES = ("jvp to order", "Cui identity", "∇H at θ₀")
 MEASUREMENT_PHASES = ("step + score E at",)
 
 
-def sweep_section(setup, eval_s: float) -> dict[str, Any]:
-    """The default sweep of this setup end to end (its grid, repeats and jet), each phase in
-    seconds and in evaluations of E (``eval_s``: the interleaved median), and what its theory
-    costs against its measurement. The once-per-sweep phases of prepare() (sampling and
+def sweep_section(setup, eval_s: float, directions: int) -> dict[str, Any]:
+    """The default sweep of this setup end to end (its grid and jet) over ``directions``
+    repeats, each phase in seconds and in evaluations of E (``eval_s``: the interleaved
+    median), and what its theory costs against its measurement (per direction, so the number
+    of directions does not change it). The once-per-sweep phases of prepare() (sampling and
     scoring E, ∇H) are carried over from the setup's own opening."""
     from entropy_lab.protocol import PhaseCosts, run_sweep
 
@@ -565,7 +566,7 @@ def sweep_section(setup, eval_s: float) -> dict[str, Any]:
     for name in opened.seconds:
         if name.startswith(("sample E", "score E", "∇H at θ₀")):
             costs.seconds[name], costs.calls[name] = opened.seconds[name], opened.calls[name]
-    run_sweep(setup, progress=False)
+    run_sweep(setup, repeats=range(directions), progress=False)
     phases = {
         name: {"seconds": total, "calls": costs.calls[name], "evals_of_E": total / eval_s}
         for name, total in costs.seconds.items()
@@ -578,7 +579,7 @@ def sweep_section(setup, eval_s: float) -> dict[str, Any]:
     return {
         "jet": setup.cfg.jet,
         "learning_rates": len(setup.cfg.learning_rates),
-        "repeats": setup.cfg.num_repeats,
+        "repeats": directions,
         "phases": phases,
         "theory_s": theory,
         "measurement_s": measurement,
@@ -656,7 +657,7 @@ def run_benchmarks(setup, options: BenchOptions) -> dict[str, Any]:
         results["memory"] = memory_peaks(options.memory)
     results["eta_sweep"], d = eta_sweep_section(setup, options.repeats, options.directions)
     results["jvp"] = jvp_section(setup, d, options.repeats)
-    results["sweep"] = sweep_section(setup, results["jvp"]["eval_s"])
+    results["sweep"] = sweep_section(setup, results["jvp"]["eval_s"], options.directions)
     results["rollout"] = rollout_section(setup, options.repeats)
     if options.flops or device.type == "cuda":
         results["flops"] = flops_section(setup, results, options.matmul_size)
