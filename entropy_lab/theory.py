@@ -1,12 +1,15 @@
 """Theory oracles: what ΔH(η) should be, to hold the measurement against.
 
 For one AdamW step θ₁ = θ₀ + η·v, so H(η) := H(θ₀ + η·v) and
-- first order:  dH/dη at 0 = ∇H·v, by ``torch.func.jvp`` through ``functional_call``;
+- first order:  dH/dη at 0 = ∇H·v, by forward-mode AD (``torch.autograd.forward_ad``)
+  through ``functional_call``;
 - independent identity (Cui et al. 2025, Lemma 1): for fixed prefixes
   dH_t/dη = −Cov_{a∼π_t}(log π_t(a), ż_t(a)), ż the jvp of the tempered logits along v;
-- second order: c = vᵀ∇²H v by nested jvp; relative nonlinearity at η ≈ η·c / (2·∇H·v),
-  so the jet predicts the window's upper edge near 2·tol·|∇H·v| / |c| (reported as
-  ``eta_max_predicted``; the window itself is measured, in ``analysis``);
+- second and third order (``--jet 2|3``, cross-checks: by default the analysis reads them
+  off the ±η pairs, ``analysis.MeasuredJet``): c = vᵀ∇²H v and ∇³H[v,v,v] by nested
+  ``torch.func.jvp``; relative nonlinearity at η ≈ η·c / (2·∇H·v), so the jet predicts the
+  window's upper edge near 2·tol·|∇H·v| / |c| (reported as ``eta_max_predicted``; the
+  window itself is measured, in ``analysis``);
 - ∇H itself by reverse mode, once per sweep: ∇H·(θ₁ − θ₀ − η·v) is the effect of the
   parameters' rounding at each point.
 Forward-mode AD has no rule for SDPA / flash kernels: the model must use eager attention
