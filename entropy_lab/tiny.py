@@ -80,6 +80,21 @@ def build_tokenizer():
     )
 
 
+def lora_config(lora: dict[str, Any], **extra: Any):
+    """A training config's ``lora`` block (r, alpha, dropout, target_modules) as peft's
+    LoraConfig for a causal LM; ``extra`` are further LoraConfig fields."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora["r"],
+        lora_alpha=lora["alpha"],
+        lora_dropout=lora["dropout"],
+        target_modules=lora["target_modules"],
+        task_type="CAUSAL_LM",
+        **extra,
+    )
+
+
 def tiny_model_config(vocab_size: int = 128):
     from transformers import Qwen2Config
 
@@ -258,7 +273,7 @@ def dr_grpo_steps(
 
 
 def _build(out: Path, seed: int, sft_steps: int, rl_steps: int, verbose: bool, started: float):
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -275,16 +290,8 @@ def _build(out: Path, seed: int, sft_steps: int, rl_steps: int, verbose: bool, s
     _in_fp64(base)  # RL starts from the saved (fp32-rounded) base, as a loader will see it
 
     cfg = TINY_TRAINING_CONFIG
-    lora = cfg["lora"]
-    peft_config = LoraConfig(
-        r=lora["r"],
-        lora_alpha=lora["alpha"],
-        lora_dropout=lora["dropout"],
-        target_modules=lora["target_modules"],
-        task_type="CAUSAL_LM",
-    )
     torch.manual_seed(seed + 1)
-    policy = get_peft_model(base, peft_config)
+    policy = get_peft_model(base, lora_config(cfg["lora"]))
     # RL_Practice hands *all* policy parameters to AdamW; frozen ones never get state.
     optimizer = torch.optim.AdamW(
         policy.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"]
@@ -507,7 +514,7 @@ def build_tiny_architecture(
 ) -> Path:
     """A tiny random ``name`` checkpoint (``ARCHITECTURES``) in the RL_Practice layout."""
     import transformers
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -541,18 +548,7 @@ def build_tiny_architecture(
             "scheduler": {"dataset": ARCHITECTURE_TASK},
             "lora": {**TINY_TRAINING_CONFIG["lora"], "target_modules": ARCHITECTURES[name][3]},
         }
-        lora = cfg["lora"]
-        policy = get_peft_model(
-            model,
-            LoraConfig(
-                r=lora["r"],
-                lora_alpha=lora["alpha"],
-                lora_dropout=lora["dropout"],
-                target_modules=lora["target_modules"],
-                fan_in_fan_out=name == "gpt2",
-                task_type="CAUSAL_LM",
-            ),
-        )
+        policy = get_peft_model(model, lora_config(cfg["lora"], fan_in_fan_out=name == "gpt2"))
         optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg["lr"], weight_decay=0.01)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
         rewards, _ = dr_grpo_steps(

@@ -42,6 +42,7 @@ from entropy_lab.tiny import (
     TINY_TRAINING_CONFIG,
     _answer_batch,
     build_tokenizer,
+    lora_config,
     save_rl_practice,
 )
 
@@ -130,7 +131,7 @@ def build_random_checkpoint(
     **overrides: Any,
 ) -> dict[str, Any]:
     """Write the checkpoint to ``out_dir``; returns what was built and what it cost."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import Qwen2ForCausalLM
 
     started = time.perf_counter()
@@ -152,18 +153,8 @@ def build_random_checkpoint(
     tokenizer.save_pretrained(out / "base_model")
 
     cfg = training_config(spec)
-    lora = cfg["lora"]
     torch.manual_seed(seed + 1)
-    policy = get_peft_model(
-        base,
-        LoraConfig(
-            r=lora["r"],
-            lora_alpha=lora["alpha"],
-            lora_dropout=lora["dropout"],
-            target_modules=lora["target_modules"],
-            task_type="CAUSAL_LM",
-        ),
-    )
+    policy = get_peft_model(base, lora_config(cfg["lora"]))
     # RL_Practice hands *all* policy parameters to AdamW; frozen ones never get state.
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg["lr"], weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
