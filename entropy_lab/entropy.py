@@ -87,17 +87,19 @@ class ModelLogits:
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module):
-    """The model in eval mode inside the block, in its own mode again after. A switch walks
-    every module (1.7 ms on the tiny model: 5 % of a ±η point, which made four): none is
-    made when the model is in eval mode already."""
+    """The model in eval mode inside the block, back in the root's mode after (as
+    ``model.eval()`` … ``model.train(was_training)`` does). A switch sets the flag on every
+    module (0.38 ms on the tiny model, against 0.13 ms to read them): none is made when no
+    module is training, where both calls would change nothing."""
     was_training = model.training
-    if was_training:
+    switch = any(m.training for m in model.modules())
+    if switch:
         model.eval()
     try:
         yield
     finally:
-        if was_training:
-            model.train()
+        if switch:
+            model.train(was_training)
 
 
 def decoder_and_head(causal_lm: nn.Module) -> tuple[nn.Module, ModelLogits]:

@@ -188,11 +188,11 @@ def sample_responses(
     rows = list(rows)
     uniforms = row_uniforms(seed, rows, max_new_tokens)
     eos_id = tokenizer.eos_token_id
-    was_training = model.training
-    model.eval()
+    from entropy_lab.entropy import eval_mode  # entropy imports this module
+
     sequences: list[tuple[int, list[int], list[int]]] = []
     start = 0
-    try:
+    with eval_mode(model):
         while start < len(rows):
             chunk = [row // num_samples for row in rows[start : start + batch_rows]]
             try:
@@ -212,8 +212,6 @@ def sample_responses(
                 continue  # the same rows again, fewer at a time: a row's tokens do not change
             sequences += [(i, prompt_ids[i], resp) for i, resp in zip(chunk, responses)]
             start += len(chunk)
-    finally:
-        model.train(was_training)
     return _pack(sequences, tokenizer)
 
 

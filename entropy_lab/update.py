@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from entropy_lab import distributed
-from entropy_lab.entropy import decoder_and_head, token_statistics
+from entropy_lab.entropy import decoder_and_head, eval_mode, token_statistics
 from entropy_lab.rollout import SequenceBatch
 
 SCALE_REWARDS = ("none", "group", "batch")
@@ -320,8 +320,6 @@ class PolicyUpdate:
         device = next(iter(self.params.values())).device
         for p in self.params.values():
             p.grad = None
-        was_training = self.model.training
-        self.model.eval()  # no dropout (LoRA dropout included): the gradient is deterministic
         total = 0.0
         logps, advs = [], []
         token_offsets = _token_offsets(seqs)
@@ -331,7 +329,8 @@ class PolicyUpdate:
                 return None
             return torch.cat([values[token_offsets[i]] for i in rows]).to(device)
 
-        try:
+        # No dropout (LoRA dropout included): the gradient is deterministic.
+        with eval_mode(self.model):
             for rows in self._microbatches(seqs):
                 micro = seqs.select(rows).to(device)
                 adv = update.advantages[rows].to(device)
@@ -346,8 +345,6 @@ class PolicyUpdate:
                 total += float(loss.detach())
                 logps.append(logp)
                 advs.append(token_adv)
-        finally:
-            self.model.train(was_training)
         grads = {n: p.grad.detach().clone() for n, p in self.params.items() if p.grad is not None}
         for n in self.params:  # e.g. lora_A while lora_B == 0: a genuine zero gradient
             if n not in grads:

@@ -424,3 +424,25 @@ def test_the_pairs_give_the_nested_jvps_curvature_and_third_derivative(setup64, 
         a.window.eta_max,
     )
     assert b.window.eta_max_predicted == pytest.approx(a.window.eta_max_predicted, rel=1e-3)
+
+
+def test_eval_mode_switches_exactly_as_eval_then_train_did(monkeypatch):
+    """eval inside; after, every module in the root's former mode; no switch (and no walk
+    that sets flags) when no module is training."""
+    from entropy_lab.entropy import eval_mode
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5))
+    model.train()
+    with eval_mode(model):
+        assert not any(m.training for m in model.modules())
+    assert all(m.training for m in model.modules())
+    model.eval()
+    model[1].train()  # a stray training child: switched, then set as model.train(False) would
+    with eval_mode(model):
+        assert not any(m.training for m in model.modules())
+    assert not any(m.training for m in model.modules())
+    calls = []
+    monkeypatch.setattr(torch.nn.Module, "train", lambda self, mode=True: calls.append(mode))
+    with eval_mode(model):
+        pass
+    assert calls == []
