@@ -105,7 +105,10 @@ class PointRecord:
     # MoE: fraction of E's tokens whose top-k experts differ between θ₀ and θ₁ (None: dense).
     routing_changed_fraction: float | None = None
     update_norm: float | None = None
-    grad_norm: float | None = None
+    grad_norm: float | None = None  # the RL gradient's norm before clipping
+    momentum_share: float | None = None  # ‖v with a zero gradient‖ / ‖v‖ (1: momentum alone)
+    groups_kept: int | None = None  # U's groups after the trainer's filters
+    groups_dropped: int | None = None
     mean_reward: float | None = None
     duration_s: float | None = None
     direction_seconds: float | None = None

@@ -27,7 +27,11 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from entropy_lab.config import load_training_config
+from entropy_lab.config import (
+    find_training_config,
+    load_training_config_quietly,
+    read_yaml_mapping,
+)
 from entropy_lab.entropy import probe_batch
 from entropy_lab.errors import CheckpointError
 from entropy_lab.precision import (
@@ -37,10 +41,12 @@ from entropy_lab.precision import (
     torch_dtype,
     warn_if_low_precision,
 )
+from entropy_lab.quantization import Quantization, apply_quantization, verify_against_bitsandbytes
 from entropy_lab.tiny import directory_digest
 
 _STEP_DIR = re.compile(r"^(?:step_|checkpoint-)(\d+)$")
-# What a from_pretrained of damaged or missing files raises (beyond bugs worth a traceback).
+# RL_Practice's last save of a run (its step_latest symlink points here).
+_FINAL_STEP = "step_final"
 _LOAD_ERRORS = (OSError, ValueError, RuntimeError, SafetensorError)
 _TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json")
 
@@ -66,18 +72,16 @@ class CheckpointLayout:
 
 
 def resolve_layout(path: str | Path) -> CheckpointLayout:
+    """The step folder to measure: ``path`` itself when it holds ``optimizer.pt``; else, in a
+    run folder (RL_Practice's ``run_*/`` or its ``training_state/``, a TRL ``output_dir``),
+    RL_Practice's ``step_final`` when present, else the highest numbered step."""
     root = Path(path).expanduser()
     if not root.exists():
         raise CheckpointError(f"checkpoint not found: {root} (pass an existing folder)")
     if not root.is_dir():
         raise CheckpointError(f"checkpoint must be a folder, got the file {root}")
-    steps = sorted(
-        (int(m.group(1)), p)
-        for p in root.iterdir()
-        if p.is_dir() and (m := _STEP_DIR.match(p.name))
-    )
-    if not (root / "optimizer.pt").exists() and steps:
-        root = steps[-1][1]  # a run folder: take its latest saved step
+    if not (root / "optimizer.pt").exists():
+        root = _step_of_run(root)
     optimizer_path = root / "optimizer.pt"
     if not optimizer_path.is_file():
         raise CheckpointError(
@@ -99,7 +103,6 @@ def resolve_layout(path: str | Path) -> CheckpointLayout:
     if not is_adapter and not (model_dir / "config.json").is_file():
         raise CheckpointError(f"{model_dir} holds neither adapter_config.json nor config.json")
     names = root / "optimizer_param_names.json"
-    config = root / "config.yaml"
     return CheckpointLayout(
         root=root,
         format=fmt,
@@ -107,25 +110,89 @@ def resolve_layout(path: str | Path) -> CheckpointLayout:
         is_adapter=is_adapter,
         optimizer_path=optimizer_path,
         param_names_path=names if names.is_file() else None,
-        config_path=config if config.is_file() else None,
+        config_path=find_training_config(root),
     )
 
 
-def resolve_base_model(layout: CheckpointLayout, base_model: str | None) -> str:
-    """--base-model wins; else adapter_config's path, tried as given and relative to the
-    adapter and checkpoint folders; else an offline hub cache entry."""
+def step_folders(run: Path) -> list[Path]:
+    """The saved steps of a run folder in training order (``step_final`` last; the
+    ``step_latest`` symlink is an alias, not a step)."""
+    numbered = sorted(
+        (int(m.group(1)), p)
+        for p in run.iterdir()
+        if p.is_dir() and not p.is_symlink() and (m := _STEP_DIR.match(p.name))
+    )
+    final = [run / _FINAL_STEP] if (run / _FINAL_STEP).is_dir() else []
+    return [p for _, p in numbered] + final
+
+
+def _step_of_run(run: Path) -> Path:
+    """A run's last saved step (RL_Practice keeps its steps under ``training_state/``)."""
+    if (run / "training_state").is_dir():
+        run = run / "training_state"
+    steps = step_folders(run)
+    return steps[-1] if steps else run
+
+
+def saved_step(layout: CheckpointLayout) -> int | None:
+    """The training step the checkpoint was saved at: training_info.json's ``global_step`` /
+    ``step`` (RL_Practice), trainer_state.json's ``global_step`` (HF), else the folder's number."""
+    for name, keys in (
+        ("training_info.json", ("global_step", "step")),
+        ("trainer_state.json", ("global_step",)),
+    ):
+        path = layout.root / name
+        if path.is_file():
+            data = _read_json(path)
+            for key in keys:
+                value = data.get(key) if isinstance(data, dict) else None
+                if isinstance(value, int) and not isinstance(value, bool):
+                    return value
+    match = _STEP_DIR.match(layout.root.name)
+    return int(match.group(1)) if match else None
+
+
+def resolve_base_model(layout: CheckpointLayout, base_model: str | None) -> tuple[str, str]:
+    """(base model, where it came from), in DESIGN §6's order: ``--base-model``; the base the
+    trainer loaded (its config's ``backbone``, training_info.json's ``model_config``); the
+    adapter's ``base_model_name_or_path``. A path is tried as given and relative to the
+    adapter, step and config folders; anything else is a hub id (loaded offline, so cached)."""
     if base_model:
-        return base_model
-    adapter_cfg = _read_json(layout.model_dir / "adapter_config.json")
-    name = adapter_cfg.get("base_model_name_or_path") if isinstance(adapter_cfg, dict) else None
-    if not name:
+        return base_model, "--base-model"
+    named = _trainer_backbone(layout) or _adapter_base(layout)
+    if named is None:
         raise CheckpointError(
             f"{layout.model_dir}/adapter_config.json names no base model: pass --base-model DIR"
         )
-    for candidate in (Path(name), layout.model_dir / name, layout.root / name):
+    name, source = named
+    folders = [layout.model_dir, layout.root]
+    if layout.config_path is not None:
+        folders.append(layout.config_path.parent)
+    for candidate in [Path(name)] + [folder / name for folder in folders]:
         if (candidate / "config.json").is_file():
-            return str(candidate.resolve())
-    return name  # a hub id: loaded with local_files_only, so it must be cached
+            return str(candidate.resolve()), source
+    return name, source
+
+
+def _trainer_backbone(layout: CheckpointLayout) -> tuple[str, str] | None:
+    """The base RL_Practice's trainer loaded: training_info.json's model_config.backbone, else
+    its config.yaml's ``backbone``."""
+    info_path = layout.root / "training_info.json"
+    info = _read_json(info_path) if info_path.is_file() else None
+    model_config = info.get("model_config") if isinstance(info, dict) else None
+    if isinstance(model_config, dict) and isinstance(model_config.get("backbone"), str):
+        return model_config["backbone"], "training_info.json: model_config.backbone"
+    if layout.config_path is not None:
+        backbone = read_yaml_mapping(layout.config_path).get("backbone")
+        if isinstance(backbone, str) and backbone:
+            return backbone, f"{layout.config_path.name}: backbone"
+    return None
+
+
+def _adapter_base(layout: CheckpointLayout) -> tuple[str, str] | None:
+    adapter_cfg = _read_json(layout.model_dir / "adapter_config.json")
+    name = adapter_cfg.get("base_model_name_or_path") if isinstance(adapter_cfg, dict) else None
+    return (name, "adapter_config.json: base_model_name_or_path") if name else None
 
 
 def load_checkpoint(
@@ -136,6 +203,7 @@ def load_checkpoint(
     base_model: str | None = None,
     faithful_fp64: bool = True,
     training_config_path: str | Path | None = None,
+    quantization: Quantization | None = None,
 ) -> LoadedCheckpoint:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -146,7 +214,9 @@ def load_checkpoint(
     torch_dt = torch_dtype(dtype)
     attn = attention_for(dtype, device, faithful_fp64)
     load_attn = "eager" if attn != "eager" else attn
-    base_name = resolve_base_model(layout, base_model) if layout.is_adapter else None
+    base_name, base_source = (
+        resolve_base_model(layout, base_model) if layout.is_adapter else (None, None)
+    )
     model_source = base_name if layout.is_adapter else str(layout.model_dir)
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -170,6 +240,8 @@ def load_checkpoint(
             f"cannot load the base model {model_source!r} offline ({type(exc).__name__}): "
             "pass --base-model with a local folder or a cached hub id"
         ) from None
+    quantization = quantization or Quantization()
+    quantized = apply_quantization(model, quantization) if quantization.active else {}
     if layout.is_adapter:
         try:
             policy = PeftModel.from_pretrained(model, str(layout.model_dir), is_trainable=True)
@@ -186,6 +258,17 @@ def load_checkpoint(
     _check_finite_weights(policy, layout)
     policy.eval()  # no dropout, LoRA dropout included
     load_checks = verify_model_function(policy, dtype, faithful=dtype == "fp64" and faithful_fp64)
+    if quantization.active:
+        quantized.update(
+            verify_against_bitsandbytes(
+                policy,
+                model_source,
+                str(layout.model_dir) if layout.is_adapter else None,
+                quantization,
+                probe_batch(policy),
+                quantized["quantized_layers"],
+            )
+        )
 
     tokenizer_dir = layout.model_dir
     if not (tokenizer_dir / "tokenizer_config.json").is_file() and base_name:
@@ -207,13 +290,16 @@ def load_checkpoint(
 
     optimizer, mapping = load_optimizer(policy, layout)
     cfg_path = training_config_path or layout.config_path
-    training_config = load_training_config(cfg_path) if cfg_path else {}
+    training_config = load_training_config_quietly(cfg_path) if cfg_path else {}
     trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
     metadata = {
         "path": str(layout.root.resolve()),
         "format": layout.format,
         "adapter": layout.is_adapter,
         "base_model": base_name,
+        "base_model_source": base_source,
+        "step": layout.root.name,
+        "saved_step": saved_step(layout),
         "digest": checkpoint_digest(layout),
         "trainable_parameters": trainable,
         "total_parameters": sum(p.numel() for p in policy.parameters()),
@@ -223,6 +309,7 @@ def load_checkpoint(
         "device": device,
         "attention": attention_for(dtype, device, faithful_fp64),
         **load_checks,
+        **quantized,
         **precision,
     }
     return LoadedCheckpoint(policy, tokenizer, optimizer, training_config, metadata)
@@ -498,11 +585,7 @@ def load_optimizer(policy: nn.Module, layout: CheckpointLayout):
 
     candidates: list[tuple[str, list[tuple[str, nn.Parameter]]]] = []
     if layout.param_names_path is not None:
-        names = _read_json(layout.param_names_path)
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise CheckpointError(
-                f"{layout.param_names_path} must be a JSON list of parameter names"
-            )
+        names = _param_names(layout.param_names_path, saved["param_groups"])
         by_name = {_strip(n): (n, p) for n, p in all_params}
         missing = [n for n in names if _strip(n) not in by_name]
         if missing:
@@ -528,6 +611,34 @@ def load_optimizer(policy: nn.Module, layout: CheckpointLayout):
         f"optimizer state in {layout.optimizer_path} does not match the trainable parameters "
         f"({len(trainable)} trainable, {len(saved_ids)} in the state) — " + "; ".join(errors)
     )
+
+
+def _param_names(path: Path, saved_groups: list[dict[str, Any]]) -> list[str]:
+    """The names file as one flat list in the state's order: a flat list, or one list per
+    param group (RL_Practice writes ``[[names of group 0], …]``), each group's length checked
+    against the saved group."""
+    names = _read_json(path)
+    if isinstance(names, list) and all(isinstance(n, str) for n in names):
+        return names
+    if not (
+        isinstance(names, list)
+        and all(isinstance(g, list) and all(isinstance(n, str) for n in g) for g in names)
+    ):
+        raise CheckpointError(
+            f"{path} must be a JSON list of parameter names, or one such list per param group"
+        )
+    if len(names) != len(saved_groups):
+        raise CheckpointError(
+            f"{path.name} lists {len(names)} param groups, the optimizer state has "
+            f"{len(saved_groups)}"
+        )
+    for k, (group_names, group) in enumerate(zip(names, saved_groups)):
+        if len(group_names) != len(group["params"]):
+            raise CheckpointError(
+                f"{path.name}: group {k} names {len(group_names)} parameters, the optimizer "
+                f"state's group {k} has {len(group['params'])}"
+            )
+    return [n for group_names in names for n in group_names]
 
 
 def _mapping_problem(saved, saved_ids, params, trainable) -> str | None:
@@ -578,3 +689,17 @@ def _build_optimizer(saved, saved_ids, params) -> torch.optim.Optimizer:
     sd["state"] = state
     optimizer.load_state_dict(sd)  # casts moments to each parameter's dtype and device
     return optimizer
+
+
+def generation_config_of(layout: CheckpointLayout, base_model: str | None) -> dict[str, Any]:
+    """The sampler settings of the model's own generation_config.json (what HF ``generate``
+    applies where its caller is silent): the base's for an adapter, else the model's; {} when
+    there is none."""
+    from transformers import GenerationConfig
+
+    source = resolve_base_model(layout, base_model)[0] if layout.is_adapter else layout.model_dir
+    try:
+        config = GenerationConfig.from_pretrained(str(source), local_files_only=True)
+    except (OSError, ValueError):
+        return {}
+    return {"top_k": config.top_k, "top_p": config.top_p}

@@ -50,6 +50,16 @@ KNOWN_TRAINING_KEYS = frozenset(
         "lora",
         "seed",
         "prompt_template",
+        # RL_Practice's trainer (DESIGN §6)
+        "kl_beta",
+        'cfg["kl_beta"]',
+        "ent_coef",
+        "clip_+",
+        "ppo_epochs",
+        "tf_micro_batch",
+        "reward_var_thresh",
+        "reject_all_zero",
+        "reject_all_max",
     }
 )
 
@@ -211,6 +221,7 @@ class ExperimentConfig:
     temperature: float = 1.0
     top_k: int = 0  # 0 = off: full softmax
     top_p: float = 1.0  # 1.0 = off
+    stop_after: str | None = None  # a response ends after this text's tokens
     clip_eps: float = 0.2
     grad_clip: float = 1.0  # 0 = no clipping
     steps: int = 1  # k optimizer steps between the two measurements
@@ -226,6 +237,17 @@ class ExperimentConfig:
     prompt_template: str | None = None
     reward: str = "exact_answer"  # comma-separated reward functions (tasks.load_rewards)
     reward_weights: str | None = None
+    # The trainer's group filters (RL_Practice): drop such groups and draw new prompts.
+    reject_all_zero: bool = False
+    reject_all_max: bool = False
+    reward_var_thresh: float = 0.0
+    # The trainer's modes: sampling U and the loss's backward pass (E is scored in eval mode).
+    sampling_mode: str = "eval"
+    gradient_mode: str = "eval"
+    # The base's weights as the trainer's bitsandbytes quantization left them.
+    base_quantization: str = "none"
+    base_quant_double: bool = False
+    base_load_dtype: str = "fp32"
     reference_model: str | None = None  # the KL reference of a full fine-tune
     # Response tokens per fp64 entropy chunk: at V = 151,936 one chunk is 256·V·8 B ≈ 0.3 GB
     # and the scorer holds about 6 at once (measured by `entropy-lab bench`).
@@ -252,29 +274,12 @@ class ExperimentConfig:
             raise ConfigError(f"--dtype must be fp32, fp64 or bf16, got {self.dtype!r}")
         if self.reading not in ("policy", "conditional"):
             raise ConfigError(f"reading must be 'policy' or 'conditional', got {self.reading!r}")
-        for name in (
-            "eval_size",
-            "buffer_size",
-            "num_generations",
-            "microbatch_size",
-            "eval_chunk_tokens",
-        ):
+        for name in ("eval_size", "eval_chunk_tokens", "steps"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.steps < 1:
-            raise ConfigError(f"steps must be >= 1, got {self.steps}")
-        if self.temperature <= 0:
-            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
-        if self.loss_type not in LOSS_TYPE_NAMES:
-            raise ConfigError(
-                f"unknown loss type {self.loss_type!r} (--loss-type): one of "
-                + ", ".join(LOSS_TYPE_NAMES)
-            )
-        if self.scale_rewards not in SCALE_REWARDS_NAMES:
-            raise ConfigError(
-                f"unknown scale_rewards {self.scale_rewards!r} (--scale-rewards): one of "
-                + ", ".join(SCALE_REWARDS_NAMES)
-            )
+        for name in SETTING_NAMES:  # the training setup: checked by its one declaration
+            if name in _FIELDS:
+                setattr(self, name, _checked(name, getattr(self, name), "config"))
 
     @classmethod
     def from_setup(
@@ -300,6 +305,7 @@ class ExperimentConfig:
             "max_new_tokens": self.max_new_tokens,
             "top_k": self.top_k,
             "top_p": self.top_p,
+            "stop_after": self.stop_after,
         }
 
     def effective(self) -> dict[str, Any]:
@@ -461,19 +467,33 @@ def _optional_float(text: Any) -> float | None:
     return None if text is None or str(text).lower() in ("none", "") else float(text)
 
 
+_NONE = object()  # "no such source" (None is a real value: e.g. clip_eps_high = clip_eps)
+# A sampler setting its trainer leaves to HF ``generate``: the model's generation_config.json,
+# else transformers' global default (top_k 50, top_p 1).
+GENERATE = "generate"
+
+
 @dataclasses.dataclass(frozen=True)
 class Setting:
-    """One setting of the training setup, declared once: the sweep flag, the pytest option
-    and the record in run_meta.json all come from this."""
+    """One setting of the training setup, declared once: the sweep flag, the pytest option,
+    the validation, the sources it is read from, the setup table and run_meta.json all come
+    from this (TRL's GRPOConfig, cleanrl's Args)."""
 
     name: str
     parse: Any  # str -> value
     help: str
-    choices: tuple[str, ...] | None = None
+    choices: tuple[Any, ...] | None = None
     # When the setting must have a source on a checkpoint other than the built-in tiny one:
     # "always", "steps>1" (only a clipped ratio ≠ 1 sees it), "kl" (only with kl_beta ≠ 0),
-    # "rewards>1" (several reward functions), or "never" (a measurement choice).
+    # "rewards>1" (several reward functions), "quantized" (a quantized base), or "never".
     required: str = "always"
+    lowest: float | None = 0.0  # numbers: the least valid value (None: no bound)
+    above_lowest: bool = False  # numbers: strictly above ``lowest``
+    tiny: Any = _NONE  # what the built-in tiny checkpoint's trainer (entropy_lab.tiny) did
+    rl_practice: tuple[str, ...] = ()  # keys of an RL_Practice config.yaml
+    rl_practice_code: Any = _NONE  # RL_Practice's trainer when its config is silent
+    trl: str | None = None  # the GRPOConfig field
+    unset: str | None = None  # the table's text for a value left unset (None)
 
     @property
     def flag(self) -> str:
@@ -481,66 +501,264 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("max_new_tokens", int, "tokens sampled per response (TRL: max_completion_length)"),
-    Setting("num_generations", int, "G: responses per update prompt"),
-    Setting("temperature", float, "sampling temperature (the loss and H use it too)"),
-    Setting("top_p", float, "nucleus sampling (1 = off)"),
-    Setting("top_k", int, "top-k sampling (0 = off)"),
-    Setting("loss_type", str, "the trainer's loss aggregation", LOSS_TYPE_NAMES),
-    Setting("scale_rewards", str, "advantage ÷ (std + 1e-4) of the", SCALE_REWARDS_NAMES),
-    Setting("kl_beta", float, "β of the k3 KL to the reference (TRL: beta)"),
-    Setting("kl_bias_correction", _boolean, "KL × ρ (TRL: use_bias_correction_kl)", None, "kl"),
-    Setting("entropy_coef", float, "entropy bonus coefficient (RL_Practice: ent_coef)"),
-    Setting("clip_eps", float, "PPO clip ε (TRL: epsilon)", None, "steps>1"),
     Setting(
-        "clip_eps_high", _optional_float, "upper clip ε (RL_Practice: clip_+)", None, "steps>1"
+        "max_new_tokens",
+        int,
+        "tokens sampled per response (TRL: max_completion_length)",
+        lowest=1,
+        rl_practice=("max_new_tokens",),
+        trl="max_completion_length",
     ),
-    Setting("grad_clip", float, "gradient-norm clip, 0 = off (TRL: max_grad_norm)"),
-    Setting("buffer_size", int, "update prompts per repeat (the measurement's U)", None, "never"),
-    Setting("microbatch_size", int, "prompts per micro-batch", None, "never"),
-    Setting("prompts", str, "prompt file (JSONL/JSON/CSV/Parquet) or arithmetic[:N]"),
-    Setting("prompt_template", str, "file with a {question} slot", None, "never"),
-    Setting("reward", str, "FILE.py:NAME or module:NAME or a built-in, comma-separated"),
-    Setting("reward_weights", str, "comma-separated weights, one per reward", None, "rewards>1"),
+    Setting(
+        "num_generations",
+        int,
+        "G: responses per update prompt",
+        lowest=1,
+        rl_practice=("num_generations",),
+        trl="num_generations",
+    ),
+    Setting(
+        "temperature",
+        float,
+        "sampling temperature (the loss and H use it too)",
+        above_lowest=True,
+        rl_practice=("temperature",),
+        trl="temperature",
+    ),
+    Setting(
+        "top_p",
+        float,
+        "nucleus sampling (1 = off); H stays the full softmax's",
+        above_lowest=True,
+        tiny=1.0,
+        rl_practice=("top_p",),
+        rl_practice_code=GENERATE,
+        trl="top_p",
+    ),
+    Setting(
+        "top_k",
+        int,
+        "top-k sampling (0 = off); H stays the full softmax's",
+        tiny=0,
+        rl_practice=("top_k",),
+        rl_practice_code=GENERATE,
+        trl="top_k",
+    ),
+    Setting(
+        "stop_after",
+        str,
+        "a text that ends a response when sampled (RL_Practice: </answer>); unset = EOS only",
+        required="never",
+        tiny=None,
+        rl_practice_code="</answer>",
+        unset="not set: responses end at EOS or max_new_tokens",
+    ),
+    Setting(
+        "loss_type",
+        str,
+        "the trainer's loss aggregation",
+        LOSS_TYPE_NAMES,
+        tiny="dr_grpo",  # tiny.dr_grpo_steps: ÷ (rows · max_new_tokens)
+        rl_practice=("loss_type",),
+        rl_practice_code="dr_grpo_rl_practice",
+        trl="loss_type",
+    ),
+    Setting(
+        "scale_rewards",
+        str,
+        "advantage ÷ (std + 1e-4) of the",
+        SCALE_REWARDS_NAMES,
+        tiny="none",
+        rl_practice=("scale_rewards",),
+        rl_practice_code="none",
+        trl="scale_rewards",
+    ),
+    Setting(
+        "kl_beta",
+        float,
+        "β of the k3 KL to the reference (TRL: beta)",
+        tiny=0.0,
+        rl_practice=("kl_beta",),
+        rl_practice_code=0.0,
+        trl="beta",
+    ),
+    Setting(
+        "kl_bias_correction",
+        _boolean,
+        "KL × ρ (TRL: use_bias_correction_kl)",
+        required="kl",
+        tiny=False,
+        rl_practice_code=False,
+        trl="use_bias_correction_kl",
+    ),
+    Setting(
+        "entropy_coef",
+        float,
+        "entropy bonus coefficient (RL_Practice: ent_coef)",
+        lowest=None,
+        tiny=0.0,
+        rl_practice=("ent_coef", "entropy_coef"),  # read for the built-in trainer only
+        rl_practice_code=0.0,
+        trl="entropy_coef",
+    ),
+    Setting(
+        "clip_eps",
+        float,
+        "PPO clip ε (TRL: epsilon)",
+        required="steps>1",
+        rl_practice=("clip_eps",),
+        trl="epsilon",
+    ),
+    Setting(
+        "clip_eps_high",
+        _optional_float,
+        "upper clip ε (RL_Practice: clip_+)",
+        required="steps>1",
+        tiny=None,
+        rl_practice=("clip_+",),
+        trl="epsilon_high",
+        unset="not set: = clip_eps",
+    ),
+    Setting(
+        "grad_clip",
+        float,
+        "gradient-norm clip, 0 = off (TRL: max_grad_norm)",
+        rl_practice=("grad_clip",),
+        trl="max_grad_norm",
+    ),
+    Setting(
+        "buffer_size",
+        int,
+        "update prompts per repeat (the measurement's U)",
+        required="never",
+        lowest=1,
+    ),
+    Setting("microbatch_size", int, "prompts per micro-batch", required="never", lowest=1),
+    Setting(
+        "reject_all_zero",
+        _boolean,
+        "drop groups whose rewards are all 0 and draw new prompts (RL_Practice)",
+        tiny=False,
+        rl_practice=("reject_all_zero",),
+    ),
+    Setting(
+        "reject_all_max",
+        _boolean,
+        "drop groups whose rewards are all the maximum and draw new prompts (RL_Practice)",
+        tiny=False,
+        rl_practice=("reject_all_max",),
+    ),
+    Setting(
+        "reward_var_thresh",
+        float,
+        "drop groups whose reward variance is below this and draw new prompts (RL_Practice)",
+        tiny=0.0,
+        rl_practice=("reward_var_thresh",),
+    ),
+    Setting(
+        "sampling_mode",
+        str,
+        "the policy's mode while sampling U: eval (no dropout) or train (LoRA dropout on)",
+        ("eval", "train"),
+        tiny="eval",
+        rl_practice_code="eval",
+    ),
+    Setting(
+        "gradient_mode",
+        str,
+        "the policy's mode in the loss's backward pass: eval or train (dropout seeded per repeat)",
+        ("eval", "train"),
+        tiny="eval",
+        rl_practice_code="train",
+    ),
+    Setting(
+        "base_quantization",
+        str,
+        "the base as the trainer quantized it (bitsandbytes): none, fp4, nf4 or int8",
+        ("none", "fp4", "nf4", "int8"),
+        tiny="none",
+        rl_practice_code="fp4",
+    ),
+    Setting(
+        "base_quant_double",
+        _boolean,
+        "bitsandbytes double quantization of the 4-bit base's absmax",
+        required="quantized",
+        tiny=False,
+        rl_practice_code=True,
+    ),
+    Setting(
+        "base_load_dtype",
+        str,
+        "the dtype the trainer loaded its quantized base in (its weights hold that dtype's values)",
+        ("fp32", "bf16", "fp16"),
+        required="quantized",
+        tiny="fp32",
+        rl_practice_code="bf16",
+    ),
+    Setting(
+        "prompts",
+        str,
+        "prompt file (JSONL/JSON/CSV/Parquet) or arithmetic[:N]",
+        tiny="arithmetic",
+    ),
+    Setting(
+        "prompt_template",
+        str,
+        "file with a {question} slot, or r1 (RL_Practice's gsm8k_r1_template wrapper)",
+        required="never",
+        tiny=None,
+        rl_practice=("prompt_template",),
+        unset="not set: each record's own prompt",
+    ),
+    Setting(
+        "reward",
+        str,
+        "FILE.py:NAME or module:NAME or a built-in, comma-separated",
+        tiny="exact_answer",
+    ),
+    Setting(
+        "reward_weights",
+        str,
+        "comma-separated weights, one per reward",
+        required="rewards>1",
+        tiny=None,
+        rl_practice=("reward_weights",),
+        rl_practice_code=None,
+        trl="reward_weights",
+        unset="not set: each reward 1",
+    ),
 )
 SETTING_NAMES = tuple(s.name for s in SETTINGS)
 _BY_NAME = {s.name: s for s in SETTINGS}
 
 # The built-in tiny checkpoint's trainer (entropy_lab.tiny): what its config.yaml leaves unsaid.
-TINY_DEFAULTS: dict[str, Any] = {
-    "loss_type": "dr_grpo",  # tiny.dr_grpo_steps: ÷ (rows · max_new_tokens)
-    "scale_rewards": "none",
-    "kl_beta": 0.0,
-    "kl_bias_correction": False,
-    "entropy_coef": 0.0,
-    "clip_eps_high": None,
-    "top_p": 1.0,
-    "top_k": 0,
-    "prompts": "arithmetic",
-    "reward": "exact_answer",
-    "prompt_template": None,
-    "reward_weights": None,
-}
+TINY_DEFAULTS: dict[str, Any] = {s.name: s.tiny for s in SETTINGS if s.tiny is not _NONE}
 # The measurement's update batch (DESIGN §6: the seed experiment's overrides).
 MEASUREMENT_BATCH = {"buffer_size": 128, "microbatch_size": 4}
 
-# RL_Practice keys -> settings. Values are (setting, how to read the value).
-_RL_PRACTICE_KEYS = {
-    "max_new_tokens": "max_new_tokens",
-    "num_generations": "num_generations",
-    "temperature": "temperature",
-    "top_p": "top_p",
-    "top_k": "top_k",
-    "loss_type": "loss_type",
-    "scale_rewards": "scale_rewards",
-    "kl_beta": "kl_beta",
-    "ent_coef": "entropy_coef",
-    "entropy_coef": "entropy_coef",
-    "clip_eps": "clip_eps",
-    "clip_+": "clip_eps_high",
-    "grad_clip": "grad_clip",
-    "prompt_template": "prompt_template",
-    "reward_weights": "reward_weights",
+# RL_Practice config keys -> settings.
+_RL_PRACTICE_KEYS = {key: s.name for s in SETTINGS for key in s.rl_practice}
+# Keys RL_Practice configs carry that its trainer never reads (its generate call passes no
+# top_k / top_p; its loss has no entropy term; ``cfg["kl_beta"]`` is a literal key, while
+# the code reads cfg.get("kl_beta", 0.0)): noted, never applied.
+_RL_PRACTICE_UNREAD = ("top_k", "top_p", "ent_coef", "entropy_coef", 'cfg["kl_beta"]')
+# Why RL_Practice's trainer has each value its config does not set (its rl_runner.py).
+_RL_PRACTICE_WHY = {
+    "top_p": "HF generate's default",
+    "top_k": "HF generate's default",
+    "loss_type": "Dr-GRPO: ÷ G·longest of the group",
+    "scale_rewards": "Dr-GRPO: no std division",
+    "kl_beta": "cfg.get('kl_beta', 0.0)",
+    "kl_bias_correction": "plain k3",
+    "entropy_coef": "no entropy term in its DRGRPO loss",
+    "sampling_mode": "samples in eval mode",
+    "stop_after": "StopAfterAnswer: pad forced after </answer>",
+    "gradient_mode": "loss in train mode: LoRA dropout on",
+    "base_quantization": "bitsandbytes 4-bit, quant type unset: FP4",
+    "base_quant_double": "bnb_4bit_use_double_quant=True",
+    "base_load_dtype": "from_pretrained(torch_dtype=torch.bfloat16)",
+    "reward_weights": "reward_fns summed: each weight 1",
 }
 _RL_PRACTICE_UNUSED = {
     "backbone": "the checkpoint names its base model",
@@ -562,22 +780,7 @@ _RL_PRACTICE_UNUSED = {
 _UNUSED_WORDS = ("vllm", "eval", "probe", "wandb", "log", "save", "checkpoint", "output", "hub")
 
 # TRL GRPOConfig fields -> settings.
-_TRL_KEYS = {
-    "max_completion_length": "max_new_tokens",
-    "num_generations": "num_generations",
-    "temperature": "temperature",
-    "top_p": "top_p",
-    "top_k": "top_k",
-    "loss_type": "loss_type",
-    "scale_rewards": "scale_rewards",
-    "beta": "kl_beta",
-    "use_bias_correction_kl": "kl_bias_correction",
-    "entropy_coef": "entropy_coef",
-    "epsilon": "clip_eps",
-    "epsilon_high": "clip_eps_high",
-    "max_grad_norm": "grad_clip",
-    "reward_weights": "reward_weights",
-}
+_TRL_KEYS = {s.trl: s.name for s in SETTINGS if s.trl}
 # GRPOConfig fields whose non-default value makes an update the measurement cannot take.
 _TRL_UNSUPPORTED = {
     "importance_sampling_level": ("token",),
@@ -608,6 +811,8 @@ class TrainingSetup:
     not_used: list[str] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
     prompts_split: str | None = None
+    # The RL_Practice YAML the setup read last (--base-config over the checkpoint's own).
+    training_config_path: Path | None = None
 
     def table(self) -> str:
         """``setting | value | from``, one row per setting, then the notes."""
@@ -625,11 +830,7 @@ class TrainingSetup:
         return "\n".join(lines)
 
 
-_UNSET = {
-    "prompt_template": "not set: each record's own prompt",
-    "reward_weights": "not set: each reward 1",
-    "clip_eps_high": "not set: = clip_eps",
-}
+_UNSET = {s.name: s.unset for s in SETTINGS if s.unset}
 
 
 def _show(value: Any) -> str:
@@ -654,6 +855,8 @@ def check_setting(name: str, value: Any) -> Any:
 
 
 def _checked(name: str, value: Any, where: str) -> Any:
+    """``value`` parsed and checked against the setting's declaration; the error names the
+    source and the flag."""
     setting = _BY_NAME[name]
     if value is None:
         return None
@@ -665,29 +868,32 @@ def _checked(name: str, value: Any, where: str) -> Any:
         kind = "loss type" if name == "loss_type" else name
         raise ConfigError(
             f"{where}: unknown {kind} {parsed!r} ({setting.flag}): one of "
-            + ", ".join(setting.choices)
+            + ", ".join(str(c) for c in setting.choices)
         )
-    if isinstance(parsed, float) and (not math.isfinite(parsed) or parsed < 0):
-        raise ConfigError(f"{where}: {name} must be finite and >= 0, got {value!r}")
-    if name in ("max_new_tokens", "num_generations", "buffer_size", "microbatch_size"):
-        if parsed < 1:
-            raise ConfigError(f"{where}: {name} must be >= 1, got {value!r} ({setting.flag})")
-    if name == "temperature" and parsed <= 0:
-        raise ConfigError(f"{where}: temperature must be > 0, got {value!r}")
+    if isinstance(parsed, (int, float)) and not isinstance(parsed, bool):
+        low = setting.lowest
+        if not math.isfinite(parsed) or (
+            low is not None and (parsed < low or (setting.above_lowest and parsed == low))
+        ):
+            bound = "" if low is None else f" and {'>' if setting.above_lowest else '>='} {low:g}"
+            raise ConfigError(
+                f"{where}: {name} must be finite{bound}, got {value!r} ({setting.flag})"
+            )
     return parsed
 
 
 def _rl_practice_layer(cfg: Mapping[str, Any], label: str, implied: bool, step: int | None):
     """(values, sources, not used, notes) of an RL_Practice training config."""
     values, sources, unused, notes = {}, {}, [], []
-    if implied and "loss_type" not in cfg:  # RL_Practice's trainer is Dr-GRPO (§7)
-        values.update(loss_type="dr_grpo_rl_practice", scale_rewards="none")
-        sources.update(
-            loss_type=f"{label} (RL_Practice's Dr-GRPO: ÷ G·longest of the group)",
-            scale_rewards=f"{label} (RL_Practice's Dr-GRPO: no std division)",
-        )
+    if implied:  # what RL_Practice's trainer does where its config is silent (DESIGN §6)
+        for setting in SETTINGS:
+            if setting.rl_practice_code is not _NONE:
+                values[setting.name] = setting.rl_practice_code
+                sources[setting.name] = f"RL_Practice's trainer ({_RL_PRACTICE_WHY[setting.name]})"
     for key, value in cfg.items():
-        if key in _RL_PRACTICE_KEYS:
+        if implied and key in _RL_PRACTICE_UNREAD:
+            notes.append(f"{label}: {key} = {value!r} is not read by RL_Practice's trainer")
+        elif key in _RL_PRACTICE_KEYS:
             name = _RL_PRACTICE_KEYS[key]
             values[name] = _checked(name, value, f"{label}: {key}")
             sources[name] = label if key == name else f"{label}: {key}"
@@ -700,6 +906,9 @@ def _rl_practice_layer(cfg: Mapping[str, Any], label: str, implied: bool, step: 
             dataset = value.get("dataset_name") or value.get("dataset")
             if dataset:
                 values["prompts"] = str(dataset)
+                if implied and str(dataset).endswith("_r1_template"):  # its prompt wrapper
+                    values["prompt_template"] = "r1"
+                    sources["prompt_template"] = f"{label}: scheduler.dataset_name {dataset}"
                 sources["prompts"] = f"{label}: scheduler." + (
                     "dataset_name" if value.get("dataset_name") else "dataset"
                 )
@@ -765,14 +974,16 @@ def _trl_layer(args: Mapping[str, Any], label: str):
         where = f"{label}: {key}"
         if key == "scale_rewards" and isinstance(value, bool):  # TRL < 0.22: True = group
             value = "group" if value else "none"
-        if key == "top_k" and value is None:
-            raise ConfigError(
-                f"{where} is None (the generator's own default, 50 in transformers): pass --top-k"
-            )
+        if key in ("top_k", "top_p") and value is None:  # generate's own resolution
+            value = GENERATE
+            values[name], sources[name] = GENERATE, f"{where} None: HF generate's default"
+            continue
         if key == "reward_weights" and value is not None:
             value = ",".join(f"{float(w):g}" for w in value)
         values[name] = _checked(name, value, where)
         sources[name] = where
+    if "loss_type" in args:  # a GRPOConfig: what its trainer does beyond the listed fields
+        _trl_trainer_layer(args, label, values, sources)
     if "beta" in args and "use_bias_correction_kl" not in args:
         values["kl_bias_correction"] = False
         sources["kl_bias_correction"] = f"{label} (a TRL without use_bias_correction_kl: plain k3)"
@@ -813,6 +1024,52 @@ def _trl_layer(args: Mapping[str, Any], label: str):
     return values, sources, unused, notes
 
 
+def _trl_trainer_layer(args: Mapping[str, Any], label: str, values: dict, sources: dict) -> None:
+    """GRPOTrainer's modes, group handling and base quantization from its GRPOConfig."""
+    off = bool(args.get("disable_dropout", False))
+    mode = "eval" if off else "train"  # every dropout p = 0 is eval mode's function
+    for name in ("sampling_mode", "gradient_mode"):
+        values[name] = mode
+        sources[name] = f"{label}: disable_dropout {off} (TRL " + (
+            "zeroes every dropout)" if off else "samples and takes its loss in train mode)"
+        )
+    for name, keep_all in (
+        ("reject_all_zero", False),
+        ("reject_all_max", False),
+        ("reward_var_thresh", 0.0),
+    ):
+        values[name], sources[name] = keep_all, f"{label} (GRPOTrainer keeps every group)"
+    quantization = (args.get("model_init_kwargs") or {}).get("quantization_config")
+    kind, double = quantization_of(quantization)
+    values["base_quantization"] = kind
+    sources["base_quantization"] = f"{label}: model_init_kwargs.quantization_config" + (
+        "" if quantization else " not set"
+    )
+    if kind != "none":
+        values["base_quant_double"] = double
+        sources["base_quant_double"] = f"{label}: bnb_4bit_use_double_quant"
+        init = args.get("model_init_kwargs") or {}
+        dtype = str(init.get("dtype") or init.get("torch_dtype") or "float32").replace("torch.", "")
+        values["base_load_dtype"] = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(
+            dtype, dtype
+        )
+        sources["base_load_dtype"] = f"{label}: model_init_kwargs.dtype"
+
+
+def quantization_of(config: Any) -> tuple[str, bool]:
+    """(kind, double quant) of a BitsAndBytesConfig (a mapping or its fields), as
+    bitsandbytes reads it: 4-bit with no quant type is FP4."""
+    if not config:
+        return "none", False
+    fields = config if isinstance(config, Mapping) else vars(config)
+    if fields.get("load_in_4bit") or fields.get("_load_in_4bit"):
+        kind = str(fields.get("bnb_4bit_quant_type") or "fp4").lower()
+        return kind, bool(fields.get("bnb_4bit_use_double_quant", False))
+    if fields.get("load_in_8bit") or fields.get("_load_in_8bit"):
+        return "int8", False
+    return "none", False
+
+
 def _is_trl_yaml(data: Mapping[str, Any]) -> bool:
     return any(key in data for key in _TRL_MARKERS)
 
@@ -844,6 +1101,7 @@ def resolve_training_setup(
     base_config: str | Path | None = None,
     flags: Mapping[str, Any] | None = None,
     steps: int = 1,
+    generation_config: Mapping[str, Any] | None = None,
 ) -> TrainingSetup:
     """Every setting from its highest source: defaults (built-in tiny checkpoint only) < the
     checkpoint's training config (RL_Practice ``config.yaml`` beside or above the step; TRL's
@@ -856,7 +1114,7 @@ def resolve_training_setup(
         layers.append(
             (dict(TINY_DEFAULTS), dict.fromkeys(TINY_DEFAULTS, "default (built-in tiny)"), [], [])
         )
-    yaml_path = find_training_config(step_dir)
+    yaml_path = rl_practice_yaml = find_training_config(step_dir)
     if yaml_path is not None:
         cfg = load_training_config_quietly(yaml_path)
         label = _label(yaml_path, step_dir)
@@ -871,6 +1129,7 @@ def resolve_training_setup(
             layers.append(_trl_layer(data, label))
         else:
             data = validate_training_config_quietly(data, label)
+            rl_practice_yaml = Path(base_config)
             layers.append(_rl_practice_layer(data, label, not tiny, _step_number(step_dir)))
     layers.append(
         (
@@ -900,10 +1159,30 @@ def resolve_training_setup(
         sources.update(layer_sources)
         not_used += [u for u in unused if u not in not_used]
         notes += layer_notes
+    _resolve_generate(values, sources, generation_config or {})
     _require_sources(values, sources, steps)
     for name in SETTING_NAMES:
         values.setdefault(name, None)
-    return TrainingSetup(values, sources, not_used, notes, split)
+    return TrainingSetup(values, sources, not_used, notes, split, rl_practice_yaml)
+
+
+# transformers' GenerationConfig defaults for what neither the caller nor the model sets.
+GENERATE_DEFAULTS = {"top_k": 50, "top_p": 1.0}
+
+
+def _resolve_generate(values: dict, sources: dict, generation_config: Mapping[str, Any]) -> None:
+    """Sampler settings left to HF ``generate``: the model's generation_config.json, else
+    transformers' global default (top_k 50)."""
+    for name, default in GENERATE_DEFAULTS.items():
+        if values.get(name) != GENERATE:
+            continue
+        own = generation_config.get(name)
+        values[name] = _checked(name, own if own is not None else default, "generation_config")
+        sources[name] += (
+            " → the model's generation_config.json"
+            if own is not None
+            else f" → transformers' default {default:g}"
+        )
 
 
 def _required(setting: Setting, values: Mapping[str, Any], steps: int) -> bool:
@@ -914,6 +1193,8 @@ def _required(setting: Setting, values: Mapping[str, Any], steps: int) -> bool:
         return steps > 1
     if rule == "kl":
         return bool(values.get("kl_beta"))
+    if rule == "quantized":
+        return values.get("base_quantization") not in (None, "none")
     if rule == "rewards>1":
         return "," in str(values.get("reward") or "")
     return False

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from entropy_lab import distributed
-from entropy_lab.rollout import SequenceBatch, filter_logits
+from entropy_lab.rollout import SequenceBatch
 
 
 @dataclass
@@ -102,6 +102,28 @@ def eval_mode(model: nn.Module):
             model.train(was_training)
 
 
+@contextlib.contextmanager
+def trainer_mode(model: nn.Module, mode: str, dropout_seed: int | None = None):
+    """The model in the trainer's ``mode`` inside the block: "eval" as ``eval_mode``; "train"
+    with dropout (LoRA dropout included) drawn from a generator seeded by ``dropout_seed``,
+    so a repeat's masks are reproducible and the caller's random state is left untouched."""
+    if mode == "eval":
+        with eval_mode(model):
+            yield
+        return
+    was_training = model.training
+    device = next(model.parameters()).device
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        if dropout_seed is not None:
+            torch.manual_seed(dropout_seed)
+        model.train()
+        try:
+            yield
+        finally:
+            model.train(was_training)
+
+
 def decoder_and_head(causal_lm: nn.Module) -> tuple[nn.Module, ModelLogits]:
     """The transformer trunk (returns hidden states) and the model's own logits from them
     (projection and final transform: ``ModelLogits``)."""
@@ -135,11 +157,12 @@ def token_statistics(
     temperature: float,
     chunk_tokens: int = 1024,
     with_entropy: bool = True,
-    top_k: int = 0,
-    top_p: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Per response token: log π(token) and entropy (fp64), and the row each token belongs to.
 
+    Both from the full softmax at temperature T, also when the sampler truncates (top-k /
+    top-p): a truncated reading would jump when a token crosses the boundary, and the full
+    one is what the trainer's loss and TRL / verl's logged entropy use (DESIGN §2.5).
     Differentiable (reverse and forward mode) with respect to the model parameters.
     """
     hidden = decoder(
@@ -153,15 +176,11 @@ def token_statistics(
     logps, entropies = [], []
     for start in range(0, states.shape[0], chunk_tokens):
         logits = head(states[start : start + chunk_tokens]).double() / temperature
-        logits = filter_logits(logits, top_k, top_p)
         logp_all = torch.log_softmax(logits, dim=-1)
         tgt = targets[start : start + chunk_tokens, None]
         logps.append(logp_all.gather(-1, tgt).squeeze(-1))
         if with_entropy:
-            p = logp_all.exp()
-            # Σ p·log p with 0·(−inf) := 0 for truncated (top-k / top-p) entries.
-            plogp = torch.where(p > 0, p * logp_all, torch.zeros_like(p))
-            entropies.append(-plogp.sum(-1))
+            entropies.append(-(logp_all.exp() * logp_all).sum(-1))
     logp = torch.cat(logps)
     entropy = torch.cat(entropies) if with_entropy else None
     return logp, entropy, rows
@@ -173,12 +192,8 @@ def sequence_sums(
     batch: SequenceBatch,
     temperature: float,
     chunk_tokens: int = 1024,
-    top_k: int = 0,
-    top_p: float = 1.0,
 ) -> SequenceSums:
-    logp, entropy, rows = token_statistics(
-        decoder, head, batch, temperature, chunk_tokens, True, top_k, top_p
-    )
+    logp, entropy, rows = token_statistics(decoder, head, batch, temperature, chunk_tokens)
     n = len(batch)
     zeros = torch.zeros(n, dtype=torch.float64, device=logp.device)
     return SequenceSums(
@@ -271,16 +286,12 @@ class EntropyScorer(nn.Module):
         temperature: float,
         chunk_tokens: int = 1024,
         max_rows: int = 64,
-        top_k: int = 0,
-        top_p: float = 1.0,
     ) -> None:
         super().__init__()
         self.lm = causal_lm
         self.temperature = temperature
         self.chunk_tokens = chunk_tokens
         self.max_rows = max_rows
-        self.top_k = top_k
-        self.top_p = top_p
         # MoE: routing is discrete and the jvp holds it fixed, so ``measure`` records which
         # experts each token of E went to, against ``reference_routing`` (θ₀).
         self.routers = routers_of(causal_lm)
@@ -301,8 +312,6 @@ class EntropyScorer(nn.Module):
                 batch.select(rows),
                 self.temperature,
                 self.chunk_tokens,
-                self.top_k,
-                self.top_p,
             )
             if self._recorder is not None:
                 self._recorder.place()

@@ -40,7 +40,7 @@ from entropy_lab.theory import (
     directional_derivatives,
     entropy_gradient,
 )
-from entropy_lab.update import Gradient, PolicyUpdate, UpdateBatch, group_advantages
+from entropy_lab.update import Gradient, GroupCounts, PolicyUpdate, UpdateBatch, group_advantages
 
 if TYPE_CHECKING:
     from entropy_lab.config import TrainingSetup
@@ -133,8 +133,9 @@ def open_experiment(
     before the (slow) batches are sampled: the CLI prints the setup table and opens its
     results folder there.
     """
-    from entropy_lab.checkpoint import load_checkpoint, resolve_layout
+    from entropy_lab.checkpoint import generation_config_of, load_checkpoint, resolve_layout
     from entropy_lab.config import resolve_training_setup
+    from entropy_lab.quantization import Quantization
     from entropy_lab.tiny import TINY_EVAL_SIZE, ensure_tiny_checkpoint, is_tiny_checkpoint
 
     builtin = checkpoint is None  # quick's defaults: faithful fp64, B_E = 256
@@ -145,19 +146,22 @@ def open_experiment(
     dtype = dtype or ("fp64" if builtin else "fp32")
     if measurement.get("eval_size") is None:
         measurement["eval_size"] = TINY_EVAL_SIZE if builtin else 64
-    loaded = load_checkpoint(
-        checkpoint,
-        dtype=dtype,
-        device=device,
-        base_model=base_model,
-        faithful_fp64=measurement.get("faithful_fp64", True),
-    )
     training = resolve_training_setup(
         layout.root,
         tiny=tiny,
         base_config=base_config,
         flags=settings,
         steps=measurement.get("steps") or 1,
+        generation_config=generation_config_of(layout, base_model),
+    )
+    loaded = load_checkpoint(
+        layout.root,
+        dtype=dtype,
+        device=device,
+        base_model=base_model,
+        faithful_fp64=measurement.get("faithful_fp64", True),
+        training_config_path=training.training_config_path,
+        quantization=Quantization.of(training.values),
     )
     cfg = ExperimentConfig.from_setup(
         training,
@@ -231,6 +235,8 @@ class Direction:
     identity_slope: float | None = None  # dH_cond/dη by the covariance identity
     forecasts: CrudeForecasts | None = None  # Cui et al.'s π·A and A forecasts from U
     update_norm: float | None = None  # ‖v_r‖
+    # ‖v_r with a zero RL gradient‖ / ‖v_r‖: 1 = the step is AdamW's momentum alone.
+    momentum_share: float | None = None
 
 
 def prepare(cfg: ExperimentConfig, checkpoint: LoadedCheckpoint) -> Setup:
@@ -275,9 +281,9 @@ def prepare(cfg: ExperimentConfig, checkpoint: LoadedCheckpoint) -> Setup:
     # The reward functions called once on E's completions: one that fails, returns the
     # wrong length or a non-finite value stops the run here, before any point is measured.
     task.rewards(eval_batch.responses, [eval_problems[int(i)] for i in eval_batch.prompt_index])
-    scorer = EntropyScorer(
-        policy, cfg.temperature, cfg.eval_chunk_tokens, top_k=cfg.top_k, top_p=cfg.top_p
-    )
+    # H and log π from the full tempered softmax; the sampler's top-k / top-p decide only
+    # which responses E and U hold (DESIGN §2.5).
+    scorer = EntropyScorer(policy, cfg.temperature, cfg.eval_chunk_tokens)
     updater = PolicyUpdate(
         policy,
         checkpoint.optimizer,
@@ -287,6 +293,7 @@ def prepare(cfg: ExperimentConfig, checkpoint: LoadedCheckpoint) -> Setup:
         microbatch_size=cfg.microbatch_size,
         chunk_tokens=cfg.eval_chunk_tokens,
         objective=cfg.objective(),
+        gradient_mode=cfg.gradient_mode,
     )
     policy.eval()
     with torch.no_grad(), costs.phase(EVAL_PHASE):
@@ -343,26 +350,52 @@ def _gather_batch(shard: SequenceBatch) -> SequenceBatch:
     return SequenceBatch.concat([SequenceBatch.from_dict(p) for p in parts])
 
 
+# Prompts a group filter may draw to fill U, in buffer sizes, before the run stops
+# (RL_Practice's own refill loop is unbounded).
+MAX_FILL_DRAWS = 16
+
+
+@dataclass
+class _Round:
+    """One round of U's sampling: this rank's groups, their rewards, and which groups (of
+    every rank, in the round's prompt order) the trainer's filters keep."""
+
+    seqs: SequenceBatch
+    rewards: torch.Tensor
+    keep: list[bool]
+    varied: int  # groups (all ranks) whose rewards are not all equal
+
+
 def sample_update_batch(setup: Setup, repeat: int) -> UpdateBatch:
+    """U_r at θ₀ with seed r: buffer_size prompts × G responses in the trainer's sampling
+    mode, rewards, the trainer's group filters (dropped groups replaced by fresh prompts,
+    seeded and bounded), group advantages."""
     cfg = setup.cfg
     seed = repeat_seed(cfg.seed, repeat)
-    prompts = random.Random(seed).sample(setup.update_pool, cfg.buffer_size)
-    # Data-parallel, each rank samples (and later back-propagates) whole groups of its prompts.
-    g = cfg.num_generations
-    rows = [p * g + k for p in distributed.shard(len(prompts)) for k in range(g)]
-    seqs = sample_responses(
-        setup.checkpoint.policy,
-        setup.checkpoint.tokenizer,
-        prompts,
-        cfg.num_generations,
-        seed=seed,
-        **cfg.sampling(),
-        rows=rows,
-    )
-    rewards = torch.tensor(
-        setup.task.rewards(seqs.responses, [prompts[int(i)] for i in seqs.prompt_index]),
-        dtype=torch.float64,
-    )
+    rng = random.Random(seed)
+    remaining = list(setup.update_pool)
+    rounds: list[_Round] = []
+    counts = GroupCounts()
+    while counts.kept < cfg.buffer_size:
+        need = cfg.buffer_size - counts.kept
+        # Round 0 draws buffer_size prompts (the seed's own draw, so a run without filters is
+        # what it was); refills draw for the acceptance rate seen so far, as many as are left.
+        draw = (
+            need
+            if not rounds
+            else min(len(remaining), -(-need * counts.drawn // max(counts.kept, 1)))
+        )
+        if counts.drawn >= MAX_FILL_DRAWS * cfg.buffer_size or draw < need:
+            raise ConfigError(_unfilled_buffer(cfg, counts))
+        prompts = rng.sample(remaining, draw)
+        chosen = {id(p) for p in prompts}
+        remaining = [p for p in remaining if id(p) not in chosen]
+        rounds.append(_sample_round(setup, prompts, seed + 7919 * len(rounds), need))
+        if repeat == 0 and len(rounds) == 1 and rounds[0].varied == 0:
+            raise ConfigError(_no_reward_variance(cfg, draw))
+        kept = sum(rounds[-1].keep)
+        counts = GroupCounts(counts.drawn + draw, counts.kept + kept, counts.dropped + draw - kept)
+    seqs, rewards = _kept_groups(rounds, cfg.num_generations)
     update = UpdateBatch(
         seqs,
         rewards,
@@ -371,12 +404,103 @@ def sample_update_batch(setup: Setup, repeat: int) -> UpdateBatch:
         cfg.max_new_tokens,
         mean_reward=distributed.sum_over_ranks(float(rewards.sum()))
         / distributed.sum_over_ranks(len(rewards)),
+        dropout_seed=seed if cfg.gradient_mode == "train" else None,
+        groups=counts,
     )
     if cfg.steps > 1:  # later steps use the clipped ratio against θ₀'s log-probs
         update.old_logprob = setup.updater.token_logprobs(seqs)
     if cfg.kl_beta:  # the reference's log-probs, once per U (they do not depend on θ)
         update.ref_logprob = setup.updater.reference_logprobs(seqs, setup.kl_reference)
     return update
+
+
+def _sample_round(setup: Setup, prompts: list[Problem], seed: int, need: int) -> _Round:
+    """One round's groups; the first ``need`` groups the filters keep (in draw order, as the
+    trainer fills its buffer) enter U."""
+    cfg = setup.cfg
+    g = cfg.num_generations
+    # Data-parallel, each rank samples (and later back-propagates) whole groups of its prompts.
+    rows = [p * g + k for p in distributed.shard(len(prompts)) for k in range(g)]
+    seqs = sample_responses(
+        setup.checkpoint.policy,
+        setup.checkpoint.tokenizer,
+        prompts,
+        g,
+        seed=seed,
+        **cfg.sampling(),
+        rows=rows,
+        mode=cfg.sampling_mode,
+    )
+    rewards = torch.tensor(
+        setup.task.rewards(seqs.responses, [prompts[int(i)] for i in seqs.prompt_index]),
+        dtype=torch.float64,
+    )
+    groups = {int(i): rewards[seqs.prompt_index == i] for i in seqs.prompt_index.unique()}
+    local = {i: (keep_group(r, cfg), bool((r != r[0]).any())) for i, r in groups.items()}
+    of = {}
+    for part in distributed.all_gather_objects(local):
+        of.update(part)
+    keep = [of[i][0] for i in range(len(prompts))]
+    keep = [k and sum(keep[: i + 1]) <= need for i, k in enumerate(keep)]
+    return _Round(seqs, rewards, keep, sum(of[i][1] for i in range(len(prompts))))
+
+
+def keep_group(rewards: torch.Tensor, cfg: ExperimentConfig) -> bool:
+    """Whether the trainer's filters keep a group with these rewards, as RL_Practice's
+    collector decides: variance (population) below ``reward_var_thresh``, all rewards 0
+    (``reject_all_zero``), all rewards equal to the group's largest (``reject_all_max``)."""
+    if float(rewards.var(unbiased=False)) < cfg.reward_var_thresh:
+        return False
+    if cfg.reject_all_zero and bool((rewards == 0).all()):
+        return False
+    if cfg.reject_all_max and bool((rewards == rewards.max()).all()):
+        return False
+    return True
+
+
+def _kept_groups(rounds: list[_Round], g: int) -> tuple[SequenceBatch, torch.Tensor]:
+    """This rank's kept groups of every round, prompt indices numbered across rounds in draw
+    order (one round without filters: U as sampled)."""
+    if len(rounds) == 1 and all(rounds[0].keep):
+        return rounds[0].seqs, rounds[0].rewards
+    parts, rewards, offset = [], [], 0
+    for rnd in rounds:
+        rows = [r for r, i in enumerate(rnd.seqs.prompt_index.tolist()) if rnd.keep[i]]
+        part = rnd.seqs.select(rows)
+        part.prompt_index = part.prompt_index + offset
+        parts.append(part)
+        rewards.append(rnd.rewards[rows])
+        offset += len(rnd.keep)
+    return SequenceBatch.concat(parts), torch.cat(rewards)
+
+
+def _no_reward_variance(cfg: ExperimentConfig, prompts: int) -> str:
+    """The pre-check (U of the first repeat): with no reward variance in any group every
+    advantage is 0, the RL gradient is exactly 0 and the step would be AdamW momentum alone."""
+    return (
+        f"no reward variance: under reward {cfg.reward!r} each of the {prompts} groups of the "
+        f"first update batch ({cfg.num_generations} responses per prompt) got equal rewards, "
+        "so every advantage and the RL gradient are 0 and the step would be the optimizer's "
+        "momentum alone; check --reward against the prompts and the model's answers"
+    )
+
+
+def _unfilled_buffer(cfg: ExperimentConfig, counts: GroupCounts) -> str:
+    filters = [
+        name
+        for name, on in (
+            ("reject_all_zero", cfg.reject_all_zero),
+            ("reject_all_max", cfg.reject_all_max),
+            (f"reward_var_thresh {cfg.reward_var_thresh:g}", cfg.reward_var_thresh > 0),
+        )
+        if on
+    ]
+    return (
+        f"the update buffer cannot be filled: {counts.kept} of {cfg.buffer_size} groups kept "
+        f"after drawing {counts.drawn} prompts ({counts.dropped} dropped by "
+        f"{', '.join(filters)}); the reward {cfg.reward!r} gives too few groups with reward "
+        "variance on these prompts: check the reward, or lower buffer_size"
+    )
 
 
 def jet_order(cfg: ExperimentConfig) -> int:
@@ -407,6 +531,7 @@ def direction(setup: Setup, repeat: int) -> Direction:
         gradient = setup.updater.gradient(update)
     with costs.phase("update vector"):
         vector = setup.updater.update_vector(gradient)
+        momentum = setup.updater.update_vector(gradient.zero())
     derivatives = identity = forecasts = None
     if cfg.first_order and cfg.steps == 1:
         with costs.phase(f"jvp to order {jet_order(cfg)}"):
@@ -428,7 +553,12 @@ def direction(setup: Setup, repeat: int) -> Direction:
         identity,
         forecasts,
         setup.updater.update_norm(vector),
+        _share(setup.updater.update_norm(momentum), setup.updater.update_norm(vector)),
     )
+
+
+def _share(part: float, whole: float) -> float | None:
+    return part / whole if whole > 0 else None
 
 
 def _crude_forecasts(gradient: Gradient) -> CrudeForecasts:
@@ -602,7 +732,10 @@ def measure_point(setup: Setup, d: Direction | FailedDirection, eta: float) -> P
     record = _record_head(setup, d, eta)
     record.update_norm = d.update_norm
     record.grad_norm = d.gradient.grad_norm
+    record.momentum_share = d.momentum_share
     record.mean_reward = d.update.mean_reward
+    if d.update.groups is not None:
+        record.groups_kept, record.groups_dropped = d.update.groups.kept, d.update.groups.dropped
     if d.derivatives is not None:
         for name, value in _jet_fields(d, eta, key).items():
             setattr(record, name, value)

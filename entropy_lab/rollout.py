@@ -172,10 +172,13 @@ def sample_responses(
     top_p: float = 1.0,
     batch_rows: int = 256,
     rows: Sequence[int] | None = None,
+    mode: str = "eval",
+    stop_after: str | None = None,
 ) -> SequenceBatch:
     """``num_samples`` responses per problem; rows ordered problem-major.
 
-    Global row r answers problem r // num_samples. Each row draws its tokens by inverse CDF
+    Global row r answers problem r // num_samples; ``mode`` is the model's mode while
+    sampling (the trainer's); ``stop_after`` a text after whose tokens a response ends. Each row draws its tokens by inverse CDF
     from its own uniform stream (seeded by (seed, r)), so sampling a subset ``rows`` (one
     rank's shard) gives exactly the tokens those rows get in the full batch.
     """
@@ -188,11 +191,15 @@ def sample_responses(
     rows = list(rows)
     uniforms = row_uniforms(seed, rows, max_new_tokens)
     eos_id = tokenizer.eos_token_id
-    from entropy_lab.entropy import eval_mode  # entropy imports this module
+    # RL_Practice's StopAfterAnswer: nothing is sampled after the tag's tokens.
+    stop = tokenizer(stop_after, add_special_tokens=False)["input_ids"] if stop_after else []
+    from entropy_lab.entropy import trainer_mode  # entropy imports this module
 
     sequences: list[tuple[int, list[int], list[int]]] = []
     start = 0
-    with eval_mode(model):
+    # The trainer's mode ("train": LoRA dropout in generate too, as TRL samples), dropout
+    # seeded by ``seed``; the tokens' own draws come from the per-row uniforms either way.
+    with trainer_mode(model, mode, seed):
         while start < len(rows):
             chunk = [row // num_samples for row in rows[start : start + batch_rows]]
             try:
@@ -206,6 +213,7 @@ def sample_responses(
                     top_p,
                     uniforms[start : start + len(chunk)].to(device),
                     device,
+                    stop,
                 )
             except torch.OutOfMemoryError as exc:
                 batch_rows = _fewer_rows(batch_rows, max_new_tokens, exc)
@@ -238,7 +246,7 @@ def _fewer_rows(batch_rows: int, max_new_tokens: int, exc: torch.OutOfMemoryErro
 
 
 def _sample_chunk(
-    model, prompts, eos_id, temperature, max_new_tokens, top_k, top_p, uniforms, device
+    model, prompts, eos_id, temperature, max_new_tokens, top_k, top_p, uniforms, device, stop=()
 ) -> list[list[int]]:
     pad_id = 0
     width = max(len(p) for p in prompts)
@@ -269,6 +277,9 @@ def _sample_chunk(
         token = torch.where(done, torch.full_like(token, pad_id), token)
         out[:, t] = torch.where(done, torch.full_like(token, -1), token)
         done = done | (token == eos_id)
+        if stop and t + 1 >= len(stop):  # the trainer's stop sequence ends the response
+            tail = out[:, t + 1 - len(stop) : t + 1]
+            done = done | (tail == torch.tensor(stop, device=device)).all(-1)
         if bool(done.all()):
             break
         step_ids = token[:, None]

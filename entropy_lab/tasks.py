@@ -19,6 +19,7 @@ their weights (TRL's ``reward_weights``).
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -74,16 +75,22 @@ def exact_answer(completions: Sequence[str], answer: Sequence[Any], **_: Any) ->
     return [float(c.strip() == str(a).strip()) for c, a in zip(completions, answer)]
 
 
+# RL_Practice's tag_pref weights (rewards/tag_pref.py): the tag alone earns nothing.
+TAG_PREF_WEIGHTS = {"tag": 0.0, "answer": 1.0}
+
+
 def tag_pref(completions: Sequence[str], answer: Sequence[Any], **_: Any) -> list[float]:
-    """RL_Practice's ``tag_pref``: 0.5 for exactly one ``<answer>…</answer>`` block, + 0.5 when
-    the block's content verifies against the gold answer (math-verify)."""
+    """RL_Practice's ``tag_pref``: W_TAG (0) for exactly one ``<answer>…</answer>`` block, plus
+    W_ANS (1) when that block's content verifies against the gold answer (math-verify); 0
+    without exactly one block."""
     out = []
     for completion, gold in zip(completions, answer):
         blocks = _ANSWER_BLOCK.findall(completion)
         if len(blocks) != 1:
             out.append(0.0)
             continue
-        out.append(0.5 + 0.5 * _verifies(gold_answer(gold), blocks[0]))
+        correct = _verifies(gold_answer(gold), blocks[0].strip())
+        out.append(TAG_PREF_WEIGHTS["tag"] + TAG_PREF_WEIGHTS["answer"] * correct)
     return out
 
 
@@ -130,7 +137,54 @@ def _import_reward(spec: str) -> Callable[..., list[float]]:
     fn = getattr(module, name, None)
     if not callable(fn):
         raise ConfigError(f"--reward {spec!r}: {where} has no callable {name!r}")
+    if _parameter_names(fn)[:2] == ["prompt_id", "answers"]:
+        return rl_practice_reward(fn, module)
     return fn
+
+
+def _parameter_names(fn: Callable[..., Any]) -> list[str]:
+    try:
+        return list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return []
+
+
+def rl_practice_prompt_id(prompt: str) -> int:
+    """A stable id per prompt text (RL_Practice keys its gold answers by prompt id)."""
+    return int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "big") >> 1
+
+
+def rl_practice_reward(fn: Callable[..., Any], module: Any) -> Callable[..., list[float]]:
+    """RL_Practice's reward interface, ``reward_fn(prompt_id, answers) -> Tensor[G]`` with the
+    gold answers in its ``PROMPT2GOLD`` map (its scheduler fills it; here, before each call),
+    as a TRL-style reward: its code is run as the trainer runs it, one group at a time."""
+
+    def reward(completions: Sequence[str], prompts: Sequence[str], answer, **_: Any):
+        groups: dict[str, list[int]] = {}
+        for i, prompt in enumerate(prompts):
+            groups.setdefault(str(prompt), []).append(i)
+        out = [0.0] * len(completions)
+        for prompt, rows in groups.items():
+            pid = rl_practice_prompt_id(prompt)
+            for registry in _gold_registries(module):
+                registry[pid] = str(answer[rows[0]])
+            values = fn(pid, [completions[i] for i in rows])
+            values = values.tolist() if hasattr(values, "tolist") else list(values)
+            for i, value in zip(rows, values):
+                out[i] = float(value)
+        return out
+
+    return reward
+
+
+def _gold_registries(module: Any) -> list[dict]:
+    """RL_Practice's prompt → gold maps: the reward module's own and its tag_pref's."""
+    import sys
+
+    found = [module] + [
+        m for name, m in list(sys.modules.items()) if name.endswith("rewards.tag_pref")
+    ]
+    return [m.PROMPT2GOLD for m in found if isinstance(getattr(m, "PROMPT2GOLD", None), dict)]
 
 
 @dataclass
@@ -253,10 +307,25 @@ class ArithmeticTask(Task):
         )
 
 
+# Named prompt wrappers of the trainers' data sets, as their code builds the prompt.
+# "r1": RL_Practice's gsm8k_r1_template (rlp_datasets/gsm8k_r1_template.py).
+NAMED_TEMPLATES = {
+    "r1": (
+        "You are solving math problems. Respond by reasoning through the problem then "
+        "providing a final answer. Enclose the reasoning process within <think> </think> and "
+        "the answer within <answer> </answer> tags, i.e., <think> reasoning process here "
+        "</think> <answer> answer here </answer>.\nQuestion: {question}\nResponse: <think>"
+    ),
+}
+
+
 def read_template(template: str | None) -> str | None:
-    """A template file (``--prompt-template FILE``) or a template's own text."""
+    """A template file (``--prompt-template FILE``), a template's own text, or a named
+    wrapper (``r1``: RL_Practice's gsm8k_r1_template)."""
     if template is None:
         return None
+    if template in NAMED_TEMPLATES:
+        return NAMED_TEMPLATES[template]
     path = Path(template)
     if "{question}" not in template and path.is_file():
         template = path.read_text(encoding="utf-8")

@@ -38,7 +38,7 @@ from entropy_lab.entropy import (
     readings,
     sequence_sums,
 )
-from entropy_lab.rollout import SequenceBatch, filter_logits
+from entropy_lab.rollout import SequenceBatch
 
 
 @dataclass(frozen=True)
@@ -455,17 +455,16 @@ class ResponseHidden(torch.nn.Module):
 
 
 class ResponseLogits(torch.nn.Module):
-    """Tempered (and truncated, if configured) logits from response-position hidden states."""
+    """Tempered logits (the full softmax's) from response-position hidden states."""
 
     def __init__(self, scorer: EntropyScorer) -> None:
         super().__init__()
         self.lm = scorer.lm
         self.temperature = scorer.temperature
-        self.top_k, self.top_p = scorer.top_k, scorer.top_p
 
     def forward(self, states: torch.Tensor) -> torch.Tensor:
         _, head = decoder_and_head(self.lm)
-        return filter_logits(head(states) / self.temperature, self.top_k, self.top_p)
+        return head(states) / self.temperature
 
 
 def entropy_gradient(
@@ -497,8 +496,6 @@ def entropy_gradient(
                 part,
                 scorer.temperature,
                 scorer.chunk_tokens,
-                scorer.top_k,
-                scorer.top_p,
             )
             objective = sums.entropy.sum()
             if reading == "policy":

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -568,3 +569,50 @@ def build_tiny_architecture(
     finally:
         torch.set_num_threads(threads)
     return out
+
+
+def write_rl_practice_run(step_dir: str | Path, out: str | Path, steps: tuple[int, ...] = (2,)):
+    """The built-in checkpoint laid out as RL_Practice's RLRunner writes a run (DESIGN §6): the
+    training YAML two levels above the steps, ``training_state/step_N`` for each of ``steps``
+    and ``step_final`` (copies of ``step_dir``), a ``step_latest`` symlink to step_final, the
+    names file as one list per param group, training_info.json with ``model_config``, and
+    the adapter still naming the path it was trained from (which does not resolve from the
+    step: the base comes from ``backbone``). A layout fixture, not a training run."""
+    step_dir, run = Path(step_dir), Path(out)  # not marked tiny: RL_Practice's own rules apply
+    state = run / "training_state"
+    state.mkdir(parents=True)
+    cfg = yaml.safe_load((step_dir / "config.yaml").read_text())
+    cfg["backbone"] = str((step_dir / "base_model").resolve())
+    # RL_Practice's own keys, as its configs (cfg/h100_dual_gns_64step.yaml) spell them
+    cfg.update(
+        {
+            "reward_var_thresh": 0.01,
+            "reject_all_zero": True,
+            "reject_all_max": True,
+            'cfg["kl_beta"]': 0.0,
+            "ent_coef": 0.0,
+            "clip_+": 0.2,
+            "ppo_epochs": 1,
+        }
+    )
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    names = json.loads((step_dir / "optimizer_param_names.json").read_text())
+    for name in [f"step_{n}" for n in steps] + ["step_final"]:
+        target = state / name
+        target.mkdir()
+        shutil.copytree(step_dir / "model", target / "model")
+        for file in ("optimizer.pt", "scheduler.pt"):
+            shutil.copy2(step_dir / file, target / file)
+        (target / "optimizer_param_names.json").write_text(json.dumps([names]))
+        number = steps[-1] if name == "step_final" else int(name.split("_")[1])
+        record = {
+            "step": number,
+            "global_step": number,
+            "epoch": 0,
+            "model_config": {"backbone": cfg["backbone"], "eval_backbone": cfg["backbone"]},
+            "training_config": cfg,
+            "distributed_info": {"world_size": 1, "rank": 0, "local_rank": 0},
+        }
+        (target / "training_info.json").write_text(json.dumps(record, indent=1))
+    (state / "step_latest").symlink_to("step_final")
+    return run

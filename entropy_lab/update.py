@@ -24,11 +24,20 @@ import torch
 from torch import nn
 
 from entropy_lab import distributed
-from entropy_lab.entropy import decoder_and_head, eval_mode, token_statistics
+from entropy_lab.entropy import decoder_and_head, token_statistics, trainer_mode
 from entropy_lab.rollout import SequenceBatch
 
 SCALE_REWARDS = ("none", "group", "batch")
 STD_EPS = 1e-4  # TRL's: A / (std + 1e-4)
+
+
+@dataclass(frozen=True)
+class GroupCounts:
+    """Prompts drawn for U, groups kept, groups the trainer's filters dropped."""
+
+    drawn: int = 0
+    kept: int = 0
+    dropped: int = 0
 
 
 @dataclass
@@ -44,6 +53,8 @@ class UpdateBatch:
     # Over the whole U: data-parallel, this batch holds one rank's prompts only.
     mean_reward: float | None = None
     ref_logprob: torch.Tensor | None = None  # per response token, the reference (kl_beta > 0)
+    dropout_seed: int | None = None  # the loss's dropout masks (gradient_mode "train")
+    groups: GroupCounts | None = None  # the trainer's group filters on U
 
     def __post_init__(self) -> None:
         if self.mean_reward is None:
@@ -60,6 +71,10 @@ class Gradient:
     # parameters of the gradient, and the token's advantage (any order, for statistics).
     token_logprob: torch.Tensor | None = None
     token_advantage: torch.Tensor | None = None
+
+    def zero(self) -> Gradient:
+        """No RL signal: what AdamW's step is from its state alone (momentum, decay)."""
+        return Gradient({n: torch.zeros_like(g) for n, g in self.grads.items()}, 0.0, 0.0, False)
 
 
 def group_advantages(
@@ -196,8 +211,10 @@ class PolicyUpdate:
         microbatch_size: int = 4,
         chunk_tokens: int = 1024,
         objective: Objective | None = None,
+        gradient_mode: str = "eval",
     ) -> None:
         self.model = causal_lm
+        self.gradient_mode = gradient_mode  # the trainer's mode in its loss's backward pass
         self.optimizer = optimizer
         self.params = trainable_parameters(causal_lm)
         if not self.params:
@@ -329,8 +346,10 @@ class PolicyUpdate:
                 return None
             return torch.cat([values[token_offsets[i]] for i in rows]).to(device)
 
-        # No dropout (LoRA dropout included): the gradient is deterministic.
-        with eval_mode(self.model):
+        # In the trainer's mode: eval (no dropout), or train with dropout seeded per repeat
+        # (and per rank, as each DDP process draws its own masks).
+        seed = None if update.dropout_seed is None else update.dropout_seed + distributed.rank()
+        with trainer_mode(self.model, self.gradient_mode, seed):
             for rows in self._microbatches(seqs):
                 micro = seqs.select(rows).to(device)
                 adv = update.advantages[rows].to(device)

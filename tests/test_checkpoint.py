@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
-from entropy_lab.checkpoint import load_checkpoint, resolve_layout
+from entropy_lab.checkpoint import load_checkpoint, resolve_base_model, resolve_layout
 from entropy_lab.errors import CheckpointError
 from entropy_lab.precision import FAITHFUL_ATTENTION
 
@@ -467,10 +468,7 @@ def test_uncached_hub_base_model_fails_offline_without_hub_lookups(
     import huggingface_hub.file_download as hf_download
 
     ck_dir = _copy(tiny_checkpoint, tmp_path / "ck")
-    cfg_path = ck_dir / "model" / "adapter_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["base_model_name_or_path"] = "entropy-lab-test/no-such-model"
-    cfg_path.write_text(json.dumps(cfg))
+    _set_backbone(ck_dir, "entropy-lab-test/no-such-model")
     lookups = []
 
     def no_network(*args, **kwargs):
@@ -486,6 +484,35 @@ def test_uncached_hub_base_model_fails_offline_without_hub_lookups(
     with pytest.raises(CheckpointError, match=r"no-such-model.*offline.*pass --base-model"):
         load_checkpoint(ck_dir)
     assert lookups == [], "an offline load must not query the hub"
+
+
+def _set_backbone(ck_dir: Path, name: str) -> None:
+    """The trainer's config names the base (read before the adapter's path)."""
+    cfg = yaml.safe_load((ck_dir / "config.yaml").read_text())
+    cfg["backbone"] = name
+    (ck_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
+
+
+def test_base_model_source_order(tiny_checkpoint, tmp_path):
+    """DESIGN §6: --base-model; the trainer's backbone (training_info.json's model_config, then
+    config.yaml); the adapter's base_model_name_or_path."""
+    ck_dir = _copy(tiny_checkpoint, tmp_path / "ck")
+    base = str((ck_dir / "base_model").resolve())
+    layout = resolve_layout(ck_dir)
+    assert resolve_base_model(layout, None) == (base, "config.yaml: backbone")
+    assert resolve_base_model(layout, "x") == ("x", "--base-model")
+    info = json.loads((ck_dir / "training_info.json").read_text())
+    info["model_config"] = {"backbone": "org/trained-base"}
+    (ck_dir / "training_info.json").write_text(json.dumps(info))
+    assert resolve_base_model(resolve_layout(ck_dir), None) == (
+        "org/trained-base",
+        "training_info.json: model_config.backbone",
+    )
+    (ck_dir / "training_info.json").write_text("{}")
+    (ck_dir / "config.yaml").write_text("lr: 1.0e-6\n")
+    assert resolve_base_model(resolve_layout(ck_dir), None)[1] == (
+        "adapter_config.json: base_model_name_or_path"
+    )
 
 
 # ----------------------------------------------------------------------------- 8. fp64

@@ -182,7 +182,7 @@ def test_experiment_config_validation():
     assert "repeats" in _one_line(e)
     with pytest.raises(ConfigError, match="--dtype must be fp32, fp64 or bf16"):
         ExperimentConfig(learning_rates=[1e-6], dtype="fp16")
-    with pytest.raises(ConfigError, match="temperature must be > 0"):
+    with pytest.raises(ConfigError, match="temperature must be finite and > 0"):
         ExperimentConfig(learning_rates=[1e-6], temperature=0)
     with pytest.raises(ConfigError, match="eval_size must be >= 1"):
         ExperimentConfig(learning_rates=[1e-6], eval_size=0)
@@ -235,10 +235,11 @@ def test_arithmetic_task_reward_exact_match():
         ("<answer>72</answer>", "9+63=72\n#### 72", 1.0),  # GSM8K's gold after ####
         ("<answer>72</answer> then <answer>72</answer>", "72", 0.0),
         ("<answer>71</answer><answer>72</answer>", "72", 0.0),
-        ("<answer>73</answer>", "72", 0.5),  # one block, wrong: the format half only
-        ("<answer>3</answer>", "-3", 0.5),
+        # one block, wrong: RL_Practice's W_TAG = 0 gives the format nothing
+        ("<answer>73</answer>", "72", 0.0),
+        ("<answer>3</answer>", "-3", 0.0),
         ("72", "72", 0.0),
-        ("<answer>no number</answer>", "72", 0.5),
+        ("<answer>no number</answer>", "72", 0.0),
         ("<answer>72", "72", 0.0),
     ],
 )
@@ -281,7 +282,7 @@ def test_jsonl_question_answer_records(tmp_path):
     assert task.problems[3].prompt == DEFAULT_TEMPLATE.format(question="What is 5 minus 8?")
     assert task.reward(" 9+63 is 72 </think><answer>72</answer>", first) == 1.0
     assert task.reward("<answer>1534</answer>", task.problems[2]) == 1.0
-    assert task.reward("<answer>71</answer>", first) == 0.5
+    assert task.reward("<answer>71</answer>", first) == 0.0
 
 
 def test_jsonl_text_records_with_custom_template(tmp_path):
@@ -298,6 +299,10 @@ def test_jsonl_text_records_with_custom_template(tmp_path):
     assert task.reward("9 eights</think><answer>72</answer>", task.problems[0]) == 1.0
     own = load_task(str(path))  # no template: the record's own prompt, up to <think>
     assert own.problems[0].prompt == "What is 8 times 9? <think>"
+    # RL_Practice's gsm8k_r1_template wrapper, by name
+    r1 = load_task(str(path), "r1")
+    assert r1.problems[1].prompt.startswith("You are solving math problems.")
+    assert r1.problems[1].prompt.endswith("\nQuestion: Half of 50?\nResponse: <think>")
 
 
 def test_jsonl_template_errors(tmp_path):
