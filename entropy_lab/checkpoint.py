@@ -80,6 +80,8 @@ def resolve_layout(path: str | Path) -> CheckpointLayout:
         raise CheckpointError(f"checkpoint not found: {root} (pass an existing folder)")
     if not root.is_dir():
         raise CheckpointError(f"checkpoint must be a folder, got the file {root}")
+    if root.is_symlink():  # step_latest: say which step it is
+        root = root.resolve()
     if not (root / "optimizer.pt").exists():
         root = _step_of_run(root)
     optimizer_path = root / "optimizer.pt"

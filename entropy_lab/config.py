@@ -248,6 +248,7 @@ class ExperimentConfig:
     base_quantization: str = "none"
     base_quant_double: bool = False
     base_load_dtype: str = "fp32"
+    kl_reference: str = "base"  # a LoRA policy's KL reference (Setting "kl_reference")
     reference_model: str | None = None  # the KL reference of a full fine-tune
     # Response tokens per fp64 entropy chunk: at V = 151,936 one chunk is 256·V·8 B ≈ 0.3 GB
     # and the scorer holds about 6 at once (measured by `entropy-lab bench`).
@@ -297,6 +298,11 @@ class ExperimentConfig:
         return cls(
             learning_rates=learning_rates, training_config=dict(training_config or {}), **values
         )
+
+    @property
+    def reference_adapter(self) -> str | None:
+        """The starting adapter's folder when it is the KL reference, else None (base)."""
+        return None if self.kl_reference in ("base", RL_PRACTICE_REFERENCE) else self.kl_reference
 
     def sampling(self) -> dict[str, Any]:
         """The sampling distribution: rollouts and the scorer must share it exactly."""
@@ -467,6 +473,8 @@ def _optional_float(text: Any) -> float | None:
     return None if text is None or str(text).lower() in ("none", "") else float(text)
 
 
+# RL_Practice's reference model: the base quantized NF4 with the starting adapter.
+RL_PRACTICE_REFERENCE = "nf4 base + starting adapter"
 _NONE = object()  # "no such source" (None is a real value: e.g. clip_eps_high = clip_eps)
 # A sampler setting its trainer leaves to HF ``generate``: the model's generation_config.json,
 # else transformers' global default (top_k 50, top_p 1).
@@ -590,6 +598,15 @@ SETTINGS: tuple[Setting, ...] = (
         tiny=False,
         rl_practice_code=False,
         trl="use_bias_correction_kl",
+    ),
+    Setting(
+        "kl_reference",
+        str,
+        "the KL reference of a LoRA policy: base (adapter disabled; TRL given a peft_config) "
+        "or the starting adapter's folder (TRL given a PeftModel)",
+        required="kl",
+        tiny="base",
+        rl_practice_code=RL_PRACTICE_REFERENCE,
     ),
     Setting(
         "entropy_coef",
@@ -751,6 +768,7 @@ _RL_PRACTICE_WHY = {
     "scale_rewards": "Dr-GRPO: no std division",
     "kl_beta": "cfg.get('kl_beta', 0.0)",
     "kl_bias_correction": "plain k3",
+    "kl_reference": "its ref_model",
     "entropy_coef": "no entropy term in its DRGRPO loss",
     "sampling_mode": "samples in eval mode",
     "stop_after": "StopAfterAnswer: pad forced after </answer>",

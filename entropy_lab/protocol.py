@@ -26,7 +26,7 @@ import torch
 from entropy_lab import distributed
 from entropy_lab.analysis import EPS, PointRecord
 from entropy_lab.checkpoint import LoadedCheckpoint
-from entropy_lab.config import ExperimentConfig
+from entropy_lab.config import RL_PRACTICE_REFERENCE, ExperimentConfig
 from entropy_lab.entropy import EntropyReadings, EntropyScorer, readings
 from entropy_lab.errors import CheckpointError, ConfigError, EntropyLabError, release_after_oom
 from entropy_lab.rollout import SequenceBatch, sample_responses
@@ -173,6 +173,11 @@ def open_experiment(
         **measurement,
     )
     kl_reference = None
+    if cfg.kl_beta and cfg.kl_reference == RL_PRACTICE_REFERENCE:
+        raise ConfigError(
+            "kl_beta > 0 with RL_Practice's KL reference (an NF4 copy of the base with the "
+            "starting adapter) is not reproduced by this measurement"
+        )
     if cfg.kl_beta:
         kl_reference = _kl_reference(loaded, reference_model, dtype, device)
     if on_config is not None:
@@ -410,7 +415,9 @@ def sample_update_batch(setup: Setup, repeat: int) -> UpdateBatch:
     if cfg.steps > 1:  # later steps use the clipped ratio against θ₀'s log-probs
         update.old_logprob = setup.updater.token_logprobs(seqs)
     if cfg.kl_beta:  # the reference's log-probs, once per U (they do not depend on θ)
-        update.ref_logprob = setup.updater.reference_logprobs(seqs, setup.kl_reference)
+        update.ref_logprob = setup.updater.reference_logprobs(
+            seqs, setup.kl_reference, cfg.reference_adapter
+        )
     return update
 
 

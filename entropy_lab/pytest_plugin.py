@@ -42,7 +42,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--dtype",
         default=None,
         choices=["fp32", "fp64", "bf16"],
-        help="default: fp64 for the cpu suite (tiny model), fp32 for the gpu suite",
+        help="default: fp64 for the built-in tiny checkpoint, else fp32 (as the CLI)",
     )
     g.addoption("--eval-size", type=int, default=None, help="evaluation prompts B_E")
     g.addoption("--r2-min", type=float, default=0.95, help="R² threshold (default 0.95)")
@@ -235,8 +235,11 @@ def suite_settings(config: pytest.Config, kind: str, variant: str = "default") -
             checkpoint = str(ensure_tiny_checkpoint())
         device = device or "cpu"
         grid, repeats = CPU_DEFAULT_GRID, 3
+    # The built-in checkpoint's measurement defaults (faithful fp64, B_E = 256) are quick's:
+    # any other checkpoint gets the sweep's (fp32, B_E = 64), as on the command line.
+    builtin = kind == "cpu" and not config.getoption("--checkpoint")
     etas = parse_learning_rates(config.getoption("--learning-rates") or grid)
-    eval_size = config.getoption("--eval-size") or (CPU_EVAL_SIZE if kind == "cpu" else None)
+    eval_size = config.getoption("--eval-size") or (CPU_EVAL_SIZE if builtin else None)
     return SuiteSettings(
         kind=kind,
         checkpoint=checkpoint,
@@ -245,7 +248,7 @@ def suite_settings(config: pytest.Config, kind: str, variant: str = "default") -
         learning_rates=etas,
         num_repeats=config.getoption("--num-repeats") or repeats,
         device=device,
-        dtype=config.getoption("--dtype") or ("fp64" if kind == "cpu" else "fp32"),
+        dtype=config.getoption("--dtype") or ("fp64" if builtin else "fp32"),
         eval_size=eval_size,
         r2_min=config.getoption("--r2-min"),
         setup_flags=tuple((k, v) for k, v in setting_options(config).items() if v is not None),

@@ -276,17 +276,34 @@ class PolicyUpdate:
 
     @torch.no_grad()
     def reference_logprobs(
-        self, seqs: SequenceBatch, reference: nn.Module | None = None
+        self,
+        seqs: SequenceBatch,
+        reference: nn.Module | None = None,
+        reference_adapter: str | None = None,
     ) -> torch.Tensor:
         """The KL reference's log-prob of every response token: ``reference`` (a full
-        fine-tune's reference model) or, for a LoRA policy, the same model with its adapter
-        disabled (no second model in memory)."""
+        fine-tune's reference model); for a LoRA policy, the starting adapter in
+        ``reference_adapter`` (TRL handed a PeftModel keeps a frozen copy of it), else the
+        same model with its adapter disabled (TRL handed a peft_config). No second model in
+        memory: the starting adapter's weights are swapped in and θ restored after."""
         if reference is not None:
             return self.token_logprobs(seqs, reference)
         if not hasattr(self.model, "disable_adapter"):
             raise ValueError("kl_beta > 0 on a full fine-tune needs a reference model")
-        with self.model.disable_adapter():
+        if reference_adapter is None:
+            with self.model.disable_adapter():
+                return self.token_logprobs(seqs)
+        from peft import set_peft_model_state_dict
+        from peft.utils import load_peft_weights
+
+        current = {n: p.detach().clone() for n, p in self.params.items()}
+        try:
+            set_peft_model_state_dict(self.model, load_peft_weights(reference_adapter, "cpu"))
             return self.token_logprobs(seqs)
+        finally:
+            with torch.no_grad():
+                for name, value in current.items():
+                    self.params[name].copy_(value)
 
     def _microbatches(self, seqs: SequenceBatch) -> list[list[int]]:
         """Rows of each micro-batch: ``microbatch_size`` whole prompt groups at a time."""

@@ -87,6 +87,10 @@ def test_sweep_takes_the_trainer_setup_from_training_args(trl_run, tmp_path, cap
     assert (checkpoint / "training_args.bin").is_file()
     argv = ["sweep", "--checkpoint", str(checkpoint), "--prompts", str(prompts)]
     argv += ["--reward", reward, "--output-dir", str(tmp_path), *SWEEP]
+    # β > 0 and nothing in the checkpoint says which model TRL held as the KL reference
+    assert main(argv) == 2
+    assert "no source for kl_reference (--kl-reference)" in capsys.readouterr().err
+    argv += ["--kl-reference", "base"]  # the run handed GRPOTrainer a peft_config
     assert main(argv) == 0
     out = capsys.readouterr().out
     rows = {}
@@ -101,6 +105,12 @@ def test_sweep_takes_the_trainer_setup_from_training_args(trl_run, tmp_path, cap
         "loss_type": ("dr_grpo", "training_args.bin: loss_type"),
         "scale_rewards": ("group", "training_args.bin: scale_rewards"),
         "kl_beta": ("0.04", "training_args.bin: beta"),
+        "kl_reference": ("base", "--kl-reference"),
+        "sampling_mode": (
+            "train",
+            "training_args.bin: disable_dropout False (TRL samples and takes its loss in train mode)",
+        ),
+        "top_k": ("0", "training_args.bin: top_k"),
         "prompts": (str(prompts), "--prompts"),
         "reward": (reward, "--reward"),
     }
@@ -128,6 +138,7 @@ def test_trl_checkpoint_without_prompts_or_reward_is_an_error(trl_run, tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
     assert re.fullmatch(
-        r"entropy-lab: error: no source for prompts \(--prompts\), reward \(--reward\): .*",
+        r"entropy-lab: error: no source for kl_reference \(--kl-reference\), prompts "
+        r"\(--prompts\), reward \(--reward\): .*",
         err[0],
     )
