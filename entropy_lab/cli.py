@@ -172,7 +172,7 @@ def run_sweep_command(args: argparse.Namespace, quick: bool) -> Path | None:
     from entropy_lab.config import check_num_repeats, parse_learning_rates
     from entropy_lab.protocol import open_experiment, run_sweep
     from entropy_lab.report import default_thresholds, format_tables, write_report
-    from entropy_lab.store import environment_info, new_results_dir
+    from entropy_lab.store import new_results_dir, run_meta
 
     started = time.perf_counter()
     etas = parse_learning_rates(args.learning_rates)
@@ -217,22 +217,12 @@ def run_sweep_command(args: argparse.Namespace, quick: bool) -> Path | None:
             folder.path.rmdir()  # a run that never started leaves no empty results folder
         raise
     folder = opened.get("folder")
-    cfg, checkpoint = setup.cfg, setup.checkpoint
+    cfg = setup.cfg
     if main_rank:
-        precision = {k: checkpoint.metadata[k] for k in ("tf32_matmul", "tf32_cudnn")}
-        environment = environment_info(args.device, args.dtype, precision)
-        folder.write_meta(
-            {
-                "checkpoint": checkpoint.metadata,
-                "config": cfg.effective(),
-                "setup_sources": dict(setup.training.sources),
-                "setup_not_used": list(setup.training.not_used),
-                "setup_notes": list(setup.training.notes),
-                "environment": {**environment, "world_size": distributed.world_size()},
-                # `report` re-applies exactly these, so it reproduces analysis.json.
-                "thresholds": default_thresholds(r2_min=args.r2_min),
-            }
-        )
+        # `report` re-applies exactly these thresholds, so it reproduces analysis.json.
+        meta = run_meta(setup, args.device, args.dtype, default_thresholds(r2_min=args.r2_min))
+        meta["environment"]["world_size"] = distributed.world_size()
+        folder.write_meta(meta)
         folder.write_config(cfg.effective())
         eval_batch = setup.eval_batch.to("cpu").to_dict()
         if args.resume:

@@ -374,28 +374,23 @@ class MeasurementStore:
     def all_records(self) -> list[dict[str, Any]]:
         return [r for eta in self.settings.learning_rates for r in self.records(eta)]
 
+    @_fail_cleanly_on_user_errors
     def meta(self) -> dict[str, Any]:
-        from entropy_lab.report import default_thresholds
-        from entropy_lab.store import environment_info
+        """The CLI's run_meta.json for this measurement (store.run_meta), written once into
+        the shared folder by the worker that opened the checkpoint."""
+        from filelock import FileLock
 
-        return {
-            "checkpoint": {"path": self.settings.checkpoint, "digest": self.digest},
-            "config": {
-                "dtype": self.settings.dtype,
-                "device": self.settings.device,
-                "learning_rates": self.settings.learning_rates,
-                "num_repeats": self.settings.num_repeats,
-                "eval_size": self.settings.eval_size,
-                "setup_flags": dict(self.settings.setup_flags),
-                "buffer_size": self.settings.buffer_size,
-            },
-            "environment": environment_info(
-                self.settings.device,
-                self.settings.dtype,
-                {"tf32_matmul": False, "tf32_cudnn": False},
-            ),
-            "thresholds": default_thresholds(r2_min=self.settings.r2_min),
-        }
+        from entropy_lab.report import default_thresholds
+        from entropy_lab.store import atomic_write_json, run_meta
+
+        path = self.key_dir / "run_meta.json"
+        with FileLock(str(path) + ".lock"):
+            if not path.is_file():
+                s = self.settings
+                thresholds = default_thresholds(r2_min=s.r2_min)
+                meta = run_meta(self._ensure_setup(), s.device, s.dtype, thresholds)
+                atomic_write_json(path, meta)
+            return json.loads(path.read_text())
 
     def analysis(self):
         """The paired analysis of every η (measured on demand), also saved as JSON."""

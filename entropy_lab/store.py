@@ -303,3 +303,21 @@ def environment_info(device: str, dtype: str, precision: Mapping[str, Any]) -> d
             info["cuda_device_name"] = f"unavailable ({exc})"
     info.update(json_safe(dict(precision)))  # tf32_matmul, tf32_cudnn, float32_matmul_precision
     return info
+
+
+def run_meta(setup: Any, device: str, dtype: str, thresholds: Mapping[str, Any]) -> dict[str, Any]:
+    """``run_meta.json``: the checkpoint, the effective config, where every training-setup
+    setting came from, the environment with the precision flags as measured at load, and the
+    thresholds the analysis applies. One builder for the CLI and the pytest plugin, so both
+    write the same analysis.json for the same run."""
+    metadata = setup.checkpoint.metadata
+    precision = {k: metadata[k] for k in ("tf32_matmul", "tf32_cudnn") if k in metadata}
+    return {
+        "checkpoint": metadata,
+        "config": setup.cfg.effective(),
+        "setup_sources": dict(setup.training.sources),
+        "setup_not_used": list(setup.training.not_used),
+        "setup_notes": list(setup.training.notes),
+        "environment": environment_info(device, dtype, precision),
+        "thresholds": dict(thresholds),
+    }
