@@ -19,6 +19,7 @@ import json
 import math
 import pickle
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,9 @@ from entropy_lab.config import (
 from entropy_lab.entropy import probe_batch
 from entropy_lab.errors import CheckpointError
 from entropy_lab.precision import (
+    PrecisionRecorder,
     attention_for,
+    describe_below_fp64,
     disable_tf32,
     make_faithful,
     torch_dtype,
@@ -330,8 +333,9 @@ def verify_model_function(policy: nn.Module, dtype: str, faithful: bool) -> dict
     1. The scorer's logits (trunk, then ``ModelLogits``: projection and final transform)
        equal ``model(...).logits``; else an error naming the architecture and the first
        module whose output differs.
-    2. Faithful fp64 (``faithful``): every norm / router patched, and H equal to the stock
-       fp32 model's; else faithful mode is refused with the reason.
+    2. Faithful fp64 (``faithful``): every norm / router / rotary embedding patched, no op
+       below fp64 in one forward and one first-order jvp (the precision audit), and H equal
+       to the stock fp32 model's; else faithful mode is refused with the reason.
     Returns what was checked and measured, for the run's metadata.
     """
     from entropy_lab.entropy import decoder_and_head
@@ -348,10 +352,10 @@ def verify_model_function(policy: nn.Module, dtype: str, faithful: bool) -> dict
     batch = probe_batch(policy)
     out["logits_check"] = _check_logits(policy, batch, dtype)
     if faithful:
-        try:
-            h_faithful = _probe_entropy(policy, batch)
-        except (NotImplementedError, RuntimeError) as exc:
-            _refuse_faithful(architecture, f"its forward fails ({_first_line(exc)})")
+        h_faithful, audit = _audited_probe(policy, batch)
+        out["faithful"]["precision_audit"] = audit
+        if audit["below_fp64"]:
+            _refuse_faithful(architecture, f"the precision audit found {audit['summary']}")
         h_stock = _probe_entropy(stock32, batch.to(next(stock32.parameters()).device))
         del stock32
         difference = abs(h_faithful - h_stock) / abs(h_stock)
@@ -375,6 +379,50 @@ def _refuse_faithful(architecture: str, reason: str) -> None:
         f"faithful fp64 refused for {architecture}: {reason}; run with --dtype fp32, or "
         "--dtype fp64 --no-faithful (stock fp64, its fp32 casts kept)"
     )
+
+
+def _audited_probe(policy: nn.Module, batch) -> tuple[float, dict[str, Any]]:
+    """H of the probe sequences, and the precision audit: that forward and one first-order jvp
+    of H (two short sequences, a random direction of the trainable parameters) under
+    ``PrecisionRecorder``, which lists every op that computed below fp64 and where. The H
+    check's and the norm probes' tolerances cannot see an fp32 round trip inside an fp64
+    model; this can. A jvp forward-mode AD cannot pass leaves the forward audited alone (the
+    sweep's own jvp probe refuses such a model, or --no-first-order does without it)."""
+    architecture = type(_causal_lm(policy)).__name__
+    started = time.perf_counter()
+    with PrecisionRecorder(policy) as recorder:
+        try:
+            h = _probe_entropy(policy, batch)
+        except (NotImplementedError, RuntimeError) as exc:
+            _refuse_faithful(architecture, f"its forward fails ({_first_line(exc)})")
+        jvp = _probe_jvp(policy)
+    below = recorder.entries
+    return h, {
+        "below_fp64": [e.to_dict() for e in below],
+        "summary": describe_below_fp64(below) if below else "",
+        "ops_seen": recorder.ops_seen,
+        "jvp": jvp,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def _probe_jvp(policy: nn.Module) -> str:
+    """'passed', or why the audit's first-order jvp could not run."""
+    from entropy_lab.entropy import EntropyScorer
+    from entropy_lab.theory import sums_jet
+
+    theta0 = {n: p.detach() for n, p in policy.named_parameters() if p.requires_grad}
+    generator = torch.Generator().manual_seed(0)
+    direction = {
+        n: torch.randn(p.shape, generator=generator, dtype=torch.float64).to(p.device)
+        for n, p in theta0.items()
+    }
+    batch = probe_batch(policy, rows=2, length=8)
+    try:
+        sums_jet(EntropyScorer(policy, temperature=1.0), batch, theta0, direction, 1)
+    except (NotImplementedError, RuntimeError) as exc:
+        return f"failed ({_first_line(exc)})"
+    return "passed"
 
 
 @torch.no_grad()

@@ -153,7 +153,9 @@ def _in_fp64(model):
     from entropy_lab.precision import make_faithful
 
     model.double()
-    report = make_faithful(model)
+    # RoPE angles as transformers computes them (fp32): the v5 checkpoint was built so, and
+    # fp64 angles would train a different one (every number measured on it would change).
+    report = make_faithful(model, rotary=False)
     if not report.complete:
         raise RuntimeError(f"tiny build: faithful fp64 incomplete ({report.reason()})")
     return model
@@ -490,13 +492,23 @@ ARCHITECTURES: dict[str, tuple[str, str, dict[str, Any], list[str]]] = {
         ["q_proj", "k_proj", "v_proj", "o_proj"],
     ),
 }
+# Built by benchmarks/architectures.py, outside the cpu suite's matrix (their load checks and
+# faithful fp64 are tested on random models in tests/test_architectures.py).
+MORE_ARCHITECTURES: dict[str, tuple[str, str, dict[str, Any], list[str]]] = {
+    "cohere": ("CohereConfig", "CohereForCausalLM", {"logit_scale": 0.25}, _ATTENTION_MLP),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", {"logits_scaling": 4.0}, _ATTENTION_MLP),
+}
 ARCHITECTURE_TASK = "arithmetic:6"
+
+
+def _architecture(name: str) -> tuple[str, str, dict[str, Any], list[str]]:
+    return ARCHITECTURES[name] if name in ARCHITECTURES else MORE_ARCHITECTURES[name]
 
 
 def tiny_architecture_config(name: str):
     import transformers
 
-    config_class, _, overrides, _ = ARCHITECTURES[name]
+    config_class, _, overrides, _ = _architecture(name)
     settings = {**_SMALL, **overrides}
     if name == "gpt2":  # GPT-2 names its sizes itself
         for key in ("hidden_size", "num_hidden_layers", "num_attention_heads"):
@@ -513,7 +525,8 @@ def tiny_architecture_config(name: str):
 def build_tiny_architecture(
     name: str, out_dir: str | Path, sft_steps: int = 40, rl_steps: int = 2, seed: int = 0
 ) -> Path:
-    """A tiny random ``name`` checkpoint (``ARCHITECTURES``) in the RL_Practice layout."""
+    """A tiny random ``name`` checkpoint (``ARCHITECTURES``, ``MORE_ARCHITECTURES``) in the
+    RL_Practice layout."""
     import transformers
     from peft import get_peft_model
 
@@ -525,7 +538,7 @@ def build_tiny_architecture(
         torch.manual_seed(seed)
         tokenizer = build_tokenizer()
         task = ArithmeticTask(max_operand=6)
-        model = getattr(transformers, ARCHITECTURES[name][1])(tiny_architecture_config(name))
+        model = getattr(transformers, _architecture(name)[1])(tiny_architecture_config(name))
         ids, attn, target = _answer_batch(task.problems, tokenizer)
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
         model.train()
@@ -547,7 +560,7 @@ def build_tiny_architecture(
             "total_steps": rl_steps,
             "save_every": rl_steps,
             "scheduler": {"dataset": ARCHITECTURE_TASK},
-            "lora": {**TINY_TRAINING_CONFIG["lora"], "target_modules": ARCHITECTURES[name][3]},
+            "lora": {**TINY_TRAINING_CONFIG["lora"], "target_modules": _architecture(name)[3]},
         }
         policy = get_peft_model(model, lora_config(cfg["lora"], fan_in_fan_out=name == "gpt2"))
         optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg["lr"], weight_decay=0.01)

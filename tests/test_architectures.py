@@ -1,13 +1,16 @@
 """The architecture matrix (DESIGN §9), the transformers way: a tiny random checkpoint of each
 architecture researchers train (``tiny.ARCHITECTURES``), built once per session, each checked
 for load, scorer logits = model logits, rollout logits = scorer logits, faithful H = stock
-fp32 H, ΔH/(η·∇H·v) = 1 ± 1e-4 in fp64 at η = 1e-9, and one fp32 sweep that finishes. Then the
-planted faults the issue found (a scorer without the final softcap, an unpatched norm, an
-activation left unswapped), each shown to fail the checks.
+fp32 H, a clean precision audit (no op below fp64), ΔH/(η·∇H·v) = 1 ± 1e-4 and a symmetric
+residual ≤ 0.5 % in fp64 at η = 1e-9, and one fp32 sweep that finishes. Then the planted
+faults the issues found (a scorer without the final softcap, an unpatched norm, an activation
+left unswapped, Cohere's fp32 rotary, an fp32 round trip in a norm), each shown to fail the
+checks.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from pathlib import Path
@@ -15,14 +18,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from entropy_lab import entropy, precision, theory
+from entropy_lab import checkpoint, entropy, precision, theory
 from entropy_lab.analysis import routing_reason
 from entropy_lab.checkpoint import load_checkpoint, verify_model_function
 from entropy_lab.cli import main
 from entropy_lab.errors import CheckpointError, EntropyLabError
 from entropy_lab.protocol import direction, measure_point, open_experiment, run_sweep
 from entropy_lab.rollout import sample_responses
-from entropy_lab.tiny import ARCHITECTURE_TASK, ARCHITECTURES, build_tiny_architecture
+from entropy_lab.tiny import (
+    ARCHITECTURE_TASK,
+    ARCHITECTURES,
+    build_tiny_architecture,
+    tiny_architecture_config,
+)
 
 pytestmark = pytest.mark.cpu
 
@@ -60,14 +68,14 @@ def fp64_runs() -> dict:
 
 
 def fp64_run(root: Path, name: str, cache: dict):
-    """(setup, direction) in faithful fp64, first order only, cached per architecture."""
+    """(setup, direction) in faithful fp64, first order only (with ΔH(−η): the symmetric
+    check), cached per architecture."""
     if name not in cache:
         setup = arch_setup(
             arch_checkpoint(root, name),
             "fp64",
             jet=1,
             identity_check=False,
-            symmetric_check=False,
         )
         cache[name] = (setup, direction(setup, 0))
     return cache[name]
@@ -88,13 +96,19 @@ def test_loads_with_the_models_own_logits(name, arch_root, fp64_runs, record_pro
     assert meta64["logits_check"] <= 1e-10
     softcap = "final_logit_softcapping" in ARCHITECTURES[name][2]
     assert bool(meta64["logits_transform"]) == softcap
-    # Every norm-like module is patched or torch's own; MoE routers patched too.
-    norms = [m for m in setup64.checkpoint.policy.modules() if precision._is_norm(m)]
+    # Every norm-like module is patched or torch's own; MoE routers and RoPE patched too.
+    policy = setup64.checkpoint.policy
+    norms = [m for m in policy.modules() if precision._is_norm(m)]
+    rotary = [m for m in policy.modules() if precision.is_rotary_embedding(m)]
     faithful = meta64["faithful"]
     assert faithful["patched"] + faithful["native"] == len(norms) + len(
-        entropy.routers_of(setup64.checkpoint.policy)
-    )
+        entropy.routers_of(policy)
+    ) + len(rotary)
+    # The precision audit saw the forward and the jvp and found nothing below fp64.
+    audit = faithful["precision_audit"]
+    assert audit["below_fp64"] == [] and audit["jvp"] == "passed" and audit["ops_seen"] > 100
     record_property("faithful_vs_stock_probe", faithful["entropy_vs_stock_fp32"])
+    record_property("precision_audit_s", audit["seconds"])
 
 
 @pytest.mark.parametrize("name", ARCHS)
@@ -150,8 +164,14 @@ def test_fp64_first_order_ratio_at_1e_9(name, arch_root, fp64_runs, record_prope
     setup64, d = fp64_run(arch_root, name, fp64_runs)
     record = measure_point(setup64, d, 1e-9)
     ratio = record.entropy_change / record.first_order_prediction
+    # η²·vᵀ∇²H v is ~1e-8 of ΔH here: the even part ΔH(η) + ΔH(−η) is forward-pass noise
+    symmetric = abs(record.entropy_change + record.entropy_change_negative) / abs(
+        record.entropy_change
+    )
     record_property("fp64_ratio_1e-9", ratio)
+    record_property("fp64_symmetric_residual_1e-9", symmetric)
     assert abs(ratio - 1) <= 1e-4, ratio
+    assert symmetric <= 0.005, symmetric
     moe = bool(entropy.routers_of(setup64.checkpoint.policy))
     assert (record.routing_changed_fraction is None) == (not moe)
     if moe:  # routing is discrete: a 1e-9 step changes no token's experts
@@ -231,7 +251,145 @@ def test_logit_scaling_families_pass_the_load_checks(config_class, model_class, 
             verify_model_function(model, "fp32", faithful=False)
 
 
+def _random_cohere():
+    """A random Cohere model in fp64, peaked enough for ∇H·v to be of order 1 (0.71)."""
+    import transformers
+
+    config = transformers.CohereConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.2,
+        logit_scale=1.0,  # Cohere's default 1/16 leaves ΔH at 1e-9 near H's rounding
+        eos_token_id=1,
+    )
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    return transformers.CohereForCausalLM(config).double().eval()
+
+
+def _resolution_at(model, eta: float) -> tuple[float, float]:
+    """(ΔH/(η·∇H·v), |ΔH(η) + ΔH(−η)| / |ΔH(η)|) on eight probe sequences, along a random
+    direction of the projections (unit normal entries, as an AdamW step's are of order 1)."""
+    scorer = entropy.EntropyScorer(model, temperature=1.0)
+    batch = entropy.probe_batch(model, rows=8, length=16)
+    params = {n: p for n, p in model.named_parameters() if "proj" in n}
+    theta0 = {n: p.detach().clone() for n, p in params.items()}
+    generator = torch.Generator().manual_seed(1)
+    v = {
+        n: torch.randn(p.shape, generator=generator, dtype=torch.float64) for n, p in params.items()
+    }
+    jet = theory.sums_jet(scorer, batch, theta0, v, 1)
+    slope = float(jet[:, 0, 1].sum() / jet[:, 2, 0].sum())
+
+    def entropy_at(s: float) -> float:
+        for n, p in params.items():
+            p.copy_(theta0[n] + s * v[n])
+        sums = scorer(batch)
+        return float(sums.entropy.sum() / sums.tokens.sum())
+
+    with torch.no_grad():
+        h0, plus, minus = entropy_at(0.0), entropy_at(eta), entropy_at(-eta)
+        entropy_at(0.0)
+    change = plus - h0
+    return change / (eta * slope), abs(change + minus - h0) / abs(change)
+
+
+def test_cohere_rotary_is_listed_by_the_audit_and_patched():
+    """transformers' Cohere casts q and k to fp32 in apply_rotary_pos_emb and computes its
+    RoPE angles in fp32: before the patches the audit lists both and faithful mode is refused;
+    after them the audit is clean and ΔH resolves at η = 1e-9, where it did not."""
+    before = _random_cohere()
+    report = precision.make_faithful(before, rotary=False)  # the code before the patches
+    assert not any("rotary" in f.lower() for f in report.summary()["formulas"])
+    _, audit = checkpoint._audited_probe(before, entropy.probe_batch(before))
+    listed = {(e["module"], e["module_type"]) for e in audit["below_fp64"]}
+    assert ("model.rotary_emb", "CohereRotaryEmbedding") in listed
+    assert ("model.layers.0.self_attn", "CohereAttention") in listed
+    casts = [e for e in audit["below_fp64"] if e["module_type"] == "CohereAttention"]
+    assert any(e["op"] == "aten._to_copy.default" and "float32" in e["dtypes"] for e in casts)
+    assert "model.layers.*.self_attn [CohereAttention]: _to_copy" in audit["summary"]
+    # The load check refuses it in one line (CheckpointError: exit 2 from the CLI).
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(checkpoint, "make_faithful", lambda m: precision.make_faithful(m, rotary=False))
+        with pytest.raises(CheckpointError) as caught:
+            verify_model_function(_random_cohere(), "fp64", faithful=True)
+    message = str(caught.value)
+    assert (
+        message.startswith(
+            "faithful fp64 refused for CohereForCausalLM: the precision audit found "
+        )
+        and "\n" not in message
+    ), message
+    assert "model.layers.*.self_attn [CohereAttention]: _to_copy" in message
+    ratio, symmetric = _resolution_at(before, 1e-9)
+    assert symmetric > 0.005 and abs(ratio - 1) > 1e-4, (ratio, symmetric)  # unresolvable
+
+    after = _random_cohere()
+    checks = verify_model_function(after, "fp64", faithful=True)  # patches it
+    formulas = checks["faithful"]["formulas"]
+    assert formulas["RoPE angles (interleaved)"] == 1
+    assert formulas["rotary application (pairs)"] == 2
+    assert checks["faithful"]["precision_audit"]["below_fp64"] == []
+    ratio, symmetric = _resolution_at(after, 1e-9)
+    assert symmetric <= 0.005 and abs(ratio - 1) <= 1e-4, (ratio, symmetric)
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3", "phi3", "gpt_neox"])
+def test_rotary_patches_compute_the_stock_function(name):
+    """The fp64 angles (and layouts: Gemma 3's per layer type, GPT-NeoX's partial rotary)
+    agree with the stock fp32 ones to fp32 rounding, on the model's own logits (the rest
+    faithful in both: stock fp64 Gemma 3 gives NaN on padded rows, README)."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = tiny_architecture_config(name)
+    stock = getattr(transformers, ARCHITECTURES[name][1])(config).double().eval()
+    faithful = copy.deepcopy(stock)
+    precision.make_faithful(stock, rotary=False)
+    report = precision.make_faithful(faithful)
+    assert report.complete and any("RoPE" in f for f in report.patched.values())
+    batch = entropy.probe_batch(stock)
+    with torch.no_grad():
+        a = stock(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        b = faithful(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    real = batch.attention_mask.bool()
+    assert float((a - b)[real].abs().max()) <= 1e-5 * float(a[real].abs().max())
+
+
 # -- planted faults ---------------------------------------------------------------------------
+
+
+def _fp32_round_trip_norm(self, hidden_states):
+    """w·x̂ with an fp32 round trip inside: within the norm probe's and the H check's
+    tolerances, so only the precision audit can see it."""
+    x = hidden_states.float()
+    variance = x.pow(2).mean(-1, keepdim=True)
+    return self.weight * (x * torch.rsqrt(variance + self.faithful_eps)).to(hidden_states.dtype)
+
+
+def test_a_planted_float_in_a_norm_is_caught_and_named(arch_root, tmp_path, monkeypatch, capsys):
+    path = arch_checkpoint(arch_root, "llama")
+    capsys.readouterr()
+    monkeypatch.setitem(precision.NORM_FORMULAS, "w·x̂", _fp32_round_trip_norm)
+    rc, err = _cli(capsys, path, tmp_path / "out", "--dtype", "fp64")
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(
+        "entropy-lab: error: faithful fp64 refused for LlamaForCausalLM: the precision audit found "
+    ), lines[0]
+    for norm in ("input_layernorm", "post_attention_layernorm"):
+        assert f"model.layers.*.{norm} [LlamaRMSNorm]: _to_copy" in lines[0], lines[0]
+    assert "model.norm [LlamaRMSNorm]" in lines[0]
+    assert not list((tmp_path / "out").glob("entropy_lr_experiment_*"))
+    # Without the audit the same norm passes every other load check: the H check and the
+    # norm probe cannot see an fp32 round trip inside an fp64 model.
+    monkeypatch.setattr(precision.PrecisionRecorder, "entries", property(lambda self: []))
+    meta = load_checkpoint(path, dtype="fp64").metadata
+    assert meta["faithful"]["entropy_vs_stock_fp32"] <= 1e-6
 
 
 def test_a_scorer_without_the_final_softcap_is_refused_at_load(arch_root, monkeypatch, capsys):
