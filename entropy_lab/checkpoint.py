@@ -19,7 +19,6 @@ import json
 import math
 import pickle
 import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,6 +106,8 @@ def resolve_layout(path: str | Path) -> CheckpointLayout:
     is_adapter = (model_dir / "adapter_config.json").is_file()
     if not is_adapter and not (model_dir / "config.json").is_file():
         raise CheckpointError(f"{model_dir} holds neither adapter_config.json nor config.json")
+    if is_adapter:
+        _read_json(model_dir / "adapter_config.json")  # a damaged one is named before any load
     names = root / "optimizer_param_names.json"
     return CheckpointLayout(
         root=root,
@@ -389,7 +390,8 @@ def _audited_probe(policy: nn.Module, batch) -> tuple[float, dict[str, Any]]:
     model; this can. A jvp forward-mode AD cannot pass leaves the forward audited alone (the
     sweep's own jvp probe refuses such a model, or --no-first-order does without it)."""
     architecture = type(_causal_lm(policy)).__name__
-    started = time.perf_counter()
+    # (no timing in the metadata: a resumed sweep's analysis equals the uninterrupted one's;
+    # benchmarks/architectures.py times the audit)
     with PrecisionRecorder(policy) as recorder:
         try:
             h = _probe_entropy(policy, batch)
@@ -402,7 +404,6 @@ def _audited_probe(policy: nn.Module, batch) -> tuple[float, dict[str, Any]]:
         "summary": describe_below_fp64(below) if below else "",
         "ops_seen": recorder.ops_seen,
         "jvp": jvp,
-        "seconds": time.perf_counter() - started,
     }
 
 
@@ -748,8 +749,23 @@ def generation_config_of(layout: CheckpointLayout, base_model: str | None) -> di
     from transformers import GenerationConfig
 
     source = resolve_base_model(layout, base_model)[0] if layout.is_adapter else layout.model_dir
+    if not Path(source).is_dir() and not _in_hub_cache(str(source)):
+        raise CheckpointError(
+            f"cannot load the base model {str(source)!r} offline (OSError): pass --base-model "
+            "with a local folder or a cached hub id"
+        )
     try:
         config = GenerationConfig.from_pretrained(str(source), local_files_only=True)
     except (OSError, ValueError):
         return {}
     return {"top_k": config.top_k, "top_p": config.top_p}
+
+
+def _in_hub_cache(name: str) -> bool:
+    """Whether a hub id's config.json is in the local cache (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except ValueError:  # not a valid repo id
+        return False

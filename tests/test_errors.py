@@ -122,7 +122,9 @@ def _rl_practice_config(tmp: Path, extra: str) -> Path:
     cfg = tmp / "rlp.yaml"
     cfg.write_text(
         "max_new_tokens: 4\nnum_generations: 4\ntemperature: 1.0\ntop_p: 1.0\ntop_k: 0\n"
-        "kl_beta: 0.0\nent_coef: 0.0\ngrad_clip: 1.0\nreward_fns: [tag_pref]\n" + extra
+        "kl_beta: 0.0\nent_coef: 0.0\ngrad_clip: 1.0\nreward_fns: [tag_pref]\n"
+        # RL_Practice's trainer reads these with no default (cfg["reject_all_zero"])
+        "reward_var_thresh: 0.01\nreject_all_zero: true\nreject_all_max: true\n" + extra
     )
     return cfg
 

@@ -125,3 +125,36 @@ def test_checkpoint_with_a_space_is_refused_with_the_fix(pytester, tiny_checkpoi
     spaced.stderr.fnmatch_lines([f"*write --checkpoint={tiny_checkpoint} (with '=')*"])
     joined = _run(pytester, "-m", "gpu", f"--checkpoint={tiny_checkpoint}", "--co")
     assert joined.ret == pytest.ExitCode.OK
+
+
+def test_pytest_and_the_cli_write_the_same_analysis(pytester, tiny_checkpoint, tmp_path):
+    """`pytest -m gpu --checkpoint=X --device cpu` and `entropy-lab sweep --checkpoint X` with the
+    same settings: the same effective config, setup sources and analysis summary."""
+    from entropy_lab.cli import main
+
+    common = ["--learning-rates", "1e-6,1e-5", "--num-repeats", "2", "--eval-size", "16"]
+    flags = ["--buffer-size", "4"]
+    result = _run(
+        pytester,
+        "-m",
+        "gpu",
+        f"--checkpoint={tiny_checkpoint}",
+        "--device",
+        "cpu",
+        f"--basetemp={pytester.path / 'bt'}",
+        *common,
+        *[f"{flag}={value}" for flag, value in zip(flags[::2], flags[1::2])],
+    )
+    assert result.ret in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED)
+    (from_pytest,) = [
+        json.loads(p.read_text())
+        for p in (pytester.path / "bt").glob("entropy_store/*/analysis.json")
+    ]
+    out = tmp_path / "cli"
+    assert main(["sweep", "--checkpoint", str(tiny_checkpoint), *common, *flags,
+                 "--output-dir", str(out), "--no-progress", "--threads", "1"]) == 0  # fmt: skip
+    (folder,) = out.glob("entropy_lr_experiment_*")
+    from_cli = json.loads((folder / "analysis.json").read_text())
+    assert from_pytest["config"] == from_cli["config"]
+    assert from_pytest["config"]["dtype"] == "fp32"  # a --checkpoint gets the sweep's dtype
+    assert from_pytest["summary"] == from_cli["summary"]
