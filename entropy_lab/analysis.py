@@ -23,6 +23,14 @@ LINEAR over the tested grid iff ≥ 3 resolvable η, every resolvable η within 
 contiguous run, calibration within tol and every repeat's own R² > r2_min; NONLINEAR iff a
 resolvable η is beyond tol; INCONCLUSIVE otherwise, with the reason.
 
+Records without a noise estimate of their own (no ±η pair, no first-order oracle: another
+tool's, the seed's format) are not judged on one noisy reference point (``NoiseModel``):
+each repeat is fitted ΔH_r = s_r·η + q_r·η² with one absolute noise level pooled over the
+repeats, s_r is the reference and n_r(η) the fitted bend q_r·η/s_r, which grows with η; an
+offset of ΔH_r/η is s_r's. A grid point is beyond tol only when a bound of mean |bend| that
+noise of either sign cannot raise exceeds it; where noise cannot be told from a bend, the
+point is undecided and the verdict INCONCLUSIVE, with the reason.
+
 The pooled statistics of the seed (raw-point R², weighted fit, lack of fit, intercept test,
 standardized and relative residuals of the per-η means, log-log slope) are computed by
 ``stats.analyze_linearity`` and reported, never deciding: under common random numbers the
@@ -230,6 +238,10 @@ class RepeatPoint(stats._ToDict):
     rounding_ratio: float | None  # |∇H·(θ₁ − θ₀ − η·v)| / |ΔH_r|
     quantized_fraction: float | None
     predicted_nonlinearity: float | None  # from the jet of this repeat
+    # Records without a noise estimate (NoiseModel): the repeat's fitted bend q_r·η/s_r at
+    # this η and its SE; ``nonlinearity`` is then the measured point against that s_r.
+    bend: float | None = None
+    bend_stderr: float | None = None
 
 
 @dataclass(frozen=True)
@@ -246,6 +258,7 @@ class RepeatSummary(stats._ToDict):
     intercept: float | None
     n_resolvable: int
     measured_jet: MeasuredJet | None = None
+    bend_fit: stats.BendFit | None = None  # ΔH_r = s_r·η + q_r·η² (NoiseModel only)
 
 
 @dataclass(frozen=True)
@@ -284,6 +297,9 @@ class PointSummary(stats._ToDict):
     status: str  # within | beyond | undecided | unresolvable | failed
     in_window: bool
     predicted_nonlinearity: float | None  # max over repeats of |jet's prediction|
+    # NoiseModel only: a lower bound of mean |bend| that noise of either sign cannot raise;
+    # nonlinearity_mean_abs and _bound are then of the fitted bends.
+    nonlinearity_lower_bound: float | None = None
 
 
 @dataclass(frozen=True)
@@ -297,6 +313,26 @@ class Window(stats._ToDict):
     eta_max_predicted: float | None  # the jet's extrapolation, never the window
     predicted_edge: str  # where, against the grid, the jet puts the upper edge
     note: str
+
+
+@dataclass(frozen=True)
+class NoiseModel(stats._ToDict):
+    """The noise of records that carry no estimate of their own (DESIGN §4, Noise).
+
+    Sweep records carry one: the symmetric residuals of their ±η pairs, and an oracle ∇H·v to
+    refer ΔH/η to. Records without either (another tool's, the seed's format) would be judged
+    on one noisy point, each repeat's ΔH/η at its smallest η, where the noise of ΔH/η is
+    largest: forward-pass noise is absolute, so ΔH/η's is σ/η. Instead each repeat is fitted
+    ΔH_r = s_r·η + q_r·η² (least squares on ΔH: ΔH/η weighted by η²), σ pooled over the
+    repeats' residuals. s_r is the reference; the bend q_r·η/s_r is what grows with η; an
+    offset of ΔH_r/η moves s_r, not the bend. A grid point is beyond the tolerance only when
+    a lower bound of mean |bend| that noise of either sign cannot raise exceeds it.
+    """
+
+    sigma: float | None  # of one ΔH, nats, the same at every η and repeat
+    dof: int  # Σ over repeats of (resolvable η − 2)
+    critical: float | None  # Student t of the repeats' simultaneous bend intervals
+    confidence: float
 
 
 @dataclass(frozen=True)
@@ -319,6 +355,7 @@ class Analysis:
     floor: FloorThresholds
     meta: Mapping[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    noise: NoiseModel | None = None  # records without a noise estimate of their own
 
     def point(self, eta: float) -> PointSummary:
         for p in self.per_eta:
@@ -370,6 +407,7 @@ class Analysis:
                 within_tolerance={"within": True, "beyond": False}.get(point.status),
                 nonlinearity_mean_abs=point.nonlinearity_mean_abs,
                 nonlinearity_bound=point.nonlinearity_bound,
+                nonlinearity_lower_bound=point.nonlinearity_lower_bound,
                 predicted_nonlinearity=point.predicted_nonlinearity,
                 quantized_fraction=_max_or_none(p.quantized_fraction for p in mine),
                 symmetric_residual=_max_or_none(p.symmetric_residual for p in mine),
@@ -395,6 +433,7 @@ class Analysis:
                     "values": {str(s.repeat): s.r_squared for s in self.repeats},
                 },
                 "mixed_model": self.mixed_model.to_dict() if self.mixed_model else None,
+                "noise_model": self.noise.to_dict() if self.noise else None,
                 "ols": ols.to_dict() if ols else None,
                 "weighted": la.weighted.to_dict() if la.weighted else None,
                 "origin": la.origin.to_dict() if la.origin else None,
@@ -756,6 +795,151 @@ def _predicted_edge(predicted: float | None, grid: list[float]) -> str:
     return f"between grid points {below[-1]:.3g} and {above[0]:.3g}"
 
 
+def _without_noise_estimate(records: list[PointRecord]) -> bool:
+    """No ±η pair and no first-order oracle in any record (another tool's, the seed's
+    format): nothing says how noisy one ΔH is, nor what ΔH/η should be."""
+    return not any(
+        r.entropy_change_negative is not None or r.first_order_slope is not None for r in records
+    )
+
+
+def _noise_model(
+    by_repeat: dict[int, list[PointRecord]], floor_of: Mapping, confidence: float
+) -> tuple[NoiseModel, dict[int, stats.BendFit | None]]:
+    """NoiseModel and each repeat's ΔH_r = s_r·η + q_r·η² over its resolvable η."""
+    reps = sorted(by_repeat)
+    groups = []
+    for rep in reps:
+        ok = [r for r in by_repeat[rep] if not floor_of[(float(r.learning_rate), rep)][0]]
+        groups.append(
+            ([float(r.learning_rate) for r in ok], [float(r.entropy_change) for r in ok])  # type: ignore[arg-type]
+        )
+    pooled = stats.fit_bends(groups)
+    fitted = sum(f is not None for f in pooled.fits)
+    critical = stats.simultaneous_t(confidence, fitted, pooled.dof)
+    noise = NoiseModel(
+        sigma=pooled.sigma if math.isfinite(pooled.sigma) else None,
+        dof=pooled.dof,
+        critical=critical if math.isfinite(critical) else None,
+        confidence=confidence,
+    )
+    return noise, dict(zip(reps, pooled.fits))
+
+
+def _bend_at(
+    fit: stats.BendFit | None, eta: float, noise: NoiseModel | None
+) -> tuple[float | None, float | None]:
+    """A repeat's fitted bend at η (∝ η) and its SE; None without a noise estimate, or while
+    its slope is within noise of 0 (a ratio to it says nothing)."""
+    if noise is None or fit is None or noise.critical is None:
+        return None, None
+    if not abs(fit.slope) > noise.critical * fit.slope_se:
+        return None, None
+    scale = eta / fit.x_top
+    return fit.bend * scale, fit.bend_se * scale
+
+
+def _point_status(
+    points: list[RepeatPoint], tol: float, confidence: float, noise: NoiseModel | None
+) -> tuple[float | None, float | None, float | None, str]:
+    """(mean |n|, its upper bound, its lower bound, status) of one resolvable grid point.
+
+    Within: the upper bound over repeats ≤ tol. Beyond, for sweep records (noise below the
+    floor's 1 %): the mean itself > tol; for records without a noise estimate, the mean of
+    |bend| is raised by noise of either sign, so only its noise-proof lower bound > tol.
+    """
+    if noise is None:
+        values = [p.nonlinearity for p in points if p.nonlinearity is not None]
+    else:
+        values = [p.bend for p in points if p.bend is not None]
+    if len(values) < len(points):  # a repeat without a reference slope or a resolved bend
+        return None, None, None, "undecided"
+    mean_abs = float(np.mean(np.abs(values)))
+    bound = stats.upper_bound(np.abs(values), confidence)
+    lower = None
+    if noise is not None:
+        se = [p.bend_stderr for p in points]
+        lower = stats.mean_abs_lower_bound(values, se, noise.dof, confidence)  # type: ignore[arg-type]
+    beyond = mean_abs > tol if lower is None else lower > tol
+    status = "within" if bound <= tol else "beyond" if beyond else "undecided"
+    return mean_abs, bound, lower, status
+
+
+def _nonlinearity_check(
+    per_eta: list[PointSummary],
+    summaries: list[RepeatSummary],
+    tol: float,
+    thresholds: stats.Thresholds,
+    noise: NoiseModel | None,
+) -> Check:
+    """The worst grid point's bound of mean |n_r(η)| against tol, and where it is beyond or
+    undecided (for records without a noise estimate: why noise cannot be told from a bend)."""
+    decided = [p for p in per_eta if p.resolvable]
+    if not decided:
+        return Check("nonlinearity", tol, None, None, "no resolvable η")
+    worst = max(decided, key=lambda p: -1 if p.nonlinearity_bound is None else p.nonlinearity_bound)
+    beyond = [p for p in decided if p.status == "beyond"]
+    undecided = [p for p in decided if p.status == "undecided"]
+    value = worst.nonlinearity_bound
+    passed = False if beyond else None if undecided else True
+    what = "|n_r(η)|" if noise is None else "|bend_r(η)|"
+    detail = (
+        f"max over resolvable η of the {thresholds.confidence:.0%} upper bound of mean "
+        f"{what} = {_fmt(value)} at η = {worst.learning_rate:.3g} (tolerance {tol:g})"
+    )
+    if noise is not None:
+        detail = (
+            "no noise estimate in the records (no ±η pair, no first-order oracle): each "
+            "repeat's fit ΔH_r = s_r·η + q_r·η² with one absolute noise σ = "
+            f"{_fmt(noise.sigma)} nats ({noise.dof} residual dof pooled over the repeats), "
+            f"bend_r(η) = q_r·η/s_r; " + detail
+        )
+    if beyond:
+        detail += "; beyond tolerance at η = " + ", ".join(
+            f"{p.learning_rate:.3g} (mean |n| {p.nonlinearity_mean_abs:.3g})"
+            if noise is None
+            else f"{p.learning_rate:.3g} (mean |bend| {p.nonlinearity_mean_abs:.3g}, "
+            f"lower bound {p.nonlinearity_lower_bound:.3g})"
+            for p in beyond
+        )
+    if undecided and noise is None:
+        detail += "; undecided (bound > tol ≥ mean: more repeats) at η = " + ", ".join(
+            f"{p.learning_rate:.3g}" for p in undecided
+        )
+    elif undecided:
+        detail += "; " + _noise_undecided(undecided, summaries, noise)
+    return Check("nonlinearity", tol, value, passed, detail)
+
+
+def _noise_undecided(
+    undecided: list[PointSummary], summaries: list[RepeatSummary], noise: NoiseModel
+) -> str:
+    """Why grid points of records without a noise estimate are undecided."""
+    if noise.sigma is None:
+        return (
+            "undecided: no residual to estimate the noise from (a repeat's fit needs ≥ 3 "
+            "resolvable η)"
+        )
+    unresolved = [s.repeat for s in summaries if s.bend_fit is None or s.slope_reference is None]
+    unresolved += [
+        s.repeat
+        for s in summaries
+        if s.bend_fit is not None
+        and s.repeat not in unresolved
+        and _bend_at(s.bend_fit, s.bend_fit.x_top, noise)[0] is None
+    ]
+    out = "noise cannot be told from a bend at η = " + ", ".join(
+        f"{p.learning_rate:.3g} (mean |bend| {_fmt(p.nonlinearity_mean_abs)}, "
+        f"{noise.confidence:.0%} bounds [{_fmt(p.nonlinearity_lower_bound)}, "
+        f"{_fmt(p.nonlinearity_bound)}])"
+        for p in undecided
+    )
+    out += ": more repeats, or a sweep's ±η pairs"
+    if unresolved:
+        out += f"; repeat(s) {sorted(unresolved)}: slope not resolved from the noise"
+    return out
+
+
 def analyze(
     records: Iterable[PointRecord | Mapping[str, Any]],
     meta: Mapping[str, Any] | None = None,
@@ -801,15 +985,21 @@ def analyze(
         r = next(x for x in by_repeat[rep] if float(x.learning_rate) == eta)
         more, sym, predicted = _symmetric_reasons(r, run_dtype, tol, floor, jets[rep])
         floor_of[(eta, rep)] = (reasons + more, sym, rounding, predicted)
+    noise, bend_fits = None, {}
+    if _without_noise_estimate(measured):
+        noise, bend_fits = _noise_model(by_repeat, floor_of, thresholds.confidence)
     points: list[RepeatPoint] = []
     summaries: list[RepeatSummary] = []
     for rep, mine in sorted(by_repeat.items()):
         ok = [r for r in mine if not floor_of[(float(r.learning_rate), rep)][0]]
         ref = ok[0] if ok else None  # sorted by η: the smallest resolvable
         oracle = mine[0].first_order_slope
+        fit = bend_fits.get(rep)
         if oracle is not None and oracle != 0:
             s_r, how = float(oracle), "first order"
-        elif ref is not None and ref.entropy_change != 0:
+        elif noise is not None and fit is not None and fit.slope != 0:
+            s_r, how = fit.slope, "η → 0 slope of its fit ΔH = s·η + q·η² (no noise estimate)"
+        elif noise is None and ref is not None and ref.entropy_change != 0:
             s_r = float(ref.entropy_change) / float(ref.learning_rate)  # type: ignore[arg-type]
             how = "ΔH/η at the smallest resolvable η"
         else:
@@ -824,6 +1014,7 @@ def analyze(
             n = None
             if not reasons and ref is not None and f is not None:
                 n = (1 + f) / (1 + (calibration or 0.0)) - 1
+            bend, bend_se = _bend_at(fit, eta, noise) if not reasons else (None, None)
             points.append(
                 RepeatPoint(
                     learning_rate=eta,
@@ -837,6 +1028,8 @@ def analyze(
                     rounding_ratio=rounding,
                     quantized_fraction=r.quantized_fraction,
                     predicted_nonlinearity=predicted,
+                    bend=bend,
+                    bend_stderr=bend_se,
                 )
             )
         line = None
@@ -857,6 +1050,7 @@ def analyze(
                 intercept=line.intercept if line else None,
                 n_resolvable=len(ok),
                 measured_jet=jets[rep],
+                bend_fit=fit,
             )
         )
 
@@ -872,21 +1066,10 @@ def analyze(
         elif len(mine) < 2:
             reasons.append("fewer than 2 successful repeats")
         resolvable = not reasons
-        mean_abs = bound = None
+        mean_abs = bound = lower = None
         status = "failed" if not mine else "unresolvable"
         if resolvable:
-            values = [abs(p.nonlinearity) for p in mine if p.nonlinearity is not None]
-            if len(values) == len(mine):
-                mean_abs = float(np.mean(values))
-                bound = stats.upper_bound(values, thresholds.confidence)
-                if bound <= tol:
-                    status = "within"
-                elif mean_abs > tol:
-                    status = "beyond"
-                else:
-                    status = "undecided"
-            else:  # a repeat without a reference slope (ΔH = 0 at its smallest η)
-                status = "undecided"
+            mean_abs, bound, lower, status = _point_status(mine, tol, thresholds.confidence, noise)
         per_eta.append(
             PointSummary(
                 learning_rate=eta,
@@ -899,6 +1082,7 @@ def analyze(
                 status=status,
                 in_window=False,
                 predicted_nonlinearity=predicted,
+                nonlinearity_lower_bound=lower,
             )
         )
 
@@ -917,6 +1101,11 @@ def analyze(
     predicted_max = min(maxima) if maxima else None
     resolvable_etas = [p.learning_rate for p in per_eta if p.resolvable]
     notes = []
+    if noise is not None:
+        notes.append(
+            "no ±η pair and no first-order oracle in the records: each grid point is judged by "
+            "the repeats' fitted bends q_r·η/s_r (DESIGN §4, Noise)"
+        )
     if not resolvable_etas:
         notes.append("no resolvable η: every point is below the precision floor or failed")
     elif run is None:
@@ -965,32 +1154,7 @@ def analyze(
             f"each repeat's own line ΔH_r = α_r·η + β_r over its resolvable η: R² min "
             f"{low:.6f}, median {mid:.6f} {'>' if ok else 'not >'} {thresholds.r2_min}",
         )
-    decided = [p for p in per_eta if p.resolvable]
-    worst = max(
-        decided,
-        key=lambda p: -1 if p.nonlinearity_bound is None else p.nonlinearity_bound,
-        default=None,
-    )
-    if not decided:
-        checks["nonlinearity"] = Check("nonlinearity", tol, None, None, "no resolvable η")
-    else:
-        beyond = [p for p in decided if p.status == "beyond"]
-        undecided = [p for p in decided if p.status == "undecided"]
-        value = None if worst is None else worst.nonlinearity_bound
-        passed = False if beyond else None if undecided else True
-        detail = (
-            f"max over resolvable η of the {thresholds.confidence:.0%} upper bound of mean "
-            f"|n_r(η)| = {_fmt(value)} at η = {worst.learning_rate:.3g} (tolerance {tol:g})"
-        )
-        if beyond:
-            detail += "; beyond tolerance at η = " + ", ".join(
-                f"{p.learning_rate:.3g} (mean |n| {p.nonlinearity_mean_abs:.3g})" for p in beyond
-            )
-        if undecided:
-            detail += "; undecided (bound > tol ≥ mean: more repeats) at η = " + ", ".join(
-                f"{p.learning_rate:.3g}" for p in undecided
-            )
-        checks["nonlinearity"] = Check("nonlinearity", tol, value, passed, detail)
+    checks["nonlinearity"] = _nonlinearity_check(per_eta, summaries, tol, thresholds, noise)
     calibrations = [s.calibration for s in summaries if s.calibration is not None]
     if not any(s.reference == "first order" for s in summaries):
         checks["first_order"] = Check(
@@ -999,7 +1163,11 @@ def analyze(
             None,
             None,
             "no first-order oracle (first order disabled or steps > 1): each repeat's "
-            "reference is its own ΔH/η at its smallest resolvable η",
+            + (
+                "reference is the η → 0 slope of its own fit (no noise estimate in the records)"
+                if noise is not None
+                else "reference is its own ΔH/η at its smallest resolvable η"
+            ),
         )
     elif len(calibrations) < len(summaries) or len(calibrations) < 2:
         checks["first_order"] = Check(
@@ -1083,6 +1251,7 @@ def analyze(
         floor=floor,
         meta=meta,
         notes=notes,
+        noise=noise,
     )
 
 
