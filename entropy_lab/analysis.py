@@ -44,6 +44,7 @@ import math
 import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 import numpy as np
@@ -493,7 +494,7 @@ def _check_dict(check: Check) -> dict[str, Any]:
         "value": check.value,
         "passed": check.passed,
         "detail": check.detail,
-        "decides": check.name in DECIDING_CHECKS,
+        "decides": _kind(check) is not CheckKind.REPORTED,
     }
 
 
@@ -804,13 +805,13 @@ def _without_noise_estimate(records: list[PointRecord]) -> bool:
 
 
 def _noise_model(
-    by_repeat: dict[int, list[PointRecord]], floor_of: Mapping, confidence: float
+    by_repeat: dict[int, list[PointRecord]], below: Floor, confidence: float
 ) -> tuple[NoiseModel, dict[int, stats.BendFit | None]]:
     """NoiseModel and each repeat's ΔH_r = s_r·η + q_r·η² over its resolvable η."""
     reps = sorted(by_repeat)
     groups = []
     for rep in reps:
-        ok = [r for r in by_repeat[rep] if not floor_of[(float(r.learning_rate), rep)][0]]
+        ok = below.resolvable(by_repeat[rep])
         groups.append(
             ([float(r.learning_rate) for r in ok], [float(r.entropy_change) for r in ok])  # type: ignore[arg-type]
         )
@@ -871,12 +872,12 @@ def _nonlinearity_check(
     tol: float,
     thresholds: stats.Thresholds,
     noise: NoiseModel | None,
-) -> Check:
+) -> AnalysisCheck:
     """The worst grid point's bound of mean |n_r(η)| against tol, and where it is beyond or
     undecided (for records without a noise estimate: why noise cannot be told from a bend)."""
     decided = [p for p in per_eta if p.resolvable]
     if not decided:
-        return Check("nonlinearity", tol, None, None, "no resolvable η")
+        return AnalysisCheck("nonlinearity", tol, None, None, "no resolvable η")
     worst = max(decided, key=lambda p: -1 if p.nonlinearity_bound is None else p.nonlinearity_bound)
     beyond = [p for p in decided if p.status == "beyond"]
     undecided = [p for p in decided if p.status == "undecided"]
@@ -908,7 +909,7 @@ def _nonlinearity_check(
         )
     elif undecided:
         detail += "; " + _noise_undecided(undecided, summaries, noise)
-    return Check("nonlinearity", tol, value, passed, detail)
+    return AnalysisCheck("nonlinearity", tol, value, passed, detail)
 
 
 def _noise_undecided(
@@ -940,6 +941,85 @@ def _noise_undecided(
     return out
 
 
+# The steps of :func:`analyze`, each returning a frozen result.
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """The records of one analysis, sorted and grouped."""
+
+    rows: list[PointRecord]  # every record, sorted by (η, repeat)
+    run_dtype: str
+    reading: str
+    grid: list[float]  # the distinct η, ascending
+    measured: list[PointRecord]  # the successful ones
+    by_repeat: dict[int, list[PointRecord]]  # measured, per repeat, sorted by η
+
+
+@dataclass(frozen=True)
+class FloorPoint:
+    """The floor's word on one (η, repeat)."""
+
+    reasons: list[str]  # why it is not resolvable (empty: resolvable)
+    symmetric_residual: float | None
+    rounding_ratio: float | None
+    predicted_nonlinearity: float | None
+
+
+@dataclass(frozen=True)
+class Floor:
+    """The precision floor of every measurement and each repeat's MeasuredJet."""
+
+    points: dict[tuple[float, int], FloorPoint]  # (η, repeat) →
+    jets: dict[int, MeasuredJet]
+
+    def resolvable(self, records: list[PointRecord]) -> list[PointRecord]:
+        return [
+            r for r in records if not self.points[(float(r.learning_rate), int(r.repeat))].reasons
+        ]
+
+
+@dataclass(frozen=True)
+class Repeats:
+    """Every (η, repeat) against its repeat's reference, and each repeat's summary."""
+
+    points: list[RepeatPoint]
+    summaries: list[RepeatSummary]
+    noise: NoiseModel | None  # records without a noise estimate of their own
+
+
+@dataclass(frozen=True)
+class WindowResult:
+    """The grid points marked in or out of the window, the window, and the notes on it."""
+
+    per_eta: list[PointSummary]
+    window: Window
+    notes: list[str]
+
+
+@dataclass(frozen=True)
+class MixedModel:
+    """The random-slope fit over the resolvable points (None, with a note, if it failed)."""
+
+    fit: stats.RandomSlopeFit | None
+    note: str | None
+
+
+class CheckKind(str, Enum):
+    """What a check's state means for the verdict."""
+
+    DECIDING = "deciding"  # failed or undecided: not LINEAR
+    NOT_APPLICABLE = "not applicable"  # deciding, but nothing to check here: no bar
+    REPORTED = "reported"  # the seed's pooled statistics: shown, never deciding
+
+
+@dataclass(frozen=True)
+class AnalysisCheck(Check):
+    """A check of the analysis, with its kind."""
+
+    kind: CheckKind = CheckKind.DECIDING
+
+
 def analyze(
     records: Iterable[PointRecord | Mapping[str, Any]],
     meta: Mapping[str, Any] | None = None,
@@ -954,13 +1034,48 @@ def analyze(
     schema-1 records.
     """
     meta = dict(meta or {})
+    data = gather(records, meta, dtype)
+    tol = thresholds.tolerance
+    below = precision_floor(data, tol, floor)
+    repeats = repeat_summaries(data, below, thresholds.confidence)
+    points = point_summaries(data, repeats, tol, thresholds.confidence)
+    shown = linear_window(data, points, below, tol, repeats.noise)
+    checks = deciding_checks(data.grid, shown.per_eta, repeats, thresholds)
+    pooled, reported = pooled_statistics(data.rows, shown.per_eta, thresholds)
+    mixed = mixed_model(repeats.points, thresholds.confidence)
+    checks.update(reported)
+    verdict, reason = _verdict(shown.per_eta, checks)
+    return Analysis(
+        dtype=data.run_dtype,
+        reading=data.reading,
+        points=repeats.points,
+        repeats=repeats.summaries,
+        per_eta=shown.per_eta,
+        window=shown.window,
+        checks=checks,
+        verdict=verdict,
+        verdict_reason=reason,
+        pooled=pooled,
+        mixed_model=mixed.fit,
+        records=data.rows,
+        thresholds=thresholds,
+        floor=floor,
+        meta=meta,
+        notes=shown.notes + ([mixed.note] if mixed.note else []),
+        noise=repeats.noise,
+    )
+
+
+def gather(
+    records: Iterable[PointRecord | Mapping[str, Any]], meta: Mapping[str, Any], dtype: str | None
+) -> Inputs:
+    """The records sorted, their dtype settled (DESIGN §5), the grid, and the measured ones
+    grouped by repeat."""
     fallback = dtype or (meta.get("config") or {}).get("dtype")
     rows = as_records(records, dtype=fallback)
     if not rows:
         raise ValueError("no records to analyse")
     run_dtype = dtype or _run_dtype(rows, meta)
-    reading = rows[0].reading
-    tol = thresholds.tolerance
     grid = sorted({float(r.learning_rate) for r in rows})
     if not all(e > 0 for e in grid):
         raise ValueError("learning rates must be > 0")
@@ -968,70 +1083,48 @@ def analyze(
     by_repeat: dict[int, list[PointRecord]] = {}
     for r in measured:
         by_repeat.setdefault(int(r.repeat), []).append(r)
+    return Inputs(rows, run_dtype, rows[0].reading, grid, measured, by_repeat)
 
-    # -- per (η, repeat): the floor, then f, c and n against the repeat's own reference ----
-    # The symmetric check needs c, which (without the nested jvp) the repeat's own pairs
-    # give: the other checks first, then each repeat's MeasuredJet, then the symmetric check.
-    base = {(float(r.learning_rate), int(r.repeat)): _base_floor_reasons(r, run_dtype, floor)
-            for r in measured}  # fmt: skip
+
+def precision_floor(data: Inputs, tol: float, floor: FloorThresholds) -> Floor:
+    """The floor of every measurement. The symmetric check needs c, which (without the
+    nested jvp) the repeat's own pairs give: the other checks first, then each repeat's
+    MeasuredJet from the pairs they pass, then the symmetric check."""
+    base = {(float(r.learning_rate), int(r.repeat)): _base_floor_reasons(r, data.run_dtype, floor)
+            for r in data.measured}  # fmt: skip
     jets = {
         rep: measured_jet(
             mine, tol, {float(r.learning_rate) for r in mine if not base[(float(r.learning_rate), rep)][0]}
         )
-        for rep, mine in by_repeat.items()
+        for rep, mine in data.by_repeat.items()
     }  # fmt: skip
-    floor_of = {}
-    for (eta, rep), (reasons, rounding) in base.items():
-        r = next(x for x in by_repeat[rep] if float(x.learning_rate) == eta)
-        more, sym, predicted = _symmetric_reasons(r, run_dtype, tol, floor, jets[rep])
-        floor_of[(eta, rep)] = (reasons + more, sym, rounding, predicted)
+    points = {}
+    for r in data.measured:
+        key = (float(r.learning_rate), int(r.repeat))
+        reasons, rounding = base[key]
+        more, sym, predicted = _symmetric_reasons(r, data.run_dtype, tol, floor, jets[key[1]])
+        points[key] = FloorPoint(reasons + more, sym, rounding, predicted)
+    return Floor(points, jets)
+
+
+def repeat_summaries(data: Inputs, below: Floor, confidence: float) -> Repeats:
+    """f, c and n of every (η, repeat) against its repeat's reference, and each repeat's own
+    line; for records without a noise estimate, the references and bends of NoiseModel."""
     noise, bend_fits = None, {}
-    if _without_noise_estimate(measured):
-        noise, bend_fits = _noise_model(by_repeat, floor_of, thresholds.confidence)
+    if _without_noise_estimate(data.measured):
+        noise, bend_fits = _noise_model(data.by_repeat, below, confidence)
     points: list[RepeatPoint] = []
     summaries: list[RepeatSummary] = []
-    for rep, mine in sorted(by_repeat.items()):
-        ok = [r for r in mine if not floor_of[(float(r.learning_rate), rep)][0]]
+    for rep, mine in sorted(data.by_repeat.items()):
+        ok = below.resolvable(mine)
         ref = ok[0] if ok else None  # sorted by η: the smallest resolvable
-        oracle = mine[0].first_order_slope
         fit = bend_fits.get(rep)
-        if oracle is not None and oracle != 0:
-            s_r, how = float(oracle), "first order"
-        elif noise is not None and fit is not None and fit.slope != 0:
-            s_r, how = fit.slope, "η → 0 slope of its fit ΔH = s·η + q·η² (no noise estimate)"
-        elif noise is None and ref is not None and ref.entropy_change != 0:
-            s_r = float(ref.entropy_change) / float(ref.learning_rate)  # type: ignore[arg-type]
-            how = "ΔH/η at the smallest resolvable η"
-        else:
-            s_r, how = None, "none"
+        s_r, how = _reference(mine[0].first_order_slope, ref, fit, noise)
         calibration = None
         if ref is not None and s_r is not None and how == "first order":
             calibration = float(ref.entropy_change) / (float(ref.learning_rate) * s_r) - 1
         for r in mine:
-            eta = float(r.learning_rate)
-            reasons, sym, rounding, predicted = floor_of[(eta, rep)]
-            f = None if s_r is None else float(r.entropy_change) / (eta * s_r) - 1  # type: ignore[arg-type]
-            n = None
-            if not reasons and ref is not None and f is not None:
-                n = (1 + f) / (1 + (calibration or 0.0)) - 1
-            bend, bend_se = _bend_at(fit, eta, noise) if not reasons else (None, None)
-            points.append(
-                RepeatPoint(
-                    learning_rate=eta,
-                    repeat=rep,
-                    entropy_change=float(r.entropy_change),  # type: ignore[arg-type]
-                    resolvable=not reasons,
-                    reasons=reasons,
-                    relative_to_first_order=f if how == "first order" else None,
-                    nonlinearity=n,
-                    symmetric_residual=sym,
-                    rounding_ratio=rounding,
-                    quantized_fraction=r.quantized_fraction,
-                    predicted_nonlinearity=predicted,
-                    bend=bend,
-                    bend_stderr=bend_se,
-                )
-            )
+            points.append(_repeat_point(r, below, ref, s_r, how, calibration, fit, noise))
         line = None
         if len({float(r.learning_rate) for r in ok}) >= 3:
             line = stats.fit_ols(
@@ -1049,64 +1142,134 @@ def analyze(
                 slope=line.slope if line else None,
                 intercept=line.intercept if line else None,
                 n_resolvable=len(ok),
-                measured_jet=jets[rep],
+                measured_jet=below.jets[rep],
                 bend_fit=fit,
             )
         )
+    return Repeats(points, summaries, noise)
 
-    # -- per grid point: resolvable iff every successful repeat is; then the bound on |n| --
+
+def _reference(
+    oracle: float | None,
+    ref: PointRecord | None,
+    fit: stats.BendFit | None,
+    noise: NoiseModel | None,
+) -> tuple[float | None, str]:
+    """s_r and where it came from: the oracle ∇H·v; for records without a noise estimate
+    the η → 0 slope of the repeat's fit; else its ΔH/η at its smallest resolvable η."""
+    if oracle is not None and oracle != 0:
+        return float(oracle), "first order"
+    if noise is not None:
+        if fit is not None and fit.slope != 0:
+            return fit.slope, "η → 0 slope of its fit ΔH = s·η + q·η² (no noise estimate)"
+        return None, "none"
+    if ref is not None and ref.entropy_change != 0:
+        return float(ref.entropy_change) / float(ref.learning_rate), (  # type: ignore[arg-type]
+            "ΔH/η at the smallest resolvable η"
+        )
+    return None, "none"
+
+
+def _repeat_point(
+    r: PointRecord,
+    below: Floor,
+    ref: PointRecord | None,
+    s_r: float | None,
+    how: str,
+    calibration: float | None,
+    fit: stats.BendFit | None,
+    noise: NoiseModel | None,
+) -> RepeatPoint:
+    """One measurement: the floor's word, f_r(η) and n_r(η) (and the fitted bend)."""
+    eta = float(r.learning_rate)
+    at = below.points[(eta, int(r.repeat))]
+    f = None if s_r is None else float(r.entropy_change) / (eta * s_r) - 1  # type: ignore[arg-type]
+    n = None
+    if not at.reasons and ref is not None and f is not None:
+        n = (1 + f) / (1 + (calibration or 0.0)) - 1
+    bend, bend_se = _bend_at(fit, eta, noise) if not at.reasons else (None, None)
+    return RepeatPoint(
+        learning_rate=eta,
+        repeat=int(r.repeat),
+        entropy_change=float(r.entropy_change),  # type: ignore[arg-type]
+        resolvable=not at.reasons,
+        reasons=at.reasons,
+        relative_to_first_order=f if how == "first order" else None,
+        nonlinearity=n,
+        symmetric_residual=at.symmetric_residual,
+        rounding_ratio=at.rounding_ratio,
+        quantized_fraction=r.quantized_fraction,
+        predicted_nonlinearity=at.predicted_nonlinearity,
+        bend=bend,
+        bend_stderr=bend_se,
+    )
+
+
+def point_summaries(
+    data: Inputs, repeats: Repeats, tol: float, confidence: float
+) -> list[PointSummary]:
+    """Per grid point: resolvable iff every successful repeat is (and ≥ 2 are); then the
+    bounds of mean |n| and the status."""
     per_eta: list[PointSummary] = []
-    for eta in grid:
-        mine = [p for p in points if p.learning_rate == eta]
-        n_failed = sum(1 for r in rows if float(r.learning_rate) == eta and not r.measured)
+    for eta in data.grid:
+        mine = [p for p in repeats.points if p.learning_rate == eta]
+        n_failed = sum(1 for r in data.rows if float(r.learning_rate) == eta and not r.measured)
         reasons = [f"repeat {p.repeat}: {why}" for p in mine for why in p.reasons]
-        predicted = _max_or_none(p.predicted_nonlinearity for p in mine)
         if not mine:
             reasons = ["every run failed"]
         elif len(mine) < 2:
             reasons.append("fewer than 2 successful repeats")
-        resolvable = not reasons
         mean_abs = bound = lower = None
         status = "failed" if not mine else "unresolvable"
-        if resolvable:
-            mean_abs, bound, lower, status = _point_status(mine, tol, thresholds.confidence, noise)
+        if not reasons:
+            mean_abs, bound, lower, status = _point_status(mine, tol, confidence, repeats.noise)
         per_eta.append(
             PointSummary(
                 learning_rate=eta,
                 n_repeats=len(mine),
                 n_failed=n_failed,
-                resolvable=resolvable,
+                resolvable=not reasons,
                 reasons=reasons,
                 nonlinearity_mean_abs=mean_abs,
                 nonlinearity_bound=bound,
                 status=status,
                 in_window=False,
-                predicted_nonlinearity=predicted,
+                predicted_nonlinearity=_max_or_none(p.predicted_nonlinearity for p in mine),
                 nonlinearity_lower_bound=lower,
             )
         )
+    return per_eta
 
-    # -- the window: the longest contiguous run of points within tol -----------------------
+
+def linear_window(
+    data: Inputs,
+    per_eta: list[PointSummary],
+    below: Floor,
+    tol: float,
+    noise: NoiseModel | None,
+) -> WindowResult:
+    """The longest contiguous run of grid points within tol, and the jet's predicted edge
+    beside it (never the window)."""
+    grid = data.grid
     run = _longest_run([p.status == "within" for p in per_eta], grid)
     if run is not None:
         per_eta = [
             dataclasses.replace(p, in_window=run[0] <= i <= run[1]) for i, p in enumerate(per_eta)
         ]
     maxima = []
-    for r in measured:
+    for r in data.measured:
         if r.first_order_slope is not None:
-            c, d, _ = jet_terms(r, jets[int(r.repeat)])
+            c, d, _ = jet_terms(r, below.jets[int(r.repeat)])
             maxima.append(eta_max(r.first_order_slope, c, tol, d))
     maxima = [m for m in maxima if m is not None]
     predicted_max = min(maxima) if maxima else None
-    resolvable_etas = [p.learning_rate for p in per_eta if p.resolvable]
     notes = []
     if noise is not None:
         notes.append(
             "no ±η pair and no first-order oracle in the records: each grid point is judged by "
             "the repeats' fitted bends q_r·η/s_r (DESIGN §4, Noise)"
         )
-    if not resolvable_etas:
+    if not any(p.resolvable for p in per_eta):
         notes.append("no resolvable η: every point is below the precision floor or failed")
     elif run is None:
         notes.append("empty: no resolvable η is within the tolerance")
@@ -1119,45 +1282,70 @@ def analyze(
         predicted_edge=_predicted_edge(predicted_max, grid),
         note="; ".join(notes),
     )
+    return WindowResult(per_eta, window, notes)
 
-    # -- checks -----------------------------------------------------------------------------
-    checks: dict[str, Check] = {}
-    m = len(resolvable_etas)
-    checks["resolvable_points"] = Check(
-        "resolvable_points",
-        thresholds.min_resolvable_points,
-        m,
-        m >= thresholds.min_resolvable_points,
-        f"{m} resolvable η of {len(grid)} (need ≥ {thresholds.min_resolvable_points})",
-    )
+
+def deciding_checks(
+    grid: list[float],
+    per_eta: list[PointSummary],
+    repeats: Repeats,
+    thresholds: stats.Thresholds,
+) -> dict[str, Check]:
+    """The checks that decide the verdict (DESIGN §4)."""
+    tol = thresholds.tolerance
+    m = sum(p.resolvable for p in per_eta)
+    need = thresholds.min_resolvable_points
+    return {
+        "resolvable_points": AnalysisCheck(
+            "resolvable_points",
+            need,
+            m,
+            m >= need,
+            f"{m} resolvable η of {len(grid)} (need ≥ {need})",
+        ),
+        "r_squared": _r_squared_check(repeats.summaries, thresholds),
+        "nonlinearity": _nonlinearity_check(
+            per_eta, repeats.summaries, tol, thresholds, repeats.noise
+        ),
+        "first_order": _first_order_check(repeats, thresholds),
+    }
+
+
+def _r_squared_check(summaries: list[RepeatSummary], thresholds: stats.Thresholds) -> AnalysisCheck:
+    """Each repeat's own line ΔH_r = α_r·η + β_r: min and median R² > r2_min."""
     r2 = [(s.repeat, s.r_squared) for s in summaries]
-    r2_known = [v for _, v in r2 if v is not None]
-    if not r2 or len(r2_known) < len(r2):
+    known = [v for _, v in r2 if v is not None]
+    if not r2 or len(known) < len(r2):
         missing = [rep for rep, v in r2 if v is None]
-        checks["r_squared"] = Check(
+        return AnalysisCheck(
             "r_squared",
             thresholds.r2_min,
-            min(r2_known) if r2_known else None,
+            min(known) if known else None,
             None,
             f"repeat(s) {missing} have fewer than 3 resolvable η: no line of their own"
             if r2
             else "no measured repeat",
         )
-    else:
-        low, mid = min(r2_known), statistics.median(r2_known)
-        ok = low > thresholds.r2_min and mid > thresholds.r2_min
-        checks["r_squared"] = Check(
-            "r_squared",
-            thresholds.r2_min,
-            low,
-            ok,
-            f"each repeat's own line ΔH_r = α_r·η + β_r over its resolvable η: R² min "
-            f"{low:.6f}, median {mid:.6f} {'>' if ok else 'not >'} {thresholds.r2_min}",
-        )
-    checks["nonlinearity"] = _nonlinearity_check(per_eta, summaries, tol, thresholds, noise)
+    low, mid = min(known), statistics.median(known)
+    ok = low > thresholds.r2_min and mid > thresholds.r2_min
+    return AnalysisCheck(
+        "r_squared",
+        thresholds.r2_min,
+        low,
+        ok,
+        f"each repeat's own line ΔH_r = α_r·η + β_r over its resolvable η: R² min "
+        f"{low:.6f}, median {mid:.6f} {'>' if ok else 'not >'} {thresholds.r2_min}",
+    )
+
+
+def _first_order_check(repeats: Repeats, thresholds: stats.Thresholds) -> AnalysisCheck:
+    """Calibration: c_r at each repeat's smallest resolvable η against tol; not applicable
+    without a first-order oracle."""
+    tol = thresholds.tolerance
+    summaries = repeats.summaries
     calibrations = [s.calibration for s in summaries if s.calibration is not None]
     if not any(s.reference == "first order" for s in summaries):
-        checks["first_order"] = Check(
+        return AnalysisCheck(
             "first_order",
             tol,
             None,
@@ -1165,97 +1353,88 @@ def analyze(
             "no first-order oracle (first order disabled or steps > 1): each repeat's "
             + (
                 "reference is the η → 0 slope of its own fit (no noise estimate in the records)"
-                if noise is not None
+                if repeats.noise is not None
                 else "reference is its own ΔH/η at its smallest resolvable η"
             ),
+            CheckKind.NOT_APPLICABLE,
         )
-    elif len(calibrations) < len(summaries) or len(calibrations) < 2:
-        checks["first_order"] = Check(
+    if len(calibrations) < len(summaries) or len(calibrations) < 2:
+        return AnalysisCheck(
             "first_order", tol, None, None, "some repeat has no resolvable η to calibrate at"
         )
-    else:
-        mean_abs = float(np.mean(np.abs(calibrations)))
-        bound = stats.upper_bound(np.abs(calibrations), thresholds.confidence)
-        passed = True if bound <= tol else False if mean_abs > tol else None
-        checks["first_order"] = Check(
-            "first_order",
-            tol,
-            bound,
-            passed,
-            "c_r = ΔH_r/(η·∇H·v_r) − 1 at each repeat's smallest resolvable η: "
-            + ", ".join(f"{c:+.2e}" for c in calibrations)
-            + f"; {thresholds.confidence:.0%} upper bound of mean |c_r| {bound:.3g}, "
-            f"mean {mean_abs:.3g} (tolerance {tol:g})",
-        )
+    mean_abs = float(np.mean(np.abs(calibrations)))
+    bound = stats.upper_bound(np.abs(calibrations), thresholds.confidence)
+    passed = True if bound <= tol else False if mean_abs > tol else None
+    return AnalysisCheck(
+        "first_order",
+        tol,
+        bound,
+        passed,
+        "c_r = ΔH_r/(η·∇H·v_r) − 1 at each repeat's smallest resolvable η: "
+        + ", ".join(f"{c:+.2e}" for c in calibrations)
+        + f"; {thresholds.confidence:.0%} upper bound of mean |c_r| {bound:.3g}, "
+        f"mean {mean_abs:.3g} (tolerance {tol:g})",
+    )
 
-    # -- the seed's pooled statistics, reported --------------------------------------------
-    pooled = stats.analyze_linearity(
-        [float(r.learning_rate) for r in rows],
-        [float(r.entropy_change) if r.measured else math.nan for r in rows],  # type: ignore[arg-type]
-        first_order=[
+
+# The seed's pooled statistics, by their name in analysis.json and in LinearityAnalysis.
+_REPORTED = {
+    "pooled_r_squared": "r_squared",
+    "standardized_residual": "standardized_residual",
+    "relative_residual": "relative_residual",
+    "lack_of_fit": "lack_of_fit",
+    "intercept": "intercept",
+    "loglog_slope": "loglog_slope",
+}
+
+
+def pooled_statistics(
+    rows: list[PointRecord], per_eta: list[PointSummary], thresholds: stats.Thresholds
+) -> tuple[stats.LinearityAnalysis, dict[str, Check]]:
+    """The seed's unpaired statistics over the resolvable grid points, and their checks,
+    reported, never deciding."""
+    first_order = None
+    if any(_finite(r.first_order_prediction) for r in rows):
+        first_order = [
             float(r.first_order_prediction) if _finite(r.first_order_prediction) else math.nan
             for r in rows
         ]
-        if any(_finite(r.first_order_prediction) for r in rows)
-        else None,
+    pooled = stats.analyze_linearity(
+        [float(r.learning_rate) for r in rows],
+        [float(r.entropy_change) if r.measured else math.nan for r in rows],  # type: ignore[arg-type]
+        first_order=first_order,
         resolvable={p.learning_rate: p.resolvable for p in per_eta},
         thresholds=thresholds,
         repeats=[int(r.repeat) for r in rows],
     )
-    reported = {
-        "pooled_r_squared": "r_squared",
-        "standardized_residual": "standardized_residual",
-        "relative_residual": "relative_residual",
-        "lack_of_fit": "lack_of_fit",
-        "intercept": "intercept",
-        "loglog_slope": "loglog_slope",
-    }
-    for name, source in reported.items():
+    reported: dict[str, Check] = {}
+    for name, source in _REPORTED.items():
         c = pooled.checks[source]
-        checks[name] = Check(
-            name,
-            c.threshold,
-            c.value,
-            c.passed,
-            c.detail + " [reported, not deciding]",
+        detail = c.detail + " [reported, not deciding]"
+        reported[name] = AnalysisCheck(
+            name, c.threshold, c.value, c.passed, detail, CheckKind.REPORTED
         )
+    return pooled, reported
 
-    mixed = None
+
+def mixed_model(points: list[RepeatPoint], confidence: float) -> MixedModel:
+    """The random-slope model over the resolvable points (≥ 2 repeats and 2 η)."""
     fit_points = [p for p in points if p.resolvable]
-    if len({p.repeat for p in fit_points}) >= 2 and len({p.learning_rate for p in fit_points}) >= 2:
-        try:
-            mixed = stats.fit_random_slope(
-                [p.learning_rate for p in fit_points],
-                [p.entropy_change for p in fit_points],
-                [p.repeat for p in fit_points],
-                thresholds.confidence,
-            )
-        except (ValueError, np.linalg.LinAlgError) as exc:
-            notes.append(f"mixed model not fitted: {exc}")
-
-    verdict, reason = _verdict(per_eta, checks)
-    return Analysis(
-        dtype=run_dtype,
-        reading=reading,
-        points=points,
-        repeats=summaries,
-        per_eta=per_eta,
-        window=window,
-        checks=checks,
-        verdict=verdict,
-        verdict_reason=reason,
-        pooled=pooled,
-        mixed_model=mixed,
-        records=rows,
-        thresholds=thresholds,
-        floor=floor,
-        meta=meta,
-        notes=notes,
-        noise=noise,
-    )
+    if len({p.repeat for p in fit_points}) < 2 or len({p.learning_rate for p in fit_points}) < 2:
+        return MixedModel(None, None)
+    try:
+        fit = stats.fit_random_slope(
+            [p.learning_rate for p in fit_points],
+            [p.entropy_change for p in fit_points],
+            [p.repeat for p in fit_points],
+            confidence,
+        )
+    except (ValueError, np.linalg.LinAlgError) as exc:
+        return MixedModel(None, f"mixed model not fitted: {exc}")
+    return MixedModel(fit, None)
 
 
-def _verdict(per_eta: list[PointSummary], checks: dict[str, Check]) -> tuple[str, str]:
+def _verdict(per_eta: list[PointSummary], checks: Mapping[str, Check]) -> tuple[str, str]:
     """DESIGN §4: LINEAR over the tested grid, NONLINEAR, or INCONCLUSIVE with the reason."""
     beyond = [p.learning_rate for p in per_eta if p.status == "beyond"]
     if beyond:
@@ -1282,11 +1461,11 @@ def _verdict(per_eta: list[PointSummary], checks: dict[str, Check]) -> tuple[str
         )
     for name in ("nonlinearity", "first_order", "r_squared"):
         c = checks[name]
+        if _kind(c) is CheckKind.NOT_APPLICABLE:
+            continue
         if c.passed is False:
             reasons.append(f"{name} failed: {c.detail}")
-        elif c.passed is None and not (
-            name == "first_order" and "no first-order oracle" in c.detail
-        ):
+        elif c.passed is None:
             reasons.append(f"{name} undecided: {c.detail}")
     if reasons:
         return "inconclusive", "; ".join(reasons)
@@ -1296,3 +1475,10 @@ def _verdict(per_eta: list[PointSummary], checks: dict[str, Check]) -> tuple[str
     if below:
         reason += "; unresolvable (not judged): η = " + ", ".join(f"{e:.3g}" for e in below)
     return "linear", reason
+
+
+def _kind(check: Check) -> CheckKind:
+    """A check's kind (a plain stats.Check: by its name)."""
+    if isinstance(check, AnalysisCheck):
+        return check.kind
+    return CheckKind.DECIDING if check.name in DECIDING_CHECKS else CheckKind.REPORTED

@@ -3,6 +3,7 @@ wrong on real checkpoints, whose update directions differ from batch to batch.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from entropy_lab.analysis import EPS, FloorThresholds, PointRecord, analyze
+from entropy_lab.analysis import EPS, CheckKind, FloorThresholds, PointRecord, _verdict, analyze
 from entropy_lab.report import build_analysis, write_report
 from entropy_lab.stats import fit_random_slope, mean_stderr, upper_bound
 from entropy_lab.store import ResultsFolder
@@ -224,6 +225,25 @@ def test_few_repeats_scattered_are_undecided_not_linear():
     p = a.point(1e-4)
     assert p.status == "undecided" and p.nonlinearity_mean_abs <= 0.05 < p.nonlinearity_bound
     assert a.verdict == "inconclusive"
+
+
+def test_the_verdict_reads_a_checks_kind_not_its_text():
+    """Without an oracle the first-order check has nothing to check: its kind, not the words
+    "no first-order oracle" in its detail, keeps it from blocking LINEAR."""
+    a = analyze(planted([-2.0, -3.0, -2.5], jet=False))
+    c = a.checks["first_order"]
+    assert c.kind is CheckKind.NOT_APPLICABLE and c.passed is None and a.verdict == "linear"
+    reworded = dict(a.checks, first_order=dataclasses.replace(c, detail="calibration: n/a"))
+    assert _verdict(a.per_eta, reworded)[0] == "linear"
+    blocking = dict(a.checks, first_order=dataclasses.replace(c, kind=CheckKind.DECIDING))
+    assert _verdict(a.per_eta, blocking)[0] == "inconclusive"
+    decides = {k: v["decides"] for k, v in a.to_dict()["summary"]["checks"].items()}
+    assert [k for k, v in decides.items() if v] == [
+        "resolvable_points",
+        "r_squared",
+        "nonlinearity",
+        "first_order",
+    ]
 
 
 # -- report: the same analysis from a bare raw_results.json -------------------------------------
