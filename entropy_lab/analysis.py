@@ -23,6 +23,14 @@ LINEAR over the tested grid iff ≥ 3 resolvable η, every resolvable η within 
 contiguous run, calibration within tol and every repeat's own R² > r2_min; NONLINEAR iff a
 resolvable η is beyond tol; INCONCLUSIVE otherwise, with the reason.
 
+Records without a noise estimate of their own (no ±η pair, no first-order oracle: another
+tool's, the seed's format) are not judged on one noisy reference point (``NoiseModel``):
+each repeat is fitted ΔH_r = s_r·η + q_r·η² with one absolute noise level pooled over the
+repeats, s_r is the reference and n_r(η) the fitted bend q_r·η/s_r, which grows with η; an
+offset of ΔH_r/η is s_r's. A grid point is beyond tol only when a bound of mean |bend| that
+noise of either sign cannot raise exceeds it; where noise cannot be told from a bend, the
+point is undecided and the verdict INCONCLUSIVE, with the reason.
+
 The pooled statistics of the seed (raw-point R², weighted fit, lack of fit, intercept test,
 standardized and relative residuals of the per-η means, log-log slope) are computed by
 ``stats.analyze_linearity`` and reported, never deciding: under common random numbers the
@@ -36,6 +44,7 @@ import math
 import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 import numpy as np
@@ -233,6 +242,10 @@ class RepeatPoint(stats._ToDict):
     rounding_ratio: float | None  # |∇H·(θ₁ − θ₀ − η·v)| / |ΔH_r|
     quantized_fraction: float | None
     predicted_nonlinearity: float | None  # from the jet of this repeat
+    # Records without a noise estimate (NoiseModel): the repeat's fitted bend q_r·η/s_r at
+    # this η and its SE; ``nonlinearity`` is then the measured point against that s_r.
+    bend: float | None = None
+    bend_stderr: float | None = None
 
 
 @dataclass(frozen=True)
@@ -249,6 +262,7 @@ class RepeatSummary(stats._ToDict):
     intercept: float | None
     n_resolvable: int
     measured_jet: MeasuredJet | None = None
+    bend_fit: stats.BendFit | None = None  # ΔH_r = s_r·η + q_r·η² (NoiseModel only)
 
 
 @dataclass(frozen=True)
@@ -287,6 +301,9 @@ class PointSummary(stats._ToDict):
     status: str  # within | beyond | undecided | unresolvable | failed
     in_window: bool
     predicted_nonlinearity: float | None  # max over repeats of |jet's prediction|
+    # NoiseModel only: a lower bound of mean |bend| that noise of either sign cannot raise;
+    # nonlinearity_mean_abs and _bound are then of the fitted bends.
+    nonlinearity_lower_bound: float | None = None
 
 
 @dataclass(frozen=True)
@@ -300,6 +317,26 @@ class Window(stats._ToDict):
     eta_max_predicted: float | None  # the jet's extrapolation, never the window
     predicted_edge: str  # where, against the grid, the jet puts the upper edge
     note: str
+
+
+@dataclass(frozen=True)
+class NoiseModel(stats._ToDict):
+    """The noise of records that carry no estimate of their own (DESIGN §4, Noise).
+
+    Sweep records carry one: the symmetric residuals of their ±η pairs, and an oracle ∇H·v to
+    refer ΔH/η to. Records without either (another tool's, the seed's format) would be judged
+    on one noisy point, each repeat's ΔH/η at its smallest η, where the noise of ΔH/η is
+    largest: forward-pass noise is absolute, so ΔH/η's is σ/η. Instead each repeat is fitted
+    ΔH_r = s_r·η + q_r·η² (least squares on ΔH: ΔH/η weighted by η²), σ pooled over the
+    repeats' residuals. s_r is the reference; the bend q_r·η/s_r is what grows with η; an
+    offset of ΔH_r/η moves s_r, not the bend. A grid point is beyond the tolerance only when
+    a lower bound of mean |bend| that noise of either sign cannot raise exceeds it.
+    """
+
+    sigma: float | None  # of one ΔH, nats, the same at every η and repeat
+    dof: int  # Σ over repeats of (resolvable η − 2)
+    critical: float | None  # Student t of the repeats' simultaneous bend intervals
+    confidence: float
 
 
 @dataclass(frozen=True)
@@ -322,6 +359,7 @@ class Analysis:
     floor: FloorThresholds
     meta: Mapping[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    noise: NoiseModel | None = None  # records without a noise estimate of their own
 
     def point(self, eta: float) -> PointSummary:
         for p in self.per_eta:
@@ -373,6 +411,7 @@ class Analysis:
                 within_tolerance={"within": True, "beyond": False}.get(point.status),
                 nonlinearity_mean_abs=point.nonlinearity_mean_abs,
                 nonlinearity_bound=point.nonlinearity_bound,
+                nonlinearity_lower_bound=point.nonlinearity_lower_bound,
                 predicted_nonlinearity=point.predicted_nonlinearity,
                 quantized_fraction=_max_or_none(p.quantized_fraction for p in mine),
                 symmetric_residual=_max_or_none(p.symmetric_residual for p in mine),
@@ -398,6 +437,7 @@ class Analysis:
                     "values": {str(s.repeat): s.r_squared for s in self.repeats},
                 },
                 "mixed_model": self.mixed_model.to_dict() if self.mixed_model else None,
+                "noise_model": self.noise.to_dict() if self.noise else None,
                 "ols": ols.to_dict() if ols else None,
                 "weighted": la.weighted.to_dict() if la.weighted else None,
                 "origin": la.origin.to_dict() if la.origin else None,
@@ -457,7 +497,7 @@ def _check_dict(check: Check) -> dict[str, Any]:
         "value": check.value,
         "passed": check.passed,
         "detail": check.detail,
-        "decides": check.name in DECIDING_CHECKS,
+        "decides": _kind(check) is not CheckKind.REPORTED,
     }
 
 
@@ -759,6 +799,230 @@ def _predicted_edge(predicted: float | None, grid: list[float]) -> str:
     return f"between grid points {below[-1]:.3g} and {above[0]:.3g}"
 
 
+def _without_noise_estimate(records: list[PointRecord]) -> bool:
+    """No ±η pair and no first-order oracle in any record (another tool's, the seed's
+    format): nothing says how noisy one ΔH is, nor what ΔH/η should be."""
+    return not any(
+        r.entropy_change_negative is not None or r.first_order_slope is not None for r in records
+    )
+
+
+def _noise_model(
+    by_repeat: dict[int, list[PointRecord]], below: Floor, confidence: float
+) -> tuple[NoiseModel, dict[int, stats.BendFit | None]]:
+    """NoiseModel and each repeat's ΔH_r = s_r·η + q_r·η² over its resolvable η."""
+    reps = sorted(by_repeat)
+    groups = []
+    for rep in reps:
+        ok = below.resolvable(by_repeat[rep])
+        groups.append(
+            ([float(r.learning_rate) for r in ok], [float(r.entropy_change) for r in ok])  # type: ignore[arg-type]
+        )
+    pooled = stats.fit_bends(groups)
+    fitted = sum(f is not None for f in pooled.fits)
+    critical = stats.simultaneous_t(confidence, fitted, pooled.dof)
+    noise = NoiseModel(
+        sigma=pooled.sigma if math.isfinite(pooled.sigma) else None,
+        dof=pooled.dof,
+        critical=critical if math.isfinite(critical) else None,
+        confidence=confidence,
+    )
+    return noise, dict(zip(reps, pooled.fits))
+
+
+def _bend_at(
+    fit: stats.BendFit | None, eta: float, noise: NoiseModel | None
+) -> tuple[float | None, float | None]:
+    """A repeat's fitted bend at η (∝ η) and its SE; None without a noise estimate, or while
+    its slope is within noise of 0 (a ratio to it says nothing)."""
+    if noise is None or fit is None or noise.critical is None:
+        return None, None
+    if not abs(fit.slope) > noise.critical * fit.slope_se:
+        return None, None
+    scale = eta / fit.x_top
+    return fit.bend * scale, fit.bend_se * scale
+
+
+def _point_status(
+    points: list[RepeatPoint], tol: float, confidence: float, noise: NoiseModel | None
+) -> tuple[float | None, float | None, float | None, str]:
+    """(mean |n|, its upper bound, its lower bound, status) of one resolvable grid point.
+
+    Within: the upper bound over repeats ≤ tol. Beyond, for sweep records (noise below the
+    floor's 1 %): the mean itself > tol; for records without a noise estimate, the mean of
+    |bend| is raised by noise of either sign, so only its noise-proof lower bound > tol.
+    """
+    if noise is None:
+        values = [p.nonlinearity for p in points if p.nonlinearity is not None]
+    else:
+        values = [p.bend for p in points if p.bend is not None]
+    if len(values) < len(points):  # a repeat without a reference slope or a resolved bend
+        return None, None, None, "undecided"
+    mean_abs = float(np.mean(np.abs(values)))
+    bound = stats.upper_bound(np.abs(values), confidence)
+    lower = None
+    if noise is not None:
+        se = [p.bend_stderr for p in points]
+        lower = stats.mean_abs_lower_bound(values, se, noise.dof, confidence)  # type: ignore[arg-type]
+    beyond = mean_abs > tol if lower is None else lower > tol
+    status = "within" if bound <= tol else "beyond" if beyond else "undecided"
+    return mean_abs, bound, lower, status
+
+
+def _nonlinearity_check(
+    per_eta: list[PointSummary],
+    summaries: list[RepeatSummary],
+    tol: float,
+    thresholds: stats.Thresholds,
+    noise: NoiseModel | None,
+) -> AnalysisCheck:
+    """The worst grid point's bound of mean |n_r(η)| against tol, and where it is beyond or
+    undecided (for records without a noise estimate: why noise cannot be told from a bend)."""
+    decided = [p for p in per_eta if p.resolvable]
+    if not decided:
+        return AnalysisCheck("nonlinearity", tol, None, None, "no resolvable η")
+    worst = max(decided, key=lambda p: -1 if p.nonlinearity_bound is None else p.nonlinearity_bound)
+    beyond = [p for p in decided if p.status == "beyond"]
+    undecided = [p for p in decided if p.status == "undecided"]
+    value = worst.nonlinearity_bound
+    passed = False if beyond else None if undecided else True
+    what = "|n_r(η)|" if noise is None else "|bend_r(η)|"
+    detail = (
+        f"max over resolvable η of the {thresholds.confidence:.0%} upper bound of mean "
+        f"{what} = {_fmt(value)} at η = {worst.learning_rate:.3g} (tolerance {tol:g})"
+    )
+    if noise is not None:
+        detail = (
+            "no noise estimate in the records (no ±η pair, no first-order oracle): each "
+            "repeat's fit ΔH_r = s_r·η + q_r·η² with one absolute noise σ = "
+            f"{_fmt(noise.sigma)} nats ({noise.dof} residual dof pooled over the repeats), "
+            f"bend_r(η) = q_r·η/s_r; " + detail
+        )
+    if beyond:
+        detail += "; beyond tolerance at η = " + ", ".join(
+            f"{p.learning_rate:.3g} (mean |n| {p.nonlinearity_mean_abs:.3g})"
+            if noise is None
+            else f"{p.learning_rate:.3g} (mean |bend| {p.nonlinearity_mean_abs:.3g}, "
+            f"lower bound {p.nonlinearity_lower_bound:.3g})"
+            for p in beyond
+        )
+    if undecided and noise is None:
+        detail += "; undecided (bound > tol ≥ mean: more repeats) at η = " + ", ".join(
+            f"{p.learning_rate:.3g}" for p in undecided
+        )
+    elif undecided:
+        detail += "; " + _noise_undecided(undecided, summaries, noise)
+    return AnalysisCheck("nonlinearity", tol, value, passed, detail)
+
+
+def _noise_undecided(
+    undecided: list[PointSummary], summaries: list[RepeatSummary], noise: NoiseModel
+) -> str:
+    """Why grid points of records without a noise estimate are undecided."""
+    if noise.sigma is None:
+        return (
+            "undecided: no residual to estimate the noise from (a repeat's fit needs ≥ 3 "
+            "resolvable η)"
+        )
+    unresolved = [s.repeat for s in summaries if s.bend_fit is None or s.slope_reference is None]
+    unresolved += [
+        s.repeat
+        for s in summaries
+        if s.bend_fit is not None
+        and s.repeat not in unresolved
+        and _bend_at(s.bend_fit, s.bend_fit.x_top, noise)[0] is None
+    ]
+    out = "noise cannot be told from a bend at η = " + ", ".join(
+        f"{p.learning_rate:.3g} (mean |bend| {_fmt(p.nonlinearity_mean_abs)}, "
+        f"{noise.confidence:.0%} bounds [{_fmt(p.nonlinearity_lower_bound)}, "
+        f"{_fmt(p.nonlinearity_bound)}])"
+        for p in undecided
+    )
+    out += ": more repeats, or a sweep's ±η pairs"
+    if unresolved:
+        out += f"; repeat(s) {sorted(unresolved)}: slope not resolved from the noise"
+    return out
+
+
+# The steps of :func:`analyze`, each returning a frozen result.
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """The records of one analysis, sorted and grouped."""
+
+    rows: list[PointRecord]  # every record, sorted by (η, repeat)
+    run_dtype: str
+    reading: str
+    grid: list[float]  # the distinct η, ascending
+    measured: list[PointRecord]  # the successful ones
+    by_repeat: dict[int, list[PointRecord]]  # measured, per repeat, sorted by η
+
+
+@dataclass(frozen=True)
+class FloorPoint:
+    """The floor's word on one (η, repeat)."""
+
+    reasons: list[str]  # why it is not resolvable (empty: resolvable)
+    symmetric_residual: float | None
+    rounding_ratio: float | None
+    predicted_nonlinearity: float | None
+
+
+@dataclass(frozen=True)
+class Floor:
+    """The precision floor of every measurement and each repeat's MeasuredJet."""
+
+    points: dict[tuple[float, int], FloorPoint]  # (η, repeat) →
+    jets: dict[int, MeasuredJet]
+
+    def resolvable(self, records: list[PointRecord]) -> list[PointRecord]:
+        return [
+            r for r in records if not self.points[(float(r.learning_rate), int(r.repeat))].reasons
+        ]
+
+
+@dataclass(frozen=True)
+class Repeats:
+    """Every (η, repeat) against its repeat's reference, and each repeat's summary."""
+
+    points: list[RepeatPoint]
+    summaries: list[RepeatSummary]
+    noise: NoiseModel | None  # records without a noise estimate of their own
+
+
+@dataclass(frozen=True)
+class WindowResult:
+    """The grid points marked in or out of the window, the window, and the notes on it."""
+
+    per_eta: list[PointSummary]
+    window: Window
+    notes: list[str]
+
+
+@dataclass(frozen=True)
+class MixedModel:
+    """The random-slope fit over the resolvable points (None, with a note, if it failed)."""
+
+    fit: stats.RandomSlopeFit | None
+    note: str | None
+
+
+class CheckKind(str, Enum):
+    """What a check's state means for the verdict."""
+
+    DECIDING = "deciding"  # failed or undecided: not LINEAR
+    NOT_APPLICABLE = "not applicable"  # deciding, but nothing to check here: no bar
+    REPORTED = "reported"  # the seed's pooled statistics: shown, never deciding
+
+
+@dataclass(frozen=True)
+class AnalysisCheck(Check):
+    """A check of the analysis, with its kind."""
+
+    kind: CheckKind = CheckKind.DECIDING
+
+
 def analyze(
     records: Iterable[PointRecord | Mapping[str, Any]],
     meta: Mapping[str, Any] | None = None,
@@ -773,13 +1037,48 @@ def analyze(
     schema-1 records.
     """
     meta = dict(meta or {})
+    data = gather(records, meta, dtype)
+    tol = thresholds.tolerance
+    below = precision_floor(data, tol, floor)
+    repeats = repeat_summaries(data, below, thresholds.confidence)
+    points = point_summaries(data, repeats, tol, thresholds.confidence)
+    shown = linear_window(data, points, below, tol, repeats.noise)
+    checks = deciding_checks(data.grid, shown.per_eta, repeats, thresholds)
+    pooled, reported = pooled_statistics(data.rows, shown.per_eta, thresholds)
+    mixed = mixed_model(repeats.points, thresholds.confidence)
+    checks.update(reported)
+    verdict, reason = _verdict(shown.per_eta, checks)
+    return Analysis(
+        dtype=data.run_dtype,
+        reading=data.reading,
+        points=repeats.points,
+        repeats=repeats.summaries,
+        per_eta=shown.per_eta,
+        window=shown.window,
+        checks=checks,
+        verdict=verdict,
+        verdict_reason=reason,
+        pooled=pooled,
+        mixed_model=mixed.fit,
+        records=data.rows,
+        thresholds=thresholds,
+        floor=floor,
+        meta=meta,
+        notes=shown.notes + ([mixed.note] if mixed.note else []),
+        noise=repeats.noise,
+    )
+
+
+def gather(
+    records: Iterable[PointRecord | Mapping[str, Any]], meta: Mapping[str, Any], dtype: str | None
+) -> Inputs:
+    """The records sorted, their dtype settled (DESIGN §5), the grid, and the measured ones
+    grouped by repeat."""
     fallback = dtype or (meta.get("config") or {}).get("dtype")
     rows = as_records(records, dtype=fallback)
     if not rows:
         raise ValueError("no records to analyse")
     run_dtype = dtype or _run_dtype(rows, meta)
-    reading = rows[0].reading
-    tol = thresholds.tolerance
     grid = sorted({float(r.learning_rate) for r in rows})
     if not all(e > 0 for e in grid):
         raise ValueError("learning rates must be > 0")
@@ -787,61 +1086,48 @@ def analyze(
     by_repeat: dict[int, list[PointRecord]] = {}
     for r in measured:
         by_repeat.setdefault(int(r.repeat), []).append(r)
+    return Inputs(rows, run_dtype, rows[0].reading, grid, measured, by_repeat)
 
-    # -- per (η, repeat): the floor, then f, c and n against the repeat's own reference ----
-    # The symmetric check needs c, which (without the nested jvp) the repeat's own pairs
-    # give: the other checks first, then each repeat's MeasuredJet, then the symmetric check.
-    base = {(float(r.learning_rate), int(r.repeat)): _base_floor_reasons(r, run_dtype, floor)
-            for r in measured}  # fmt: skip
+
+def precision_floor(data: Inputs, tol: float, floor: FloorThresholds) -> Floor:
+    """The floor of every measurement. The symmetric check needs c, which (without the
+    nested jvp) the repeat's own pairs give: the other checks first, then each repeat's
+    MeasuredJet from the pairs they pass, then the symmetric check."""
+    base = {(float(r.learning_rate), int(r.repeat)): _base_floor_reasons(r, data.run_dtype, floor)
+            for r in data.measured}  # fmt: skip
     jets = {
         rep: measured_jet(
             mine, tol, {float(r.learning_rate) for r in mine if not base[(float(r.learning_rate), rep)][0]}
         )
-        for rep, mine in by_repeat.items()
+        for rep, mine in data.by_repeat.items()
     }  # fmt: skip
-    floor_of = {}
-    for (eta, rep), (reasons, rounding) in base.items():
-        r = next(x for x in by_repeat[rep] if float(x.learning_rate) == eta)
-        more, sym, predicted = _symmetric_reasons(r, run_dtype, tol, floor, jets[rep])
-        floor_of[(eta, rep)] = (reasons + more, sym, rounding, predicted)
+    points = {}
+    for r in data.measured:
+        key = (float(r.learning_rate), int(r.repeat))
+        reasons, rounding = base[key]
+        more, sym, predicted = _symmetric_reasons(r, data.run_dtype, tol, floor, jets[key[1]])
+        points[key] = FloorPoint(reasons + more, sym, rounding, predicted)
+    return Floor(points, jets)
+
+
+def repeat_summaries(data: Inputs, below: Floor, confidence: float) -> Repeats:
+    """f, c and n of every (η, repeat) against its repeat's reference, and each repeat's own
+    line; for records without a noise estimate, the references and bends of NoiseModel."""
+    noise, bend_fits = None, {}
+    if _without_noise_estimate(data.measured):
+        noise, bend_fits = _noise_model(data.by_repeat, below, confidence)
     points: list[RepeatPoint] = []
     summaries: list[RepeatSummary] = []
-    for rep, mine in sorted(by_repeat.items()):
-        ok = [r for r in mine if not floor_of[(float(r.learning_rate), rep)][0]]
+    for rep, mine in sorted(data.by_repeat.items()):
+        ok = below.resolvable(mine)
         ref = ok[0] if ok else None  # sorted by η: the smallest resolvable
-        oracle = mine[0].first_order_slope
-        if oracle is not None and oracle != 0:
-            s_r, how = float(oracle), "first order"
-        elif ref is not None and ref.entropy_change != 0:
-            s_r = float(ref.entropy_change) / float(ref.learning_rate)  # type: ignore[arg-type]
-            how = "ΔH/η at the smallest resolvable η"
-        else:
-            s_r, how = None, "none"
+        fit = bend_fits.get(rep)
+        s_r, how = _reference(mine[0].first_order_slope, ref, fit, noise)
         calibration = None
         if ref is not None and s_r is not None and how == "first order":
             calibration = float(ref.entropy_change) / (float(ref.learning_rate) * s_r) - 1
         for r in mine:
-            eta = float(r.learning_rate)
-            reasons, sym, rounding, predicted = floor_of[(eta, rep)]
-            f = None if s_r is None else float(r.entropy_change) / (eta * s_r) - 1  # type: ignore[arg-type]
-            n = None
-            if not reasons and ref is not None and f is not None:
-                n = (1 + f) / (1 + (calibration or 0.0)) - 1
-            points.append(
-                RepeatPoint(
-                    learning_rate=eta,
-                    repeat=rep,
-                    entropy_change=float(r.entropy_change),  # type: ignore[arg-type]
-                    resolvable=not reasons,
-                    reasons=reasons,
-                    relative_to_first_order=f if how == "first order" else None,
-                    nonlinearity=n,
-                    symmetric_residual=sym,
-                    rounding_ratio=rounding,
-                    quantized_fraction=r.quantized_fraction,
-                    predicted_nonlinearity=predicted,
-                )
-            )
+            points.append(_repeat_point(r, below, ref, s_r, how, calibration, fit, noise))
         line = None
         if len({float(r.learning_rate) for r in ok}) >= 3:
             line = stats.fit_ols(
@@ -859,68 +1145,134 @@ def analyze(
                 slope=line.slope if line else None,
                 intercept=line.intercept if line else None,
                 n_resolvable=len(ok),
-                measured_jet=jets[rep],
+                measured_jet=below.jets[rep],
+                bend_fit=fit,
             )
         )
+    return Repeats(points, summaries, noise)
 
-    # -- per grid point: resolvable iff every successful repeat is; then the bound on |n| --
+
+def _reference(
+    oracle: float | None,
+    ref: PointRecord | None,
+    fit: stats.BendFit | None,
+    noise: NoiseModel | None,
+) -> tuple[float | None, str]:
+    """s_r and where it came from: the oracle ∇H·v; for records without a noise estimate
+    the η → 0 slope of the repeat's fit; else its ΔH/η at its smallest resolvable η."""
+    if oracle is not None and oracle != 0:
+        return float(oracle), "first order"
+    if noise is not None:
+        if fit is not None and fit.slope != 0:
+            return fit.slope, "η → 0 slope of its fit ΔH = s·η + q·η² (no noise estimate)"
+        return None, "none"
+    if ref is not None and ref.entropy_change != 0:
+        return float(ref.entropy_change) / float(ref.learning_rate), (  # type: ignore[arg-type]
+            "ΔH/η at the smallest resolvable η"
+        )
+    return None, "none"
+
+
+def _repeat_point(
+    r: PointRecord,
+    below: Floor,
+    ref: PointRecord | None,
+    s_r: float | None,
+    how: str,
+    calibration: float | None,
+    fit: stats.BendFit | None,
+    noise: NoiseModel | None,
+) -> RepeatPoint:
+    """One measurement: the floor's word, f_r(η) and n_r(η) (and the fitted bend)."""
+    eta = float(r.learning_rate)
+    at = below.points[(eta, int(r.repeat))]
+    f = None if s_r is None else float(r.entropy_change) / (eta * s_r) - 1  # type: ignore[arg-type]
+    n = None
+    if not at.reasons and ref is not None and f is not None:
+        n = (1 + f) / (1 + (calibration or 0.0)) - 1
+    bend, bend_se = _bend_at(fit, eta, noise) if not at.reasons else (None, None)
+    return RepeatPoint(
+        learning_rate=eta,
+        repeat=int(r.repeat),
+        entropy_change=float(r.entropy_change),  # type: ignore[arg-type]
+        resolvable=not at.reasons,
+        reasons=at.reasons,
+        relative_to_first_order=f if how == "first order" else None,
+        nonlinearity=n,
+        symmetric_residual=at.symmetric_residual,
+        rounding_ratio=at.rounding_ratio,
+        quantized_fraction=r.quantized_fraction,
+        predicted_nonlinearity=at.predicted_nonlinearity,
+        bend=bend,
+        bend_stderr=bend_se,
+    )
+
+
+def point_summaries(
+    data: Inputs, repeats: Repeats, tol: float, confidence: float
+) -> list[PointSummary]:
+    """Per grid point: resolvable iff every successful repeat is (and ≥ 2 are); then the
+    bounds of mean |n| and the status."""
     per_eta: list[PointSummary] = []
-    for eta in grid:
-        mine = [p for p in points if p.learning_rate == eta]
-        n_failed = sum(1 for r in rows if float(r.learning_rate) == eta and not r.measured)
+    for eta in data.grid:
+        mine = [p for p in repeats.points if p.learning_rate == eta]
+        n_failed = sum(1 for r in data.rows if float(r.learning_rate) == eta and not r.measured)
         reasons = [f"repeat {p.repeat}: {why}" for p in mine for why in p.reasons]
-        predicted = _max_or_none(p.predicted_nonlinearity for p in mine)
         if not mine:
             reasons = ["every run failed"]
         elif len(mine) < 2:
             reasons.append("fewer than 2 successful repeats")
-        resolvable = not reasons
-        mean_abs = bound = None
+        mean_abs = bound = lower = None
         status = "failed" if not mine else "unresolvable"
-        if resolvable:
-            values = [abs(p.nonlinearity) for p in mine if p.nonlinearity is not None]
-            if len(values) == len(mine):
-                mean_abs = float(np.mean(values))
-                bound = stats.upper_bound(values, thresholds.confidence)
-                if bound <= tol:
-                    status = "within"
-                elif mean_abs > tol:
-                    status = "beyond"
-                else:
-                    status = "undecided"
-            else:  # a repeat without a reference slope (ΔH = 0 at its smallest η)
-                status = "undecided"
+        if not reasons:
+            mean_abs, bound, lower, status = _point_status(mine, tol, confidence, repeats.noise)
         per_eta.append(
             PointSummary(
                 learning_rate=eta,
                 n_repeats=len(mine),
                 n_failed=n_failed,
-                resolvable=resolvable,
+                resolvable=not reasons,
                 reasons=reasons,
                 nonlinearity_mean_abs=mean_abs,
                 nonlinearity_bound=bound,
                 status=status,
                 in_window=False,
-                predicted_nonlinearity=predicted,
+                predicted_nonlinearity=_max_or_none(p.predicted_nonlinearity for p in mine),
+                nonlinearity_lower_bound=lower,
             )
         )
+    return per_eta
 
-    # -- the window: the longest contiguous run of points within tol -----------------------
+
+def linear_window(
+    data: Inputs,
+    per_eta: list[PointSummary],
+    below: Floor,
+    tol: float,
+    noise: NoiseModel | None,
+) -> WindowResult:
+    """The longest contiguous run of grid points within tol, and the jet's predicted edge
+    beside it (never the window)."""
+    grid = data.grid
     run = _longest_run([p.status == "within" for p in per_eta], grid)
     if run is not None:
         per_eta = [
             dataclasses.replace(p, in_window=run[0] <= i <= run[1]) for i, p in enumerate(per_eta)
         ]
     maxima = []
-    for r in measured:
+    for r in data.measured:
         if r.first_order_slope is not None:
-            c, d, _ = jet_terms(r, jets[int(r.repeat)])
+            c, d, _ = jet_terms(r, below.jets[int(r.repeat)])
             maxima.append(eta_max(r.first_order_slope, c, tol, d))
     maxima = [m for m in maxima if m is not None]
     predicted_max = min(maxima) if maxima else None
-    resolvable_etas = [p.learning_rate for p in per_eta if p.resolvable]
     notes = []
-    if not resolvable_etas:
+    if noise is not None:
+        notes.append(
+            "no ±η pair and no first-order oracle in the records: each grid point is judged by "
+            "the repeats' fitted bends q_r·η/s_r (DESIGN §4, Noise)"
+        )
+    if not any(p.resolvable for p in per_eta):
         notes.append("no resolvable η: every point is below the precision floor or failed")
     elif run is None:
         notes.append("empty: no resolvable η is within the tolerance")
@@ -933,163 +1285,159 @@ def analyze(
         predicted_edge=_predicted_edge(predicted_max, grid),
         note="; ".join(notes),
     )
+    return WindowResult(per_eta, window, notes)
 
-    # -- checks -----------------------------------------------------------------------------
-    checks: dict[str, Check] = {}
-    m = len(resolvable_etas)
-    checks["resolvable_points"] = Check(
-        "resolvable_points",
-        thresholds.min_resolvable_points,
-        m,
-        m >= thresholds.min_resolvable_points,
-        f"{m} resolvable η of {len(grid)} (need ≥ {thresholds.min_resolvable_points})",
-    )
+
+def deciding_checks(
+    grid: list[float],
+    per_eta: list[PointSummary],
+    repeats: Repeats,
+    thresholds: stats.Thresholds,
+) -> dict[str, Check]:
+    """The checks that decide the verdict (DESIGN §4)."""
+    tol = thresholds.tolerance
+    m = sum(p.resolvable for p in per_eta)
+    need = thresholds.min_resolvable_points
+    return {
+        "resolvable_points": AnalysisCheck(
+            "resolvable_points",
+            need,
+            m,
+            m >= need,
+            f"{m} resolvable η of {len(grid)} (need ≥ {need})",
+        ),
+        "r_squared": _r_squared_check(repeats.summaries, thresholds),
+        "nonlinearity": _nonlinearity_check(
+            per_eta, repeats.summaries, tol, thresholds, repeats.noise
+        ),
+        "first_order": _first_order_check(repeats, thresholds),
+    }
+
+
+def _r_squared_check(summaries: list[RepeatSummary], thresholds: stats.Thresholds) -> AnalysisCheck:
+    """Each repeat's own line ΔH_r = α_r·η + β_r: min and median R² > r2_min."""
     r2 = [(s.repeat, s.r_squared) for s in summaries]
-    r2_known = [v for _, v in r2 if v is not None]
-    if not r2 or len(r2_known) < len(r2):
+    known = [v for _, v in r2 if v is not None]
+    if not r2 or len(known) < len(r2):
         missing = [rep for rep, v in r2 if v is None]
-        checks["r_squared"] = Check(
+        return AnalysisCheck(
             "r_squared",
             thresholds.r2_min,
-            min(r2_known) if r2_known else None,
+            min(known) if known else None,
             None,
             f"repeat(s) {missing} have fewer than 3 resolvable η: no line of their own"
             if r2
             else "no measured repeat",
         )
-    else:
-        low, mid = min(r2_known), statistics.median(r2_known)
-        ok = low > thresholds.r2_min and mid > thresholds.r2_min
-        checks["r_squared"] = Check(
-            "r_squared",
-            thresholds.r2_min,
-            low,
-            ok,
-            f"each repeat's own line ΔH_r = α_r·η + β_r over its resolvable η: R² min "
-            f"{low:.6f}, median {mid:.6f} {'>' if ok else 'not >'} {thresholds.r2_min}",
-        )
-    decided = [p for p in per_eta if p.resolvable]
-    worst = max(
-        decided,
-        key=lambda p: -1 if p.nonlinearity_bound is None else p.nonlinearity_bound,
-        default=None,
+    low, mid = min(known), statistics.median(known)
+    ok = low > thresholds.r2_min and mid > thresholds.r2_min
+    return AnalysisCheck(
+        "r_squared",
+        thresholds.r2_min,
+        low,
+        ok,
+        f"each repeat's own line ΔH_r = α_r·η + β_r over its resolvable η: R² min "
+        f"{low:.6f}, median {mid:.6f} {'>' if ok else 'not >'} {thresholds.r2_min}",
     )
-    if not decided:
-        checks["nonlinearity"] = Check("nonlinearity", tol, None, None, "no resolvable η")
-    else:
-        beyond = [p for p in decided if p.status == "beyond"]
-        undecided = [p for p in decided if p.status == "undecided"]
-        value = None if worst is None else worst.nonlinearity_bound
-        passed = False if beyond else None if undecided else True
-        detail = (
-            f"max over resolvable η of the {thresholds.confidence:.0%} upper bound of mean "
-            f"|n_r(η)| = {_fmt(value)} at η = {worst.learning_rate:.3g} (tolerance {tol:g})"
-        )
-        if beyond:
-            detail += "; beyond tolerance at η = " + ", ".join(
-                f"{p.learning_rate:.3g} (mean |n| {p.nonlinearity_mean_abs:.3g})" for p in beyond
-            )
-        if undecided:
-            detail += "; undecided (bound > tol ≥ mean: more repeats) at η = " + ", ".join(
-                f"{p.learning_rate:.3g}" for p in undecided
-            )
-        checks["nonlinearity"] = Check("nonlinearity", tol, value, passed, detail)
+
+
+def _first_order_check(repeats: Repeats, thresholds: stats.Thresholds) -> AnalysisCheck:
+    """Calibration: c_r at each repeat's smallest resolvable η against tol; not applicable
+    without a first-order oracle."""
+    tol = thresholds.tolerance
+    summaries = repeats.summaries
     calibrations = [s.calibration for s in summaries if s.calibration is not None]
     if not any(s.reference == "first order" for s in summaries):
-        checks["first_order"] = Check(
+        return AnalysisCheck(
             "first_order",
             tol,
             None,
             None,
             "no first-order oracle (first order disabled or steps > 1): each repeat's "
-            "reference is its own ΔH/η at its smallest resolvable η",
+            + (
+                "reference is the η → 0 slope of its own fit (no noise estimate in the records)"
+                if repeats.noise is not None
+                else "reference is its own ΔH/η at its smallest resolvable η"
+            ),
+            CheckKind.NOT_APPLICABLE,
         )
-    elif len(calibrations) < len(summaries) or len(calibrations) < 2:
-        checks["first_order"] = Check(
+    if len(calibrations) < len(summaries) or len(calibrations) < 2:
+        return AnalysisCheck(
             "first_order", tol, None, None, "some repeat has no resolvable η to calibrate at"
         )
-    else:
-        mean_abs = float(np.mean(np.abs(calibrations)))
-        bound = stats.upper_bound(np.abs(calibrations), thresholds.confidence)
-        passed = True if bound <= tol else False if mean_abs > tol else None
-        checks["first_order"] = Check(
-            "first_order",
-            tol,
-            bound,
-            passed,
-            "c_r = ΔH_r/(η·∇H·v_r) − 1 at each repeat's smallest resolvable η: "
-            + ", ".join(f"{c:+.2e}" for c in calibrations)
-            + f"; {thresholds.confidence:.0%} upper bound of mean |c_r| {bound:.3g}, "
-            f"mean {mean_abs:.3g} (tolerance {tol:g})",
-        )
+    mean_abs = float(np.mean(np.abs(calibrations)))
+    bound = stats.upper_bound(np.abs(calibrations), thresholds.confidence)
+    passed = True if bound <= tol else False if mean_abs > tol else None
+    return AnalysisCheck(
+        "first_order",
+        tol,
+        bound,
+        passed,
+        "c_r = ΔH_r/(η·∇H·v_r) − 1 at each repeat's smallest resolvable η: "
+        + ", ".join(f"{c:+.2e}" for c in calibrations)
+        + f"; {thresholds.confidence:.0%} upper bound of mean |c_r| {bound:.3g}, "
+        f"mean {mean_abs:.3g} (tolerance {tol:g})",
+    )
 
-    # -- the seed's pooled statistics, reported --------------------------------------------
-    pooled = stats.analyze_linearity(
-        [float(r.learning_rate) for r in rows],
-        [float(r.entropy_change) if r.measured else math.nan for r in rows],  # type: ignore[arg-type]
-        first_order=[
+
+# The seed's pooled statistics, by their name in analysis.json and in LinearityAnalysis.
+_REPORTED = {
+    "pooled_r_squared": "r_squared",
+    "standardized_residual": "standardized_residual",
+    "relative_residual": "relative_residual",
+    "lack_of_fit": "lack_of_fit",
+    "intercept": "intercept",
+    "loglog_slope": "loglog_slope",
+}
+
+
+def pooled_statistics(
+    rows: list[PointRecord], per_eta: list[PointSummary], thresholds: stats.Thresholds
+) -> tuple[stats.LinearityAnalysis, dict[str, Check]]:
+    """The seed's unpaired statistics over the resolvable grid points, and their checks,
+    reported, never deciding."""
+    first_order = None
+    if any(_finite(r.first_order_prediction) for r in rows):
+        first_order = [
             float(r.first_order_prediction) if _finite(r.first_order_prediction) else math.nan
             for r in rows
         ]
-        if any(_finite(r.first_order_prediction) for r in rows)
-        else None,
+    pooled = stats.analyze_linearity(
+        [float(r.learning_rate) for r in rows],
+        [float(r.entropy_change) if r.measured else math.nan for r in rows],  # type: ignore[arg-type]
+        first_order=first_order,
         resolvable={p.learning_rate: p.resolvable for p in per_eta},
         thresholds=thresholds,
         repeats=[int(r.repeat) for r in rows],
     )
-    reported = {
-        "pooled_r_squared": "r_squared",
-        "standardized_residual": "standardized_residual",
-        "relative_residual": "relative_residual",
-        "lack_of_fit": "lack_of_fit",
-        "intercept": "intercept",
-        "loglog_slope": "loglog_slope",
-    }
-    for name, source in reported.items():
+    reported: dict[str, Check] = {}
+    for name, source in _REPORTED.items():
         c = pooled.checks[source]
-        checks[name] = Check(
-            name,
-            c.threshold,
-            c.value,
-            c.passed,
-            c.detail + " [reported, not deciding]",
+        detail = c.detail + " [reported, not deciding]"
+        reported[name] = AnalysisCheck(
+            name, c.threshold, c.value, c.passed, detail, CheckKind.REPORTED
         )
+    return pooled, reported
 
-    mixed = None
+
+def mixed_model(points: list[RepeatPoint], confidence: float) -> MixedModel:
+    """The random-slope model over the resolvable points (≥ 2 repeats and 2 η)."""
     fit_points = [p for p in points if p.resolvable]
-    if len({p.repeat for p in fit_points}) >= 2 and len({p.learning_rate for p in fit_points}) >= 2:
-        try:
-            mixed = stats.fit_random_slope(
-                [p.learning_rate for p in fit_points],
-                [p.entropy_change for p in fit_points],
-                [p.repeat for p in fit_points],
-                thresholds.confidence,
-            )
-        except (ValueError, np.linalg.LinAlgError) as exc:
-            notes.append(f"mixed model not fitted: {exc}")
-
-    verdict, reason = _verdict(per_eta, checks)
-    return Analysis(
-        dtype=run_dtype,
-        reading=reading,
-        points=points,
-        repeats=summaries,
-        per_eta=per_eta,
-        window=window,
-        checks=checks,
-        verdict=verdict,
-        verdict_reason=reason,
-        pooled=pooled,
-        mixed_model=mixed,
-        records=rows,
-        thresholds=thresholds,
-        floor=floor,
-        meta=meta,
-        notes=notes,
-    )
+    if len({p.repeat for p in fit_points}) < 2 or len({p.learning_rate for p in fit_points}) < 2:
+        return MixedModel(None, None)
+    try:
+        fit = stats.fit_random_slope(
+            [p.learning_rate for p in fit_points],
+            [p.entropy_change for p in fit_points],
+            [p.repeat for p in fit_points],
+            confidence,
+        )
+    except (ValueError, np.linalg.LinAlgError) as exc:
+        return MixedModel(None, f"mixed model not fitted: {exc}")
+    return MixedModel(fit, None)
 
 
-def _verdict(per_eta: list[PointSummary], checks: dict[str, Check]) -> tuple[str, str]:
+def _verdict(per_eta: list[PointSummary], checks: Mapping[str, Check]) -> tuple[str, str]:
     """DESIGN §4: LINEAR over the tested grid, NONLINEAR, or INCONCLUSIVE with the reason."""
     beyond = [p.learning_rate for p in per_eta if p.status == "beyond"]
     if beyond:
@@ -1116,11 +1464,11 @@ def _verdict(per_eta: list[PointSummary], checks: dict[str, Check]) -> tuple[str
         )
     for name in ("nonlinearity", "first_order", "r_squared"):
         c = checks[name]
+        if _kind(c) is CheckKind.NOT_APPLICABLE:
+            continue
         if c.passed is False:
             reasons.append(f"{name} failed: {c.detail}")
-        elif c.passed is None and not (
-            name == "first_order" and "no first-order oracle" in c.detail
-        ):
+        elif c.passed is None:
             reasons.append(f"{name} undecided: {c.detail}")
     if reasons:
         return "inconclusive", "; ".join(reasons)
@@ -1130,3 +1478,10 @@ def _verdict(per_eta: list[PointSummary], checks: dict[str, Check]) -> tuple[str
     if below:
         reason += "; unresolvable (not judged): η = " + ", ".join(f"{e:.3g}" for e in below)
     return "linear", reason
+
+
+def _kind(check: Check) -> CheckKind:
+    """A check's kind (a plain stats.Check: by its name)."""
+    if isinstance(check, AnalysisCheck):
+        return check.kind
+    return CheckKind.DECIDING if check.name in DECIDING_CHECKS else CheckKind.REPORTED

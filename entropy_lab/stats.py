@@ -62,6 +62,7 @@ import numpy.typing as npt
 from scipy import stats as sps
 
 __all__ = [
+    "BendFit",
     "Check",
     "EtaSummary",
     "LackOfFit",
@@ -71,9 +72,11 @@ __all__ = [
     "MeanSE",
     "RandomSlopeFit",
     "OriginFit",
+    "PooledBends",
     "QuadraticFit",
     "Thresholds",
     "analyze_linearity",
+    "fit_bends",
     "fit_ols",
     "fit_origin",
     "fit_quadratic",
@@ -81,9 +84,11 @@ __all__ = [
     "lack_of_fit_test",
     "fit_random_slope",
     "loglog_slope",
+    "mean_abs_lower_bound",
     "mean_stderr",
     "paired_loglog_slope",
     "relative_residuals",
+    "simultaneous_t",
     "standardized_residuals",
     "summarize_by_eta",
     "upper_bound",
@@ -563,6 +568,124 @@ def fit_quadratic(x: npt.ArrayLike, y: npt.ArrayLike) -> QuadraticFit:
         a2_se=math.sqrt(cov[1, 1]) / s**2,
         n=n,
     )
+
+
+# --------------------------------------------------------------------------------------
+# Relative bends under equal absolute noise, pooled over groups (update directions)
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BendFit(_ToDict):
+    """One group's y = s·x + q·x² and its relative bend b = q·x_top/s at its largest x.
+
+    ``bend_se`` is the delta-method SE of b with the noise σ pooled over the groups
+    (:class:`PooledBends`): b is a ratio, so it is only meaningful while |s| is well
+    above ``slope_se``.
+    """
+
+    slope: float  # s: y/x as x → 0
+    slope_se: float
+    quadratic: float  # q
+    bend: float  # q·x_top/s
+    bend_se: float
+    x_top: float
+    n: int
+    rss: float  # residual sum of squares of this group's fit
+
+
+@dataclass(frozen=True)
+class PooledBends(_ToDict):
+    """:func:`fit_bends`: one BendFit per group (None: fewer than 2 distinct x) and the
+    pooled noise σ with its degrees of freedom (σ NaN when no group has a residual)."""
+
+    fits: list[BendFit | None]
+    sigma: float
+    dof: int
+
+
+def fit_bends(groups: list[tuple[npt.ArrayLike, npt.ArrayLike]]) -> PooledBends:
+    """Per group (x, y), the least-squares y = s·x + q·x² through the origin, with one noise
+    level σ for every point of every group: σ² = Σ RSS / Σ (n − 2).
+
+    Equal absolute noise makes ordinary least squares on y the weighted fit of y/x = s + q·x
+    with weights x² (the noise of y/x is σ/x). The bend b = q·x_top/s is the relative
+    departure of y/x at the group's largest x from its x → 0 value s; a constant offset of
+    y/x moves s, not b. Columns are scaled by x_top (x ≈ 1e-5 gives x² ≈ 1e-10).
+    """
+    parts = []
+    for x, y in groups:
+        xa = _finite_vector("x", x)
+        ya = _finite_vector("y", y)
+        _same_length(x=xa, y=ya)
+        if np.unique(xa[xa != 0]).size < 2:
+            parts.append(None)
+            continue
+        top = float(np.max(np.abs(xa)))
+        u = xa / top
+        q, r = np.linalg.qr(np.column_stack([u, u * u]))
+        coef = np.linalg.solve(r, q.T @ ya)  # (s·x_top, q·x_top²)
+        resid = ya - np.column_stack([u, u * u]) @ coef
+        r_inv = np.linalg.inv(r)
+        parts.append((coef, r_inv @ r_inv.T, top, int(xa.size), float(resid @ resid)))
+    dof = sum(p[3] - 2 for p in parts if p is not None)
+    rss = sum(p[4] for p in parts if p is not None)
+    sigma = math.sqrt(rss / dof) if dof > 0 else _NAN
+    fits: list[BendFit | None] = []
+    for p in parts:
+        if p is None:
+            fits.append(None)
+            continue
+        (a, c), unscaled, top, n, part_rss = p
+        cov = sigma**2 * unscaled
+        bend = float(c / a) if a != 0 else _NAN
+        # ∂b/∂a = −c/a², ∂b/∂c = 1/a
+        grad = np.array([-c / a**2, 1 / a]) if a != 0 else np.array([_NAN, _NAN])
+        fits.append(
+            BendFit(
+                slope=float(a) / top,
+                slope_se=math.sqrt(cov[0, 0]) / top,
+                quadratic=float(c) / top**2,
+                bend=bend,
+                bend_se=math.sqrt(float(grad @ cov @ grad)) if dof > 0 else _NAN,
+                x_top=top,
+                n=n,
+                rss=part_rss,
+            )
+        )
+    return PooledBends(fits=fits, sigma=sigma, dof=dof)
+
+
+def simultaneous_t(confidence: float, k: int, dof: int) -> float:
+    """Two-sided Student t quantile for k intervals that hold together at ``confidence``
+    (Bonferroni); NaN without degrees of freedom."""
+    if dof <= 0 or k <= 0:
+        return _NAN
+    return float(sps.t.ppf(1 - (1 - confidence) / (2 * k), dof))
+
+
+def mean_abs_lower_bound(
+    estimates: npt.ArrayLike, stderr: npt.ArrayLike, dof: int, confidence: float = 0.95
+) -> float:
+    """Lower confidence bound of the mean of |θ_g| over k groups, from independent estimates
+    θ̂_g with standard errors (Student t with ``dof``).
+
+    The mean of |θ̂_g| is raised by noise of either sign, so it is no evidence that the |θ_g|
+    are large. Two bounds that noise cannot raise, holding together (Bonferroni):
+    each |θ_g| ≥ max(0, |θ̂_g| − t·se_g), so their mean is at least the mean of those (for
+    θ_g of either sign); and mean |θ_g| ≥ |mean θ_g| ≥ |mean θ̂_g| − t·√(Σse²)/k (for θ_g of
+    one sign it is √k times tighter). The larger of the two; NaN if an SE is not finite.
+    """
+    est = _vector("estimates", estimates)
+    se = _vector("stderr", stderr)
+    k = _same_length(estimates=est, stderr=se)
+    if k == 0 or not (np.all(np.isfinite(se)) and np.all(np.isfinite(est))):
+        return _NAN
+    each = simultaneous_t(confidence, 2 * k, dof)  # k intervals, half the error rate
+    per_group = float(np.mean(np.maximum(np.abs(est) - each * se, 0.0)))
+    pooled_t = simultaneous_t(confidence, 2, dof)  # one interval, the other half
+    pooled = abs(float(np.mean(est))) - pooled_t * math.sqrt(float(se @ se)) / k
+    return max(per_group, pooled, 0.0)
 
 
 # --------------------------------------------------------------------------------------

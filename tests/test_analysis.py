@@ -3,6 +3,7 @@ wrong on real checkpoints, whose update directions differ from batch to batch.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from entropy_lab.analysis import EPS, FloorThresholds, PointRecord, analyze
+from entropy_lab.analysis import EPS, CheckKind, FloorThresholds, PointRecord, _verdict, analyze
 from entropy_lab.report import build_analysis, write_report
 from entropy_lab.stats import fit_random_slope, mean_stderr, upper_bound
 from entropy_lab.store import ResultsFolder
@@ -226,6 +227,25 @@ def test_few_repeats_scattered_are_undecided_not_linear():
     assert a.verdict == "inconclusive"
 
 
+def test_the_verdict_reads_a_checks_kind_not_its_text():
+    """Without an oracle the first-order check has nothing to check: its kind, not the words
+    "no first-order oracle" in its detail, keeps it from blocking LINEAR."""
+    a = analyze(planted([-2.0, -3.0, -2.5], jet=False))
+    c = a.checks["first_order"]
+    assert c.kind is CheckKind.NOT_APPLICABLE and c.passed is None and a.verdict == "linear"
+    reworded = dict(a.checks, first_order=dataclasses.replace(c, detail="calibration: n/a"))
+    assert _verdict(a.per_eta, reworded)[0] == "linear"
+    blocking = dict(a.checks, first_order=dataclasses.replace(c, kind=CheckKind.DECIDING))
+    assert _verdict(a.per_eta, blocking)[0] == "inconclusive"
+    decides = {k: v["decides"] for k, v in a.to_dict()["summary"]["checks"].items()}
+    assert [k for k, v in decides.items() if v] == [
+        "resolvable_points",
+        "r_squared",
+        "nonlinearity",
+        "first_order",
+    ]
+
+
 # -- report: the same analysis from a bare raw_results.json -------------------------------------
 
 
@@ -420,6 +440,144 @@ def test_floor_thresholds_are_stored_and_reapplied():
     records[0]["entropy_change_negative"] *= 1 + 1e-9
     assert analyze(records).point(1e-8).resolvable
     assert not analyze(records, floor=strict).point(1e-8).resolvable
+
+
+# -- records without a noise estimate (DESIGN §4, Noise) ----------------------------------------
+
+# The anchor study's published ΔH_r(η), nats/token (RL_Practice, Qwen2.5-1.5B, fp32, 8 update
+# directions × 5 η; no ±η pairs, no first-order oracle).
+ANCHOR_ETAS = (8e-07, 1.6e-06, 3.2e-06, 6.4e-06, 1.28e-05)
+ANCHOR = [
+    [-5.214447e-04, -8.657510e-04, -1.662934e-03, -3.310597e-03, -6.701036e-03],
+    [-5.785771e-04, -1.187066e-03, -2.152069e-03, -4.332933e-03, -9.027881e-03],
+    [-5.454035e-04, -1.100831e-03, -2.233416e-03, -4.488396e-03, -8.963385e-03],
+    [-5.837300e-04, -1.118656e-03, -2.322354e-03, -4.695378e-03, -9.837048e-03],
+    [-6.200042e-04, -1.210663e-03, -2.332450e-03, -4.763110e-03, -9.766543e-03],
+    [-4.723703e-04, -9.861312e-04, -1.996139e-03, -3.946860e-03, -8.248860e-03],
+    [-5.092816e-04, -1.178816e-03, -2.452799e-03, -4.826280e-03, -9.850868e-03],
+    [-6.786850e-04, -1.246795e-03, -2.378440e-03, -4.658191e-03, -9.362518e-03],
+]
+
+
+def unpaired(rows, etas=ANCHOR_ETAS, h0=None):
+    """Records as another tool (or the seed) writes them: ΔH(η) per direction and η, no
+    ΔH(−η), no first-order oracle, no dtype (``analyze(..., dtype="fp32")``)."""
+    return [
+        dict(learning_rate=eta, repeat=r, success=True, entropy_before=h0, entropy_change=dh)
+        for r, row in enumerate(rows)
+        for eta, dh in zip(etas, row)
+    ]
+
+
+def offset_noise_bend(n, etas, noise, seed, offset=0.0, bend=None):
+    """n directions of ΔH_r = s_r·(1 + o_r)·η·(1 + bend_r(η)) + ε, |o_r| ≤ ``offset``, ε of one
+    absolute size, ``noise`` × |ΔH| at the smallest η for s = −700 (its ΔH/η noise ∝ 1/η)."""
+    rng = np.random.default_rng(seed)
+    slopes = -700 * (1 + 0.3 * rng.uniform(-1, 1, n)) * (1 + offset * rng.uniform(-1, 1, n))
+    sigma = noise * 700 * etas[0]
+    return [
+        [
+            s * eta * (1 + (bend(r, eta) if bend else 0.0)) + sigma * rng.standard_normal()
+            for eta in etas
+        ]
+        for r, s in enumerate(slopes)
+    ]
+
+
+@pytest.mark.parametrize("h0", [None, 0.6])
+def test_the_anchor_studys_published_data_is_not_nonlinear(h0):
+    """It was NONLINEAR, "bends beyond the tolerance at 1.6e-06 … 1.28e-05" (mean |n_r| 6.9 %,
+    9.3 %, 8.9 %, 9.4 %): each direction's reference was its own smallest-η point, the
+    noisiest (direction 0's n = −17 … −21 % above it is a constant offset), and mean |n_r|
+    turned noise of either sign into nonlinearity. Its ΔH/η means are flat to 3 %, lack of
+    fit p = 0.97. Fitted with its own noise (σ = 5.2e-5 nats, 9 % of ΔH at 8e-7), the bend at
+    the top η is 4.1 % on average, its 95 % bounds [1.9 %, 6.3 %] straddle the 5 %."""
+    a = analyze(unpaired(ANCHOR, h0=h0), dtype="fp32")
+    assert a.verdict == "inconclusive", a.verdict_reason
+    assert "noise cannot be told from a bend at η = 1.28e-05" in a.verdict_reason
+    assert a.noise.sigma == pytest.approx(5.19e-5, rel=1e-2) and a.noise.dof == 8 * 3
+    top = a.point(1.28e-5)
+    assert top.status == "undecided"
+    assert top.nonlinearity_lower_bound < 0.05 < top.nonlinearity_bound
+    assert (a.window.eta_min, a.window.eta_max) == (8e-7, 6.4e-6)
+    first = a.repeats[0]  # its offset is its slope, not a bend
+    assert first.slope_reference == pytest.approx(-521.7, rel=1e-3)
+    assert abs(first.bend_fit.bend) < 0.01
+    summary = a.to_dict()["summary"]
+    assert summary["noise_model"]["sigma"] == pytest.approx(a.noise.sigma)
+    assert summary["checks"]["nonlinearity"]["passed"] is None
+
+
+def test_a_bend_planted_in_the_anchor_data_is_nonlinear():
+    """The same data with ΔH/η bent by 2 × the tolerance at the top η (∝ η, as curvature
+    bends it): the bend stands out of the anchor's own noise."""
+    top = ANCHOR_ETAS[-1]
+    bent = [[dh * (1 + 0.1 * eta / top) for eta, dh in zip(ANCHOR_ETAS, row)] for row in ANCHOR]
+    a = analyze(unpaired(bent), dtype="fp32")
+    assert a.verdict == "nonlinear", a.verdict_reason
+    assert a.point(top).nonlinearity_lower_bound > 0.05
+    assert a.window.eta_max is not None and a.window.eta_max < top
+
+
+def test_a_bend_in_noise_too_large_to_tell_is_inconclusive_with_the_reason():
+    """ΔH/η bent by 10 % at the top, but ε is 60 % of ΔH at the smallest η (7× the anchor's)."""
+    top = ANCHOR_ETAS[-1]
+    rows = offset_noise_bend(4, ANCHOR_ETAS, 0.6, seed=3, bend=lambda r, eta: 0.1 * eta / top)
+    a = analyze(unpaired(rows), dtype="fp32")
+    assert a.verdict == "inconclusive", a.verdict_reason
+    assert "noise cannot be told from a bend" in a.checks["nonlinearity"].detail
+    # The same bend with the noise 100× smaller is told.
+    quiet = offset_noise_bend(4, ANCHOR_ETAS, 0.006, seed=3, bend=lambda r, eta: 0.1 * eta / top)
+    assert analyze(unpaired(quiet), dtype="fp32").verdict == "nonlinear"
+
+
+doubling_grids = st.tuples(st.sampled_from([2.0, 3.0, 10.0]), st.integers(5, 6)).map(
+    lambda g: tuple(1.28e-5 / g[0] ** k for k in reversed(range(g[1])))
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(3, 8),
+    seed=st.integers(0, 10_000),
+    etas=doubling_grids,
+    noise=st.floats(0.0, 0.15),
+    offset=st.floats(0.0, 0.5),
+    h0=st.sampled_from([None, 0.6]),
+)
+def test_an_offset_and_absolute_noise_are_never_nonlinear(n, seed, etas, noise, offset, h0):
+    """A constant offset of each direction's ΔH/η plus absolute noise up to 15 % of |ΔH| at the
+    smallest η (the anchor's: 9 %). Simulated at the worst corner (3 directions, 5 η
+    doubling, 15 %): NONLINEAR in 0 of 50 000 draws."""
+    rows = offset_noise_bend(n, etas, noise, seed, offset=offset)
+    a = analyze(unpaired(rows, etas, h0), dtype="fp32")
+    assert a.verdict != "nonlinear", a.verdict_reason
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(3, 8),
+    seed=st.integers(0, 10_000),
+    etas=doubling_grids,
+    size=st.floats(2.0, 4.0),
+    power=st.floats(1.0, 3.0),
+    signs=st.lists(st.sampled_from([1.0, -1.0]), min_size=8, max_size=8),
+    noise=st.floats(0.0, 0.02),
+    offset=st.floats(0.0, 0.5),
+)
+def test_a_growing_bend_of_twice_the_tolerance_is_nonlinear_without_a_noise_estimate(
+    n, seed, etas, size, power, signs, noise, offset
+):
+    """Every direction's ΔH/η bends by ±size × tol at the top η, growing as (η/η_top)^power,
+    under an offset and absolute noise up to 2 % of |ΔH| at the smallest η."""
+    top = etas[-1]
+
+    def bend(r, eta):
+        return signs[r] * size * 0.05 * (eta / top) ** power
+
+    a = analyze(unpaired(offset_noise_bend(n, etas, noise, seed, offset, bend), etas), dtype="fp32")
+    assert a.verdict == "nonlinear", a.verdict_reason
+    assert a.window.eta_max is not None and a.window.eta_max < top
 
 
 # -- the jet from the ±η pairs (issue 16): c and ∇³H without the nested jvps ------------------

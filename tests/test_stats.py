@@ -16,14 +16,17 @@ from entropy_lab.stats import (
     LinearityAnalysis,
     Thresholds,
     analyze_linearity,
+    fit_bends,
     fit_ols,
     fit_origin,
     fit_quadratic,
     fit_wls,
     lack_of_fit_test,
     loglog_slope,
+    mean_abs_lower_bound,
     paired_loglog_slope,
     relative_residuals,
+    simultaneous_t,
     standardized_residuals,
     summarize_by_eta,
 )
@@ -704,3 +707,113 @@ def test_paired_loglog_skips_incomplete_repeats():
     dh2[rep2 == 1] = np.nan
     ll = paired_loglog_slope(eta2, dh2, rep2)
     assert ll.n_repeats == 1 and math.isnan(ll.slope) and "≥ 2 complete repeats" in ll.note
+
+
+# ---- relative bends under equal absolute noise (records without a noise estimate) -------------
+
+
+def bent_groups(bends, grids, sigma, seed=0, slope=-700.0):
+    """(x, y) per group: y = s_g·x·(1 + b_g·x/x_top) + N(0, σ²), one absolute σ for all."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for g, (b, x) in enumerate(zip(bends, grids)):
+        x = np.asarray(x, dtype=float)
+        s = slope * (1 + 0.1 * g)
+        out.append((x, s * x * (1 + b * x / x.max()) + sigma * rng.standard_normal(x.size)))
+    return out
+
+
+@pytest.mark.cpu
+def test_fit_bends_matches_statsmodels_on_the_stacked_design():
+    """One OLS over all groups (a block of [x, x²] per group, no constant) has the same
+    coefficients, the pooled σ² as its scale, and the delta-method SE of q·x_top/s."""
+    sm = pytest.importorskip("statsmodels.api")
+    grids = [1e-6 * 2.0 ** np.arange(5), 1e-6 * 2.0 ** np.arange(4), [1e-7, 1e-6, 1e-5]]
+    groups = bent_groups([0.03, -0.1, 0.0], grids, sigma=3e-5, seed=4)
+    fit = fit_bends(groups)
+    blocks = []
+    for g, (x, _) in enumerate(groups):
+        cols = np.zeros((len(x), 2 * len(groups)))
+        cols[:, 2 * g], cols[:, 2 * g + 1] = x, x**2
+        blocks.append(cols)
+    design, y = np.vstack(blocks), np.concatenate([y for _, y in groups])
+    scale = 1e5  # statsmodels wants O(1) columns
+    design[:, 0::2] *= scale
+    design[:, 1::2] *= scale**2
+    ref = sm.OLS(y, design).fit()
+    assert fit.dof == ref.df_resid == 3 + 2 + 1
+    assert fit.sigma == pytest.approx(math.sqrt(ref.scale), rel=1e-8)
+    cov = ref.cov_params()
+    for g, (x, _) in enumerate(groups):
+        s, q = ref.params[2 * g] * scale, ref.params[2 * g + 1] * scale**2
+        top = max(x)
+        b = fit.fits[g]
+        assert b.slope == pytest.approx(s, rel=1e-8) and b.quadratic == pytest.approx(q, rel=1e-6)
+        assert b.bend == pytest.approx(q * top / s, rel=1e-6)
+        assert b.slope_se == pytest.approx(math.sqrt(cov[2 * g, 2 * g]) * scale, rel=1e-6)
+        grad = np.array([-q * top / s**2 * scale, top / s * scale**2])
+        sub = cov[2 * g : 2 * g + 2, 2 * g : 2 * g + 2]
+        assert b.bend_se == pytest.approx(math.sqrt(grad @ sub @ grad), rel=1e-6)
+
+
+@pytest.mark.cpu
+def test_fit_bends_reads_an_offset_as_slope_and_a_bend_as_bend():
+    """ΔH/η 20 % off at every η is a different slope, not a bend; 12 % at the top is one."""
+    grid = 1e-6 * 2.0 ** np.arange(5)
+    flat = fit_bends([(grid, -700 * 1.2 * grid), (grid, -700 * grid)])
+    assert [b.bend for b in flat.fits] == pytest.approx([0.0, 0.0], abs=1e-9)
+    assert flat.fits[0].slope == pytest.approx(-840.0, rel=1e-9)
+    bent = fit_bends(bent_groups([0.12, 0.12], [grid, grid], sigma=0.0))
+    assert [b.bend for b in bent.fits] == pytest.approx([0.12, 0.12], rel=1e-9)
+    assert fit_bends([(grid[:1], [-1e-3])]).fits == [None] and math.isnan(
+        fit_bends([(grid[:2], -700 * grid[:2])]).sigma
+    )  # no second η: no fit; no third: no residual
+
+
+@pytest.mark.cpu
+def test_bend_intervals_have_nominal_coverage():
+    """The delta-method t intervals of the bends cover the planted ones about 95 % of the
+    time at the anchor study's noise (σ ≈ 9 % of ΔH at the smallest η)."""
+    grid = 1e-6 * 2.0 ** np.arange(5)
+    bends = [0.0, 0.04, -0.08, 0.12]
+    hits = total = 0
+    for seed in range(600):
+        fit = fit_bends(bent_groups(bends, [grid] * 4, sigma=6e-5, seed=seed))
+        t = sps.t.ppf(0.975, fit.dof)
+        for b, f in zip(bends, fit.fits):
+            hits += abs(f.bend - b) <= t * f.bend_se
+            total += 1
+    assert 0.93 <= hits / total <= 0.97
+
+
+@pytest.mark.cpu
+def test_mean_abs_lower_bound_is_not_raised_by_noise():
+    """Noise of either sign raises mean |θ̂| past the tolerance; the bound stays below it."""
+    estimates = np.array([0.06, -0.07, 0.05, -0.06, 0.08, -0.05])  # about 1 SE each
+    assert np.mean(np.abs(estimates)) > 0.05  # a tolerance of 5 % "exceeded"
+    assert mean_abs_lower_bound(estimates, np.full(6, 0.05), dof=18) == 0.0
+    # Planted large |θ| of either sign: each direction carries it.
+    mixed = np.array([0.2, -0.2, 0.2, -0.2])
+    assert mean_abs_lower_bound(mixed, np.full(4, 0.01), dof=12) > 0.15
+    # One sign: the bound of |mean θ| is √k tighter than the per-group ones.
+    same = np.full(8, 0.1)
+    wide = np.full(8, 0.02)
+    each = 0.1 - simultaneous_t(0.95, 16, 24) * 0.02
+    assert mean_abs_lower_bound(same, wide, dof=24) > each + 0.02
+    assert math.isnan(mean_abs_lower_bound([0.1, 0.2], [0.01, math.nan], dof=3))
+
+
+@pytest.mark.cpu
+def test_mean_abs_lower_bound_covers_at_the_confidence():
+    """P(bound > mean |θ|) ≤ 5 %, for θ of mixed signs and of one sign, t-distributed noise
+    (σ estimated with 10 dof)."""
+    rng = np.random.default_rng(1)
+    for theta in (np.array([0.0, 0.03, -0.05, 0.02, 0.0]), np.full(5, 0.04)):
+        misses = 0
+        for _ in range(3000):
+            scale = math.sqrt(rng.chisquare(10) / 10)  # σ̂/σ with 10 dof, shared
+            estimates = theta + 0.03 * rng.standard_normal(theta.size)
+            misses += mean_abs_lower_bound(estimates, np.full(5, 0.03 * scale), 10) > np.mean(
+                np.abs(theta)
+            )
+        assert misses / 3000 <= 0.05
