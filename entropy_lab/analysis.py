@@ -67,7 +67,7 @@ __all__ = [
 RECORD_SCHEMA_VERSION = 2  # 2: self-describing (dtype, eps), rounding term
 ANALYSIS_SCHEMA_VERSION = 2  # 2: paired verdict (per-repeat R², nonlinearity, window)
 EPS = {"fp32": 2.0**-23, "fp64": 2.0**-52, "bf16": 2.0**-7}
-DECIDING_CHECKS = ("resolvable_points", "r_squared", "nonlinearity", "first_order")
+DECIDING_CHECKS = ("resolvable_points", "r_squared", "nonlinearity", "first_order", "rl_signal")
 
 
 # --------------------------------------------------------------------------------------
@@ -1043,7 +1043,7 @@ def analyze(
     repeats = repeat_summaries(data, below, thresholds.confidence)
     points = point_summaries(data, repeats, tol, thresholds.confidence)
     shown = linear_window(data, points, below, tol, repeats.noise)
-    checks = deciding_checks(data.grid, shown.per_eta, repeats, thresholds)
+    checks = deciding_checks(data, shown.per_eta, repeats, thresholds)
     pooled, reported = pooled_statistics(data.rows, shown.per_eta, thresholds)
     mixed = mixed_model(repeats.points, thresholds.confidence)
     checks.update(reported)
@@ -1289,12 +1289,13 @@ def linear_window(
 
 
 def deciding_checks(
-    grid: list[float],
+    data: Inputs,
     per_eta: list[PointSummary],
     repeats: Repeats,
     thresholds: stats.Thresholds,
 ) -> dict[str, Check]:
     """The checks that decide the verdict (DESIGN §4)."""
+    grid = data.grid
     tol = thresholds.tolerance
     m = sum(p.resolvable for p in per_eta)
     need = thresholds.min_resolvable_points
@@ -1311,7 +1312,28 @@ def deciding_checks(
             per_eta, repeats.summaries, tol, thresholds, repeats.noise
         ),
         "first_order": _first_order_check(repeats, thresholds),
+        "rl_signal": _rl_signal_check(data.by_repeat),
     }
+
+
+def _rl_signal_check(by_repeat: Mapping[int, list[PointRecord]]) -> AnalysisCheck:
+    """Every direction is an RL update: a repeat whose RL gradient is exactly 0 (no reward
+    variance in any group) stepped on AdamW's momentum alone, which says nothing about the
+    trainer's update. Records without the gradient's norm (another tool's): not applicable."""
+    norms = {r: rows[0].grad_norm for r, rows in by_repeat.items() if rows}
+    if not norms or any(v is None for v in norms.values()):
+        return AnalysisCheck(
+            "rl_signal", 0.0, None, None, "the records carry no RL gradient norm",
+            CheckKind.NOT_APPLICABLE,
+        )  # fmt: skip
+    zero = sorted(r for r, v in norms.items() if not v > 0)
+    detail = (
+        f"repeat(s) {zero} had a zero RL gradient (no reward variance in any group): the step "
+        "was AdamW's momentum alone, not an RL update"
+        if zero
+        else f"every repeat's RL gradient is nonzero (norm ≥ {min(norms.values()):.3g})"
+    )
+    return AnalysisCheck("rl_signal", 0.0, min(norms.values()), not zero, detail)
 
 
 def _r_squared_check(summaries: list[RepeatSummary], thresholds: stats.Thresholds) -> AnalysisCheck:
@@ -1439,6 +1461,8 @@ def mixed_model(points: list[RepeatPoint], confidence: float) -> MixedModel:
 
 def _verdict(per_eta: list[PointSummary], checks: Mapping[str, Check]) -> tuple[str, str]:
     """DESIGN §4: LINEAR over the tested grid, NONLINEAR, or INCONCLUSIVE with the reason."""
+    if checks["rl_signal"].passed is False:  # no verdict about an update that did not happen
+        return "inconclusive", f"rl_signal failed: {checks['rl_signal'].detail}"
     beyond = [p.learning_rate for p in per_eta if p.status == "beyond"]
     if beyond:
         first = min(beyond)

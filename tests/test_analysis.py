@@ -243,6 +243,7 @@ def test_the_verdict_reads_a_checks_kind_not_its_text():
         "r_squared",
         "nonlinearity",
         "first_order",
+        "rl_signal",
     ]
 
 
@@ -702,3 +703,23 @@ def test_far_beyond_the_window_without_any_c_is_nonlinear_not_noise():
     uncapped = analyze(records, floor=FloorThresholds(max_noise_eps=math.inf))
     assert uncapped.verdict == "inconclusive"
     assert "noise or curvature" in " ".join(uncapped.point(1e-2).reasons)
+
+
+def test_a_zero_rl_gradient_is_not_an_rl_update():
+    """A repeat whose RL gradient is exactly 0 (no reward variance) stepped on momentum alone:
+    the verdict is INCONCLUSIVE with the reason, whatever its points look like."""
+    records = planted([-2.0, -2.5, -3.0])
+    for record in records:
+        record["grad_norm"] = 0.4
+    assert analyze(records).verdict == "linear"
+    assert analyze(records).checks["rl_signal"].passed is True
+    for record in records:
+        if record["repeat"] == 1:
+            record["grad_norm"] = 0.0  # planted: no RL signal in direction 1
+    a = analyze(records)
+    assert a.verdict == "inconclusive"
+    assert "repeat(s) [1] had a zero RL gradient" in a.verdict_reason
+    assert a.checks["rl_signal"].passed is False
+    # another tool's records carry no gradient norm: the check does not apply
+    plain = analyze(planted([-2.0, -2.5, -3.0]))
+    assert plain.checks["rl_signal"].kind is CheckKind.NOT_APPLICABLE and plain.verdict == "linear"

@@ -216,7 +216,8 @@ def test_linear_data_is_linear():
     assert math.isclose(s["slope"], s["first_order_slope"]["mean"], rel_tol=0.01)
     assert s["r_squared"] > 0.99 and s["lack_of_fit"]["p_value"] is not None
     deciding = {name for name, c in s["checks"].items() if c["decides"]}
-    assert deciding == {"resolvable_points", "r_squared", "nonlinearity", "first_order"}
+    deciding_names = {"resolvable_points", "r_squared", "nonlinearity", "first_order"}
+    assert deciding == deciding_names | {"rl_signal"}  # rl_signal: not applicable here
     reported = {f"pooled_{n}" if n == "r_squared" else n for n in stats.CHECK_NAMES}
     assert set(s["checks"]) == deciding | reported
     assert s["linear_regime"]["eta_min"] == 1e-8
