@@ -263,6 +263,12 @@ class RepeatSummary(stats._ToDict):
     n_resolvable: int
     measured_jet: MeasuredJet | None = None
     bend_fit: stats.BendFit | None = None  # ΔH_r = s_r·η + q_r·η² (NoiseModel only)
+    # The update itself (DESIGN §7): the RL gradient's norm, the momentum's share of ‖v_r‖,
+    # and U's groups after the trainer's filters (None in records that lack them).
+    grad_norm: float | None = None
+    momentum_share: float | None = None
+    groups_kept: int | None = None
+    groups_dropped: int | None = None
 
 
 @dataclass(frozen=True)
@@ -1147,6 +1153,10 @@ def repeat_summaries(data: Inputs, below: Floor, confidence: float) -> Repeats:
                 n_resolvable=len(ok),
                 measured_jet=below.jets[rep],
                 bend_fit=fit,
+                grad_norm=mine[0].grad_norm,
+                momentum_share=mine[0].momentum_share,
+                groups_kept=mine[0].groups_kept,
+                groups_dropped=mine[0].groups_dropped,
             )
         )
     return Repeats(points, summaries, noise)

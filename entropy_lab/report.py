@@ -134,6 +134,18 @@ def _table(headers: list[str], rows: list[list[str]], left: set[int]) -> list[st
     return [line(headers), rule, *(line(r) for r in rows)]
 
 
+def _update_part(rep: dict) -> str:
+    """‖g‖, the momentum's share of ‖v‖ and U's groups, where the records have them."""
+    parts = []
+    if rep.get("grad_norm") is not None:
+        parts.append(f"‖g‖ = {_g(rep['grad_norm'], '.3g')}")
+    if rep.get("momentum_share") is not None:
+        parts.append(f"‖v(g=0)‖/‖v‖ = {rep['momentum_share']:.2f}")
+    if rep.get("groups_dropped"):
+        parts.append(f"groups {rep['groups_kept']} kept, {rep['groups_dropped']} dropped")
+    return ", " + ", ".join(parts) if parts else ""
+
+
 def _oracle_line(oracles: Mapping[str, Any]) -> str:
     """Conditional reading: identity/jvp, and the crude forecasts' ratio to the jvp."""
     if not oracles or oracles.get("jvp_conditional", {}).get("n", 0) == 0:
@@ -258,6 +270,7 @@ def format_tables(analysis: Mapping[str, Any]) -> str:
                 "; ".join(
                     f"r{rep['repeat']}: s = {_g(rep['slope_reference'], '.5g')}, "
                     f"c = {_g(rep['calibration'], '+.1e')}, R² = {_g(rep['r_squared'], '.5f')}"
+                    + _update_part(rep)
                     for rep in reps
                 ),
             )
