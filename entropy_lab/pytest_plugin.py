@@ -260,7 +260,9 @@ def suite_settings(config: pytest.Config, kind: str, variant: str = "default") -
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "eta" in metafunc.fixturenames:
+    # Only this plugin's own suites: another project's test (or fixture) named `eta` is theirs.
+    suite = metafunc.cls is not None and issubclass(metafunc.cls, LinearitySuite)
+    if suite and "eta" in metafunc.fixturenames:
         from entropy_lab.config import parse_learning_rates
 
         cls = metafunc.cls

@@ -158,3 +158,27 @@ def test_pytest_and_the_cli_write_the_same_analysis(pytester, tiny_checkpoint, t
     assert from_pytest["config"] == from_cli["config"]
     assert from_pytest["config"]["dtype"] == "fp32"  # a --checkpoint gets the sweep's dtype
     assert from_pytest["summary"] == from_cli["summary"]
+
+
+def test_another_projects_eta_is_left_alone(pytester):
+    """The plugin is installed into other people's environments (pytest11): a test or a
+    parametrized fixture of theirs named ``eta`` is theirs, not a learning-rate grid."""
+    pytester.makeconftest(
+        "import pytest\n"
+        "@pytest.fixture(params=[1, 2])\n"
+        "def eta(request):\n"
+        "    return request.param\n"
+    )
+    pytester.makepyfile(
+        test_theirs="def test_uses_eta(eta):\n    assert eta in (1, 2)\n",
+        test_own_fixture=(
+            "import pytest\n"
+            "@pytest.fixture\n"
+            "def eta():\n"
+            "    return 0.5\n"
+            "def test_other(eta):\n"
+            "    assert eta == 0.5\n"
+        ),
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=3)
