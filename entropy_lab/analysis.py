@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 
 from entropy_lab import stats
+from entropy_lab.jsonio import eta_label, json_safe
 from entropy_lab.stats import Check
 
 __all__ = [
@@ -380,8 +381,6 @@ class Analysis:
         raise KeyError(f"no measured point at η = {eta!r}, repeat {repeat}")
 
     def to_dict(self) -> dict[str, Any]:
-        from entropy_lab.store import eta_label, json_safe
-
         measured = [r for r in self.records if r.measured]
         failed = [r for r in self.records if not r.measured]
         la = self.pooled

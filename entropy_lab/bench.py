@@ -895,9 +895,8 @@ def bad_measurements(results: dict[str, Any]) -> dict[str, float]:
 
 def run_bench_command(args) -> dict[str, Any]:
     """``entropy-lab bench``: load the checkpoint, prepare E, run every section, report."""
-    from entropy_lab.cli import QUICK_LEARNING_RATES, _set_threads
-    from entropy_lab.config import parse_learning_rates
-    from entropy_lab.protocol import open_experiment
+    from entropy_lab.config import QUICK_LEARNING_RATES, parse_learning_rates
+    from entropy_lab.protocol import open_experiment, set_threads
 
     # The same defaults as `entropy-lab quick`.
     setup = open_experiment(
@@ -907,7 +906,7 @@ def run_bench_command(args) -> dict[str, Any]:
         dtype=args.dtype,
         device=args.device,
         settings={"buffer_size": args.buffer_size},
-        on_config=lambda cfg, ck, _: _set_threads(args.threads, ck.metadata["total_parameters"]),
+        on_config=lambda cfg, ck, _: set_threads(args.threads, ck.metadata["total_parameters"]),
         eval_size=args.eval_size,
     )
     memory = None

@@ -13,12 +13,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from entropy_lab.config import QUICK_LEARNING_RATES, QUICK_REPEATS
 from entropy_lab.errors import EntropyLabError
-
-# On the tiny model fp32 resolves ΔH only from η ≈ 1e-5 (window [1e-5, 4.4e-4]), so the quick
-# run on it uses faithful fp64, where the window spans [1e-10, 4.4e-4] (measured, README).
-QUICK_LEARNING_RATES = "1e-7,1e-6,1e-5"
-QUICK_REPEATS = 3
 
 
 def _add_sweep_arguments(p: argparse.ArgumentParser, quick: bool) -> None:
@@ -141,15 +137,6 @@ def _add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="also time `entropy-lab quick`")
 
 
-def _set_threads(threads: int | None, total_parameters: int) -> None:
-    import torch
-
-    if threads is None:
-        # Tiny matmuls run slower on several threads (and thrash under pytest-xdist).
-        threads = 1 if total_parameters < 5_000_000 else torch.get_num_threads()
-    torch.set_num_threads(max(1, threads))
-
-
 def checkpoint_defaults(
     checkpoint: str | None, dtype: str | None, eval_size: int | None, verbose: bool = False
 ) -> tuple[str | Path, str, int]:
@@ -170,7 +157,7 @@ def checkpoint_defaults(
 def run_sweep_command(args: argparse.Namespace, quick: bool) -> Path | None:
     from entropy_lab import distributed
     from entropy_lab.config import check_num_repeats, parse_learning_rates
-    from entropy_lab.protocol import open_experiment, run_sweep
+    from entropy_lab.protocol import open_experiment, run_sweep, set_threads
     from entropy_lab.report import default_thresholds, format_tables, write_report
     from entropy_lab.store import new_results_dir, run_meta
 
@@ -184,7 +171,7 @@ def run_sweep_command(args: argparse.Namespace, quick: bool) -> Path | None:
     opened: dict[str, Any] = {}
 
     def on_config(cfg, checkpoint, training) -> None:
-        _set_threads(args.threads, checkpoint.metadata["total_parameters"])
+        set_threads(args.threads, checkpoint.metadata["total_parameters"])
         args.dtype = cfg.dtype
         if main_rank:
             print(training.table(), flush=True)  # before sampling: what the step will be

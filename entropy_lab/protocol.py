@@ -46,6 +46,14 @@ if TYPE_CHECKING:
     from entropy_lab.config import TrainingSetup
 
 
+def set_threads(threads: int | None, total_parameters: int) -> None:
+    """torch's CPU threads, set in this one place: ``threads``, or for a model of fewer than
+    5 M parameters one thread (tiny matmuls run slower on several, and thrash under xdist)."""
+    if threads is None:
+        threads = 1 if total_parameters < 5_000_000 else torch.get_num_threads()
+    torch.set_num_threads(max(1, threads))
+
+
 def repeat_seed(seed: int, repeat: int) -> int:
     return seed + 1000 * (repeat + 1)
 

@@ -300,8 +300,7 @@ class MeasurementStore:
     # Lazy: loading the checkpoint only when something must really be measured.
     def _ensure_setup(self):
         if self._setup is None:
-            from entropy_lab.cli import _set_threads
-            from entropy_lab.protocol import open_experiment
+            from entropy_lab.protocol import open_experiment, set_threads
 
             s = self.settings
             self._setup = open_experiment(
@@ -316,7 +315,7 @@ class MeasurementStore:
                 settings=dict(s.setup_flags)
                 | ({"buffer_size": s.buffer_size} if s.buffer_size else {}),
                 reference_model=s.reference_model,
-                on_config=lambda cfg, ck, _: _set_threads(None, ck.metadata["total_parameters"]),
+                on_config=lambda cfg, ck, _: set_threads(None, ck.metadata["total_parameters"]),
                 num_repeats=s.num_repeats,
                 eval_size=s.eval_size,
                 jet=s.jet,

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from entropy_lab.errors import EntropyLabError, release_after_oom
+from entropy_lab.modes import trainer_mode
 from entropy_lab.tasks import Problem
 
 
@@ -193,8 +194,6 @@ def sample_responses(
     eos_id = tokenizer.eos_token_id
     # RL_Practice's StopAfterAnswer: nothing is sampled after the tag's tokens.
     stop = tokenizer(stop_after, add_special_tokens=False)["input_ids"] if stop_after else []
-    from entropy_lab.entropy import trainer_mode  # entropy imports this module
-
     sequences: list[tuple[int, list[int], list[int]]] = []
     start = 0
     # The trainer's mode ("train": LoRA dropout in generate too, as TRL samples), dropout

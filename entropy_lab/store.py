@@ -22,7 +22,6 @@ import contextlib
 import datetime as _dt
 import importlib.metadata
 import json
-import math
 import os
 import platform
 import re
@@ -35,6 +34,7 @@ from typing import Any
 import yaml
 
 from entropy_lab.analysis import PointRecord
+from entropy_lab.jsonio import eta_label, json_safe
 
 __all__ = [
     "ResultsFolder",
@@ -98,30 +98,6 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def json_safe(obj: Any) -> Any:
-    """Plain JSON types: NaN/±inf → None, numpy scalars/arrays and tensors → Python values,
-    tuples → lists, paths → str, mapping keys → str."""
-    if obj is None or isinstance(obj, (str, bool)):
-        return obj
-    if isinstance(obj, int):
-        return int(obj)
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, Mapping):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    if hasattr(obj, "tolist"):  # numpy arrays and scalars, torch tensors
-        return json_safe(obj.tolist())
-    if hasattr(obj, "item"):
-        return json_safe(obj.item())
-    if hasattr(obj, "to_dict"):
-        return json_safe(obj.to_dict())
-    raise TypeError(f"cannot store a {type(obj).__name__} as JSON")
-
-
 def dumps_json(obj: Any) -> str:
     """The one JSON encoding used for every file of the folder (deterministic)."""
     return json.dumps(json_safe(obj), indent=2, allow_nan=False, ensure_ascii=False) + "\n"
@@ -135,14 +111,6 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
 # --------------------------------------------------------------------------------------
 # Names
 # --------------------------------------------------------------------------------------
-
-
-def eta_label(eta: float) -> str:
-    """Shortest round-trip text of η ('1e-05', '1.28e-05'): distinct η, distinct labels."""
-    value = float(eta)
-    if not math.isfinite(value):
-        raise ValueError(f"learning rate must be finite, got {eta!r}")
-    return repr(value)
 
 
 def run_dir_name(eta: float, repeat: int) -> str:

@@ -33,11 +33,11 @@ from entropy_lab.entropy import (
     EntropyScorer,
     SequenceSums,
     decoder_and_head,
-    eval_mode,
     probe_batch,
     readings,
     sequence_sums,
 )
+from entropy_lab.modes import eval_mode
 from entropy_lab.rollout import SequenceBatch
 
 

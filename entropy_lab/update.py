@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from entropy_lab import distributed
-from entropy_lab.entropy import decoder_and_head, token_statistics, trainer_mode
+from entropy_lab.entropy import decoder_and_head, token_statistics
+from entropy_lab.modes import trainer_mode
 from entropy_lab.rollout import SequenceBatch
 
 SCALE_REWARDS = ("none", "group", "batch")

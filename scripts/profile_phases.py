@@ -78,9 +78,9 @@ def profile(
     started = time.perf_counter()
 
     def on_config(cfg, ck, training) -> None:  # the load ends here; prepare starts
-        from entropy_lab.cli import _set_threads
+        from entropy_lab.protocol import set_threads
 
-        _set_threads(None, ck.metadata["total_parameters"])
+        set_threads(None, ck.metadata["total_parameters"])
         loaded["seconds"] = time.perf_counter() - started
         loaded["checkpoint"] = ck
         print(training.table())

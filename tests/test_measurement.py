@@ -429,7 +429,7 @@ def test_the_pairs_give_the_nested_jvps_curvature_and_third_derivative(setup64, 
 def test_eval_mode_switches_exactly_as_eval_then_train_did(monkeypatch):
     """eval inside; after, every module in the root's former mode; no switch (and no walk
     that sets flags) when no module is training."""
-    from entropy_lab.entropy import eval_mode
+    from entropy_lab.modes import eval_mode
 
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5))
     model.train()
