@@ -79,7 +79,9 @@ def _is_worker(config: pytest.Config) -> bool:
 def pytest_configure(config: pytest.Config) -> None:
     if config.getoption("--device") in (None, "cuda") and _is_worker(config):
         _pin_worker_gpu(config.workerinput["workerid"])  # type: ignore[attr-defined]
-    config._entropy_reports = []  # type: ignore[attr-defined]
+    session = EntropySession(config)
+    config.stash[SESSION] = session
+    config.pluginmanager.register(session, "entropy_lab_session")
     if not _is_worker(config):
         _check_options(config)
 
@@ -413,37 +415,34 @@ class MeasurementStore:
         return self._analysis_json
 
 
-def _store_root(config: pytest.Config) -> Path:
-    base = config._tmp_path_factory.getbasetemp()  # type: ignore[attr-defined]
-    return (base.parent if _is_worker(config) else base) / "entropy_store"
+class EntropySession:
+    """The plugin's state for one pytest session (pytest-benchmark's BenchmarkSession is the
+    model): the measurement stores, the JSON report's test entries, and where the stores
+    live. Registered in pytest_configure, kept in ``config.stash``."""
 
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.stores: dict[tuple[str, str], MeasurementStore] = {}
+        self.reports: list[dict[str, Any]] = []
+        self.roots: set[str] = set()  # store folders (xdist: reported back by each worker)
 
-@pytest.fixture(scope="session")
-def _entropy_stores(request: pytest.FixtureRequest) -> dict[tuple[str, str], MeasurementStore]:
-    return {}
+    def store(self, request: pytest.FixtureRequest, base: Path) -> MeasurementStore:
+        """The suite's store; ``base`` is this process's basetemp (xdist workers share its
+        parent, so each η is measured once across them)."""
+        kind = getattr(request.cls, "suite_kind", "cpu")
+        variant = getattr(request.cls, "suite_variant", "default")
+        if (kind, variant) not in self.stores:
+            settings = suite_settings(self.config, kind, variant)
+            root = (base.parent if _is_worker(self.config) else base) / "entropy_store"
+            self.roots.add(str(root))
+            self.stores[kind, variant] = MeasurementStore(root, settings)
+        if kind == "gpu" or variant != "default":
+            suite_settings(self.config, kind, variant)  # re-check skips for every test
+        return self.stores[kind, variant]
 
-
-@pytest.fixture
-def entropy_store(request: pytest.FixtureRequest, _entropy_stores) -> MeasurementStore:
-    kind = getattr(request.cls, "suite_kind", "cpu")
-    variant = getattr(request.cls, "suite_variant", "default")
-    if (kind, variant) not in _entropy_stores:
-        settings = suite_settings(request.config, kind, variant)
-        _entropy_stores[kind, variant] = MeasurementStore(_store_root(request.config), settings)
-    store = _entropy_stores[kind, variant]
-    if kind == "gpu" or variant != "default":
-        suite_settings(request.config, kind, variant)  # re-check skips for every test
-    return store
-
-
-# -- JSON report --------------------------------------------------------------------------------
-
-
-def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
-        config = getattr(pytest_runtest_logreport, "_config", None)
-        if config is not None:
-            config._entropy_reports.append(
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+            self.reports.append(
                 {
                     "nodeid": report.nodeid,
                     "outcome": report.outcome,
@@ -453,34 +452,44 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
                 }
             )
 
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node: Any, error: Any) -> None:  # xdist: a worker is done
+        self.roots.update(getattr(node, "workeroutput", {}).get("entropy_store_roots", []))
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_sessionstart(session: pytest.Session) -> None:
-    pytest_runtest_logreport._config = session.config  # type: ignore[attr-defined]
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        if _is_worker(self.config):
+            self.config.workeroutput["entropy_store_roots"] = sorted(self.roots)  # type: ignore[attr-defined]
+            return
+        path = self.config.getoption("--entropy-json")
+        if path:
+            self.write_json(Path(path), int(exitstatus))
+
+    def write_json(self, path: Path, exit_status: int) -> None:
+        from entropy_lab.store import atomic_write_json
+
+        analyses = [
+            json.loads(f.read_text())
+            for root in sorted(self.roots)
+            for f in sorted(Path(root).glob("*/analysis.json"))
+        ]
+        atomic_write_json(
+            path,
+            {
+                "schema_version": JSON_SCHEMA_VERSION,
+                "exit_status": exit_status,
+                "tests": self.reports,
+                "analysis": [a.get("summary") for a in analyses],
+                "per_learning_rate": [a.get("per_learning_rate") for a in analyses],
+            },
+        )
 
 
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    config = session.config
-    path = config.getoption("--entropy-json")
-    if not path or _is_worker(config):
-        return
-    analyses = []
-    root = _store_root(config)
-    if root.is_dir():
-        for f in sorted(root.glob("*/analysis.json")):
-            analyses.append(json.loads(f.read_text()))
-    from entropy_lab.store import atomic_write_json
+SESSION = pytest.StashKey[EntropySession]()
 
-    atomic_write_json(
-        Path(path),
-        {
-            "schema_version": JSON_SCHEMA_VERSION,
-            "exit_status": int(exitstatus),
-            "tests": config._entropy_reports,  # type: ignore[attr-defined]
-            "analysis": [a.get("summary") for a in analyses],
-            "per_learning_rate": [a.get("per_learning_rate") for a in analyses],
-        },
-    )
+
+@pytest.fixture
+def entropy_store(request: pytest.FixtureRequest, tmp_path_factory) -> MeasurementStore:
+    return request.config.stash[SESSION].store(request, tmp_path_factory.getbasetemp())
 
 
 # -- the suite's test bodies (subclassed per marker in tests/) ----------------------------------
