@@ -331,11 +331,10 @@ def _with_state(
     cfg_path = training_config_path or layout.config_path
     loaded.optimizer = optimizer
     loaded.training_config = load_training_config_quietly(cfg_path) if cfg_path else {}
-    loaded.metadata = {
+    fresh = {  # this checkpoint's own: they replace a reused checkpoint's
         "path": str(layout.root.resolve()),
         "format": layout.format,
         "adapter": layout.is_adapter,
-        **{k: loaded.metadata[k] for k in ("base_model", "base_model_source")},
         "step": layout.root.name,
         "saved_step": saved_step(layout),
         "digest": checkpoint_digest(layout),
@@ -343,9 +342,10 @@ def _with_state(
         "total_parameters": sum(p.numel() for p in policy.parameters()),
         "optimizer_mapping": mapping,
         "optimizer_step": _optimizer_step(optimizer),
-        **{
-            k: v for k, v in loaded.metadata.items() if k not in ("base_model", "base_model_source")
-        },
+    }
+    loaded.metadata = {
+        **fresh,
+        **{k: v for k, v in loaded.metadata.items() if k not in fresh},
     }
     return loaded
 
