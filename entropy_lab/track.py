@@ -643,7 +643,7 @@ def run_track_command(args: Any) -> Path:
         loaded = seen["setup"].checkpoint
         shared = loaded.metadata.get("base_load") != "loaded"
         costs["adapter_swaps" if shared else "base_loads"] += 1
-        costs["load_seconds"][str(cp.step)] = loaded.metadata.get("load_seconds")
+        costs["load_seconds"][str(cp.step)] = loaded.load_seconds
         costs["seconds"][str(cp.step)] = time.perf_counter() - started
         reuse = loaded
     track = build_track(folder, run, settings, costs)
