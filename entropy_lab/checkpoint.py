@@ -60,6 +60,7 @@ class LoadedCheckpoint:
     optimizer: torch.optim.Optimizer
     training_config: dict[str, Any]
     metadata: dict[str, Any] = field(default_factory=dict)
+    load_seconds: float | None = None  # wall time of this load (a swap: of the swap)
 
 
 @dataclass(frozen=True)
@@ -210,10 +211,15 @@ def load_checkpoint(
     faithful_fp64: bool = True,
     training_config_path: str | Path | None = None,
     quantization: Quantization | None = None,
+    reuse: LoadedCheckpoint | None = None,
 ) -> LoadedCheckpoint:
+    """The checkpoint at ``path``. With ``reuse`` (a checkpoint loaded before, e.g. the
+    previous step of a run) whose base, dtype, device, quantization and adapter shape are the
+    same, the base is not loaded again: this adapter's weights are copied into it."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    started = time.perf_counter()
     precision = disable_tf32()
     warn_if_low_precision(dtype)
     layout = resolve_layout(path)
@@ -224,6 +230,13 @@ def load_checkpoint(
         resolve_base_model(layout, base_model) if layout.is_adapter else (None, None)
     )
     model_source = base_name if layout.is_adapter else str(layout.model_dir)
+    quantization = quantization or Quantization()
+    share_key = _shared_base_key(layout, base_name, dtype, device, faithful_fp64, quantization)
+    if reuse is not None and share_key is not None:
+        if reuse.metadata.get("shared_base_key") == share_key:
+            swapped = _swap_adapter(reuse, layout, training_config_path, precision)
+            swapped.load_seconds = time.perf_counter() - started
+            return swapped
     try:
         model = AutoModelForCausalLM.from_pretrained(
             model_source,
@@ -246,7 +259,6 @@ def load_checkpoint(
             f"cannot load the base model {model_source!r} offline ({type(exc).__name__}): "
             "pass --base-model with a local folder or a cached hub id"
         ) from None
-    quantization = quantization or Quantization()
     quantized = apply_quantization(model, quantization) if quantization.active else {}
     if layout.is_adapter:
         try:
@@ -294,31 +306,105 @@ def load_checkpoint(
             "re-save it with tokenizer.save_pretrained"
         ) from exc
 
-    optimizer, mapping = load_optimizer(policy, layout)
-    cfg_path = training_config_path or layout.config_path
-    training_config = load_training_config_quietly(cfg_path) if cfg_path else {}
-    trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
-    metadata = {
-        "path": str(layout.root.resolve()),
-        "format": layout.format,
-        "adapter": layout.is_adapter,
+    loaded = LoadedCheckpoint(policy, tokenizer, None, {})
+    loaded.metadata = {
         "base_model": base_name,
         "base_model_source": base_source,
-        "step": layout.root.name,
-        "saved_step": saved_step(layout),
-        "digest": checkpoint_digest(layout),
-        "trainable_parameters": trainable,
-        "total_parameters": sum(p.numel() for p in policy.parameters()),
-        "optimizer_mapping": mapping,
-        "optimizer_step": _optimizer_step(optimizer),
         "dtype": dtype,
         "device": device,
         "attention": attention_for(dtype, device, faithful_fp64),
+        "base_load": "loaded",
+        "shared_base_key": share_key,
         **load_checks,
         **quantized,
         **precision,
     }
-    return LoadedCheckpoint(policy, tokenizer, optimizer, training_config, metadata)
+    loaded = _with_state(loaded, layout, training_config_path)
+    loaded.load_seconds = time.perf_counter() - started  # not in metadata: analysis.json
+    return loaded
+
+
+def _with_state(
+    loaded: LoadedCheckpoint, layout: CheckpointLayout, training_config_path
+) -> LoadedCheckpoint:
+    """``loaded`` with this checkpoint's optimizer state, training config and metadata."""
+    policy = loaded.policy
+    optimizer, mapping = load_optimizer(policy, layout)
+    cfg_path = training_config_path or layout.config_path
+    loaded.optimizer = optimizer
+    loaded.training_config = load_training_config_quietly(cfg_path) if cfg_path else {}
+    fresh = {  # this checkpoint's own: they replace a reused checkpoint's
+        "path": str(layout.root.resolve()),
+        "format": layout.format,
+        "adapter": layout.is_adapter,
+        "step": layout.root.name,
+        "saved_step": saved_step(layout),
+        "digest": checkpoint_digest(layout),
+        "trainable_parameters": sum(p.numel() for p in policy.parameters() if p.requires_grad),
+        "total_parameters": sum(p.numel() for p in policy.parameters()),
+        "optimizer_mapping": mapping,
+        "optimizer_step": _optimizer_step(optimizer),
+    }
+    loaded.metadata = {
+        **fresh,
+        **{k: v for k, v in loaded.metadata.items() if k not in fresh},
+    }
+    return loaded
+
+
+# Adapter settings that do not change the function the weights compute.
+_ADAPTER_BOOKKEEPING = {"base_model_name_or_path", "inference_mode", "revision"}
+
+
+def _shared_base_key(layout, base_name, dtype, device, faithful, quantization) -> str | None:
+    """What two checkpoints must share for one to reuse the other's loaded base: the base,
+    how it was loaded, and the adapter's shape (its config); None for a full model."""
+    if not layout.is_adapter:
+        return None
+    adapter = _read_json(layout.model_dir / "adapter_config.json")
+    shape = {k: v for k, v in adapter.items() if k not in _ADAPTER_BOOKKEEPING}
+    key = [base_name, dtype, device, faithful, quantization.describe(), shape]
+    return json.dumps(key, sort_keys=True, default=str)
+
+
+def _swap_adapter(
+    reuse: LoadedCheckpoint, layout: CheckpointLayout, training_config_path, precision
+) -> LoadedCheckpoint:
+    """This checkpoint's adapter weights copied into ``reuse``'s policy (same base and
+    adapter shape), checked like a fresh load: every adapter tensor found, all finite, the
+    scorer's logits the model's own. The faithful fp64 patches live on the base's modules,
+    which are unchanged, so their report is the first load's; so is the bitsandbytes check of a
+    quantized base (it verified the base's quantization, which is shared)."""
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+    policy = reuse.policy
+    try:
+        weights = load_peft_weights(str(layout.model_dir), device="cpu")
+    except _LOAD_ERRORS as exc:
+        raise CheckpointError(
+            f"cannot load the adapter in {layout.model_dir} ({_first_line(exc)}): its files "
+            "are corrupt or incomplete; re-save the adapter"
+        ) from exc
+    result = set_peft_model_state_dict(policy, weights)
+    if result.unexpected_keys:
+        raise CheckpointError(
+            f"{layout.model_dir}: adapter tensor {result.unexpected_keys[0]} has no place in "
+            f"the adapter loaded from {reuse.metadata['path']} (another adapter shape?)"
+        )
+    # A LoRA tensor missing from this adapter would silently keep the previous step's value.
+    missing = set(result.missing_keys)
+    kept = [n for n, p in policy.named_parameters() if p.requires_grad and n in missing]
+    if kept:
+        raise CheckpointError(f"{layout.model_dir}: the adapter has no tensor for {kept[0]}")
+    _check_finite_weights(policy, layout)
+    policy.eval()
+    checks = verify_model_function(policy, reuse.metadata["dtype"], faithful=False)
+    metadata = {k: v for k, v in reuse.metadata.items()}
+    metadata.update(checks)
+    metadata["base_load"] = f"shared with {Path(reuse.metadata['path']).name} (adapter swapped)"
+    metadata.update(precision)
+    loaded = LoadedCheckpoint(policy, reuse.tokenizer, None, {}, metadata)
+    return _with_state(loaded, layout, training_config_path)
 
 
 # -- the model's own function, checked at load -------------------------------------------

@@ -10,6 +10,7 @@ import argparse
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +18,18 @@ from entropy_lab.config import QUICK_LEARNING_RATES, QUICK_REPEATS
 from entropy_lab.errors import EntropyLabError
 
 
-def _add_sweep_arguments(p: argparse.ArgumentParser, quick: bool) -> None:
+def _add_sweep_arguments(p: argparse.ArgumentParser, quick: bool, track: bool = False) -> None:
     from entropy_lab.config import JET_OPTION
 
-    p.add_argument("--checkpoint", help="checkpoint folder (default for quick: the tiny one)")
+    if track:
+        p.add_argument(
+            "run",
+            nargs="+",
+            help="a run folder (RL_Practice run_*/ or training_state/, a TRL output_dir) or "
+            "several checkpoint folders",
+        )
+    else:
+        p.add_argument("--checkpoint", help="checkpoint folder (default for quick: the tiny one)")
     p.add_argument("--base-config", help="training YAML (default: the checkpoint's config.yaml)")
     p.add_argument("--base-model", help="base model folder or cached hub id for an adapter")
     p.add_argument(
@@ -55,7 +64,11 @@ def _add_sweep_arguments(p: argparse.ArgumentParser, quick: bool) -> None:
     p.add_argument("--no-curvature", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--no-third-order", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--r2-min", type=float, default=0.95, help="R² threshold of the verdict")
-    p.add_argument("--resume", metavar="DIR", help="continue an interrupted sweep in DIR")
+    p.add_argument(
+        "--resume",
+        metavar="DIR",
+        help=f"continue an interrupted {'track' if track else 'sweep'} in DIR",
+    )
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: auto)")
     p.add_argument("--no-progress", action="store_true")
 
@@ -99,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sweep_arguments(sub.add_parser("sweep", help="run a learning-rate sweep"), quick=False)
     _add_sweep_arguments(
         sub.add_parser("quick", help="3 η × 3 repeats (tiny checkpoint by default)"), quick=True
+    )
+    _add_sweep_arguments(
+        sub.add_parser("track", help="the sweep at every checkpoint of a run (track.json)"),
+        quick=False,
+        track=True,
     )
     rep = sub.add_parser("report", help="recompute analysis.json and plots from raw_results")
     rep.add_argument("folder")
@@ -154,7 +172,18 @@ def checkpoint_defaults(
     )
 
 
-def run_sweep_command(args: argparse.Namespace, quick: bool) -> Path | None:
+def run_sweep_command(
+    args: argparse.Namespace,
+    quick: bool,
+    *,
+    results_dir: Callable[[str], Path] | None = None,
+    reuse: Any = None,
+    on_setup: Callable[[Any], None] | None = None,
+    resume_command: str | None = None,
+) -> Path | None:
+    """One sweep into a results folder. ``track`` passes where the folder goes
+    (``results_dir``), a loaded checkpoint whose base to reuse, a callback that sees the
+    setup, and how to resume the whole track."""
     from entropy_lab import distributed
     from entropy_lab.config import check_num_repeats, parse_learning_rates
     from entropy_lab.protocol import open_experiment, run_sweep, set_threads
@@ -175,7 +204,9 @@ def run_sweep_command(args: argparse.Namespace, quick: bool) -> Path | None:
         args.dtype = cfg.dtype
         if main_rank:
             print(training.table(), flush=True)  # before sampling: what the step will be
-            opened["folder"] = _open_folder(args, cfg, checkpoint.metadata, new_results_dir)
+            opened["folder"] = _open_folder(
+                args, cfg, checkpoint.metadata, results_dir or new_results_dir
+            )
 
     try:
         setup = open_experiment(
@@ -197,6 +228,7 @@ def run_sweep_command(args: argparse.Namespace, quick: bool) -> Path | None:
             first_order=not args.no_first_order,
             faithful_fp64=not args.no_faithful,
             jet=jet_of(args),
+            reuse=reuse,
         )
     except BaseException:
         folder = opened.get("folder")
@@ -205,6 +237,8 @@ def run_sweep_command(args: argparse.Namespace, quick: bool) -> Path | None:
         raise
     folder = opened.get("folder")
     cfg = setup.cfg
+    if on_setup is not None:
+        on_setup(setup)
     if main_rank:
         # `report` re-applies exactly these thresholds, so it reproduces analysis.json.
         meta = run_meta(setup, args.device, args.dtype, default_thresholds(r2_min=args.r2_min))
@@ -233,10 +267,9 @@ def run_sweep_command(args: argparse.Namespace, quick: bool) -> Path | None:
             done_note = f"partial analysis written to {folder.path}"
         else:  # nothing to analyse yet (write_report would refuse an empty folder)
             done_note = f"no point had finished in {folder.path}"
+        resume = resume_command or f"entropy-lab {args.command} --resume {folder.path}"
         print(
-            f"\ninterrupted: {done_note}\n"
-            f"resume with: entropy-lab {args.command} --resume {folder.path} "
-            "(and the same other flags)",
+            f"\ninterrupted: {done_note}\nresume with: {resume} (and the same other flags)",
             file=sys.stderr,
         )
         raise SystemExit(130) from None
@@ -244,7 +277,8 @@ def run_sweep_command(args: argparse.Namespace, quick: bool) -> Path | None:
         if not main_rank:
             raise
         raise EntropyLabError(
-            f"{exc} (finished points are kept: fix that, then --resume {folder.path})"
+            f"{exc} (finished points are kept: fix that, then "
+            f"{resume_command or f'--resume {folder.path}'})"
         ) from exc
     if not main_rank:
         return None
@@ -345,6 +379,10 @@ def main(argv: list[str] | None = None) -> int:
             args.device = distributed.init(args.device)
             run_sweep_command(args, quick=args.command == "quick")
             distributed.teardown()
+        elif args.command == "track":
+            from entropy_lab.track import run_track_command
+
+            run_track_command(args)
         elif args.command == "report":
             from entropy_lab.report import format_tables, write_report
 

@@ -27,7 +27,7 @@ from entropy_lab import distributed
 from entropy_lab.analysis import EPS, PointRecord
 from entropy_lab.checkpoint import LoadedCheckpoint
 from entropy_lab.config import RL_PRACTICE_REFERENCE, ExperimentConfig
-from entropy_lab.entropy import EntropyReadings, EntropyScorer, readings
+from entropy_lab.entropy import EntropyReadings, EntropyScorer, SequenceSums, readings
 from entropy_lab.errors import CheckpointError, ConfigError, EntropyLabError, release_after_oom
 from entropy_lab.rollout import SequenceBatch, sample_responses
 from entropy_lab.tasks import Problem, Task, load_task
@@ -118,6 +118,8 @@ class Setup:
     kl_reference: torch.nn.Module | None = None  # a full fine-tune's KL reference model
     entropy_grad: dict[str, torch.Tensor] | None = None  # ∇H(θ₀) of the reading (rounding)
     costs: PhaseCosts = dataclasses.field(default_factory=PhaseCosts)
+    # Per-sequence sums of E at θ₀: H₀'s standard error, and ΔH paired across checkpoints.
+    eval_sums: SequenceSums | None = None
 
 
 def open_experiment(
@@ -131,6 +133,7 @@ def open_experiment(
     settings: dict[str, Any] | None = None,
     reference_model: str | None = None,
     on_config: Callable[[ExperimentConfig, LoadedCheckpoint, TrainingSetup], None] | None = None,
+    reuse: LoadedCheckpoint | None = None,
     **measurement: Any,
 ) -> Setup:
     """The one way in: checkpoint → training setup → experiment config → batches.
@@ -139,7 +142,8 @@ def open_experiment(
     flag values of config.SETTINGS (None = not given); ``measurement`` the measurement's own
     settings (num_repeats, seed, eval_size, steps, reading, …). ``on_config`` sees the config
     before the (slow) batches are sampled: the CLI prints the setup table and opens its
-    results folder there.
+    results folder there. ``reuse`` is a checkpoint loaded before (``track``): when this one
+    is an adapter of the same base, its weights and optimizer state are swapped into it.
     """
     from entropy_lab.checkpoint import generation_config_of, load_checkpoint, resolve_layout
     from entropy_lab.config import resolve_training_setup
@@ -170,6 +174,7 @@ def open_experiment(
         faithful_fp64=measurement.get("faithful_fp64", True),
         training_config_path=training.training_config_path,
         quantization=Quantization.of(training.values),
+        reuse=reuse,
     )
     cfg = ExperimentConfig.from_setup(
         training,
@@ -337,6 +342,9 @@ def prepare(cfg: ExperimentConfig, checkpoint: LoadedCheckpoint) -> Setup:
         baseline,
         entropy_grad=entropy_grad,
         costs=costs,
+        eval_sums=SequenceSums(
+            *(t.detach().cpu() for t in (sums.entropy, sums.logprob, sums.tokens))
+        ),
     )
 
 

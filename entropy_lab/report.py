@@ -772,3 +772,191 @@ def write_report(
     plot_summary(analysis, results.path / MAIN_PLOT)
     plot_raw_measurements(records, analysis, results.path / RAW_PLOT)
     return analysis
+
+
+# --------------------------------------------------------------------------------------
+# Across a run (track.json)
+# --------------------------------------------------------------------------------------
+
+TRACK_PLOT = "track.png"
+
+
+def _pm(estimate: Mapping[str, Any] | None, spec: str = ".4g") -> str:
+    if not estimate or estimate.get("value") is None:
+        return "n/a"
+    return f"{_g(estimate['value'], spec)} ± {_g(estimate.get('stderr'), '.2g')}"
+
+
+def _ci(alpha: Mapping[str, Any]) -> str:
+    if alpha.get("value") is None:
+        return "n/a"
+    return f"{_g(alpha['value'])} [{_g(alpha['ci_low'], '.3g')}, {_g(alpha['ci_high'], '.3g')}]"
+
+
+def format_track_tables(track: Mapping[str, Any]) -> str:
+    """The printed ACROSS THE RUN and HELD AGAINST THE RUN'S HISTORY tables."""
+    rows = []
+    for e in track["checkpoints"]:
+        window = e["window"]
+        outside = e["lr_in_window"] in ("above", "below", "no window")
+        flag = "  <-- lr outside the window" if outside else ""
+        rows.append(
+            [
+                str(e["step"]),
+                _pm(e["h0"]),
+                _ci(e["alpha"]),
+                _g(e["alpha"].get("tau"), ".3g"),
+                _g(e["identity_slope"], ".4g"),
+                f"[{_g(window['eta_min'], '.2g')}, {_g(window['eta_max'], '.2g')}]",
+                e["verdict"].upper(),
+                _g(e["lr"]["next_step"], ".3g"),
+                _g(e["alpha_times_lr"], ".3g"),
+                e["lr_in_window"] + flag,
+            ]
+        )
+    lines = [
+        "ACROSS THE RUN  (α: mixed-model slope dH/dη [95% CI] of the sweep's reading, τ its "
+        "spread over directions; Cui (cond.): the identity's slope of the conditional reading; "
+        "lr: the trainer's next step from this checkpoint)",
+        *_table(
+            [
+                "step",
+                "H₀ ± SE",
+                "α [CI]",
+                "τ",
+                "Cui (cond.)",
+                "window",
+                "verdict",
+                "lr",
+                "α·lr",
+                "lr",
+            ],
+            rows,
+            left={6, 9},
+        ),
+    ]
+    for note in track.get("skipped", []):
+        lines.append(f"  skipped: {note}")
+    diffs = track.get("setup_differences") or []
+    lines.append(
+        "  setup: the same at every checkpoint"
+        if not diffs
+        else "  setup differs between checkpoints:\n    " + "\n    ".join(diffs)
+    )
+    hist = track["history"]
+    rows = []
+    for h in hist["intervals"]:
+        ratio = h["ratio"]
+        rows.append(
+            [
+                f"{h['from_step']}→{h['to_step']}",
+                _pm(h["observed"], ".3e"),
+                _pm(h["predicted"], ".3e") if h["predicted"] else h["note"] or "n/a",
+                _pm(ratio, ".3g") if ratio else "n/a",
+                _g(h["z"], ".2f"),
+                _g(h["logged_entropy_change"], ".3e"),
+            ]
+        )
+    lines += [
+        "",
+        "HELD AGAINST THE RUN'S HISTORY  (observed ΔH₀ on the same E prompts; predicted "
+        "Σ α·lr over the steps between)",
+        *_table(
+            ["steps", "observed ΔH ± SE", "Σ α·lr ± SE", "ratio ± SE", "z", "logged ΔH"],
+            rows,
+            left=set(),
+        ),
+        f"  α between checkpoints: {hist['interpolation']}",
+    ]
+    if hist.get("logged_entropy"):
+        lines.append(f"  logged ΔH: {hist['logged_entropy']} (step N+1's value at checkpoint N)")
+    lines.append("  what this comparison cannot separate:")
+    lines += [f"   - {why}" for why in hist["cannot_separate"]]
+    return "\n".join(lines)
+
+
+def plot_track(track: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Against the training step: H₀ ± SE (and the trainer's logged entropy), α with its CI
+    band and each direction's slope, the window's edges with the trainer's lr through them
+    (steps whose lr leaves the window marked), observed against predicted ΔH."""
+    entries = track["checkpoints"]
+    steps = [e["step"] for e in entries]
+    fig = _new_figure(7.5, 10.5)
+    ax_h, ax_a, ax_w, ax_d = fig.subplots(4, 1, sharex=True)
+    h0 = [e["h0"]["value"] for e in entries]
+    ax_h.errorbar(
+        steps, h0, [e["h0"]["stderr"] for e in entries], fmt="o-", capsize=3, label="H₀ on E"
+    )
+    logged = [(e["step"], e["logged_entropy"]["value"]) for e in entries]
+    logged = [(s, v) for s, v in logged if v is not None]
+    if logged:
+        ax_h.plot(*zip(*logged), "s--", color="gray", label="trainer's logged entropy (step N+1)")
+    ax_h.set_ylabel("entropy (nats/token)")
+    ax_h.legend(fontsize=8)
+    alpha = [e["alpha"].get("value") for e in entries]
+    low = [e["alpha"].get("ci_low") for e in entries]
+    high = [e["alpha"].get("ci_high") for e in entries]
+    if all(_finite(v) for v in low + high):
+        ax_a.fill_between(steps, low, high, alpha=0.25, label="95% CI")
+    ax_a.plot(steps, alpha, "o-", label="α (mixed model)")
+    for e in entries:
+        slopes = [d["slope"] for d in e["directions"] if _finite(d["slope"])]
+        ax_a.plot([e["step"]] * len(slopes), slopes, "x", color="gray", ms=4)
+    ax_a.axhline(0, color="black", lw=0.5)
+    ax_a.set_ylabel("α = dH/dη")
+    ax_a.legend(fontsize=8)
+    for key, style, label in (
+        ("eta_min", "v-", "window low edge"),
+        ("eta_max", "^-", "window high edge"),
+    ):
+        pts = [(e["step"], e["window"][key]) for e in entries if _finite(e["window"][key])]
+        if pts:
+            ax_w.plot(*zip(*pts), style, label=label)
+    pred = [(e["step"], e["eta_max_predicted"]) for e in entries if _finite(e["eta_max_predicted"])]
+    if pred:
+        ax_w.plot(*zip(*pred), ":", color="gray", label="predicted edge (jet)")
+    lr = [
+        (e["step"], e["lr"]["next_step"])
+        for e in entries
+        if _finite(e["lr"]["next_step"]) and e["lr"]["next_step"] > 0
+    ]
+    if lr:
+        ax_w.plot(*zip(*lr), "k*-", ms=9, label="trainer's lr (next step)")
+    out = [
+        (e["step"], e["lr"]["next_step"])
+        for e in entries
+        if e["lr_in_window"] in ("above", "below", "no window")
+    ]
+    if out:
+        ax_w.plot(
+            *zip(*out), "o", mfc="none", mec="red", ms=16, mew=2, label="lr outside the window"
+        )
+    ax_w.set_yscale("log")
+    ax_w.set_ylabel("η")
+    ax_w.legend(fontsize=8)
+    intervals = track["history"]["intervals"]
+    mid = [(h["from_step"] + h["to_step"]) / 2 for h in intervals]
+    ax_d.errorbar(
+        mid,
+        [h["observed"]["value"] for h in intervals],
+        [h["observed"]["stderr"] for h in intervals],
+        fmt="o",
+        capsize=3,
+        label="observed ΔH₀",
+    )
+    have = [(m, h["predicted"]) for m, h in zip(mid, intervals) if h["predicted"]]
+    if have:
+        ax_d.errorbar(
+            [m for m, _ in have],
+            [p["value"] for _, p in have],
+            [p["stderr"] for _, p in have],
+            fmt="s",
+            capsize=3,
+            label="Σ α·lr",
+        )
+    ax_d.axhline(0, color="black", lw=0.5)
+    ax_d.set_ylabel("ΔH between checkpoints")
+    ax_d.set_xlabel("training step")
+    ax_d.legend(fontsize=8)
+    fig.suptitle("entropy-lab track", fontsize=10)
+    return _save(fig, Path(path))

@@ -117,12 +117,16 @@ def run_dir_name(eta: float, repeat: int) -> str:
     return f"lr_{eta_label(eta)}_run_{int(repeat)}"
 
 
-def new_results_dir(output_dir: str | os.PathLike[str], now: _dt.datetime | None = None) -> Path:
-    """Create ``OUTPUT/entropy_lr_experiment_YYYY-MM-DD_HH-MM-SS`` (``_2``, ``_3`` … if taken)."""
+def new_results_dir(
+    output_dir: str | os.PathLike[str],
+    now: _dt.datetime | None = None,
+    prefix: str = "entropy_lr_experiment",
+) -> Path:
+    """Create ``OUTPUT/<prefix>_YYYY-MM-DD_HH-MM-SS`` (``_2``, ``_3`` … if taken)."""
     root = Path(output_dir).expanduser()
     root.mkdir(parents=True, exist_ok=True)
     stamp = (now or _dt.datetime.now()).strftime("%Y-%m-%d_%H-%M-%S")
-    base = f"entropy_lr_experiment_{stamp}"
+    base = f"{prefix}_{stamp}"
     for attempt in range(1, 10_000):
         path = root / (base if attempt == 1 else f"{base}_{attempt}")
         try:
