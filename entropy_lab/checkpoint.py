@@ -19,6 +19,7 @@ import json
 import math
 import pickle
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any

@@ -382,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "track":
             from entropy_lab.track import run_track_command
 
-            run_track_command(args)
+            run_track_command(args, run_sweep_command)
         elif args.command == "report":
             from entropy_lab.report import format_tables, write_report
 

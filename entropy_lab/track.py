@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -580,15 +580,15 @@ def _finished(folder: Path, cp: RunCheckpoint, args: Any) -> bool:
     return complete and (folder / "analysis.json").is_file() and (folder / H0_SEQUENCES).is_file()
 
 
-def run_track_command(args: Any) -> Path:
+def run_track_command(args: Any, run_sweep_command: Callable[..., Any]) -> Path:
     """``entropy-lab track RUN``: one sweep per checkpoint (resumable), then track.json, the
-    printed tables and track.png."""
+    printed tables and track.png. ``run_sweep_command`` is the CLI's sweep (passed in: the
+    CLI imports this module, never the other way)."""
     import copy
     import time
 
     from tqdm.auto import tqdm
 
-    from entropy_lab.cli import run_sweep_command
     from entropy_lab.config import check_num_repeats, parse_learning_rates
     from entropy_lab.report import format_track_tables, plot_track
     from entropy_lab.store import atomic_write_json
