@@ -14,50 +14,22 @@ import torch
 from entropy_lab import protocol, track
 from entropy_lab.cli import main
 from entropy_lab.errors import CheckpointError, EntropyLabError
+from tests.trl_runs import train_trl
 
 pytestmark = pytest.mark.cpu
 
-REWARD_CODE = '''
-def exact(completions, answer, **kwargs):
-    """1 for the exact sum (what the tiny base was trained to write)."""
-    return [float(c.strip() == str(a)) for c, a in zip(completions, answer)]
-'''
 STEPS = 4
 
 
 @pytest.fixture(scope="module")
 def trl_run(tiny_checkpoint, tmp_path_factory):
     """A linear-decay schedule, so every step has its own lr."""
-    import importlib.util
-
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import GRPOConfig, GRPOTrainer
-
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("trl_track")
-    (root / "rewards.py").write_text(REWARD_CODE)
-    records = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(10) for b in range(6)]
-    (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    spec = importlib.util.spec_from_file_location("trl_track_rewards", root / "rewards.py")
-    rewards = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(rewards)
-    base = tiny_checkpoint / "base_model"
-    args = GRPOConfig(
-        output_dir=str(root / "run"),
+    return train_trl(
+        tiny_checkpoint,
+        tmp_path_factory.mktemp("trl_track"),
         max_steps=STEPS,
         save_steps=1,
-        per_device_train_batch_size=8,
-        learning_rate=1e-3,
         lr_scheduler_type="linear",
-        report_to=[],
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        seed=0,
-        disable_tqdm=True,
-        logging_steps=1,
         max_completion_length=4,
         num_generations=4,
         temperature=0.9,
@@ -65,15 +37,6 @@ def trl_run(tiny_checkpoint, tmp_path_factory):
         scale_rewards="group",
         beta=0.0,
     )
-    GRPOTrainer(
-        model=AutoModelForCausalLM.from_pretrained(base),
-        reward_funcs=rewards.exact,
-        args=args,
-        train_dataset=Dataset.from_list(records),
-        processing_class=AutoTokenizer.from_pretrained(base),
-        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-    ).train()
-    return root
 
 
 FLAGS = [

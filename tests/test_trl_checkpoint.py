@@ -7,17 +7,12 @@ import json
 import re
 
 import pytest
-import torch
 
 from entropy_lab.cli import main
+from tests.trl_runs import train_trl
 
 pytestmark = pytest.mark.cpu
 
-REWARD_CODE = '''
-def exact(completions, answer, **kwargs):
-    """1 for the exact sum (what the tiny base was trained to write)."""
-    return [float(c.strip() == str(a)) for c, a in zip(completions, answer)]
-'''
 TRAINER = {
     "max_completion_length": 4,
     "num_generations": 4,
@@ -30,50 +25,10 @@ TRAINER = {
 
 @pytest.fixture(scope="module")
 def trl_run(tiny_checkpoint, tmp_path_factory):
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import GRPOConfig, GRPOTrainer
-
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("trl")
-    reward_file = root / "rewards.py"
-    reward_file.write_text(REWARD_CODE)
-    records = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(10) for b in range(6)]
-    prompts = root / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("trl_test_rewards", reward_file)
-    rewards = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(rewards)  # the same function the sweep imports from the file
-
-    base = tiny_checkpoint / "base_model"
-    args = GRPOConfig(
-        output_dir=str(root / "run"),
-        max_steps=2,
-        save_steps=2,
-        per_device_train_batch_size=8,
-        learning_rate=1e-3,
-        report_to=[],
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        seed=0,
-        disable_tqdm=True,
-        logging_steps=1,
-        **TRAINER,
+    root = train_trl(
+        tiny_checkpoint, tmp_path_factory.mktemp("trl"), max_steps=2, save_steps=2, **TRAINER
     )
-    trainer = GRPOTrainer(
-        model=AutoModelForCausalLM.from_pretrained(base),
-        reward_funcs=rewards.exact,
-        args=args,
-        train_dataset=Dataset.from_list(records),
-        processing_class=AutoTokenizer.from_pretrained(base),
-        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-    )
-    trainer.train()
-    return root / "run" / "checkpoint-2", prompts, f"{reward_file}:exact"
+    return root / "run" / "checkpoint-2", root / "prompts.jsonl", f"{root / 'rewards.py'}:exact"
 
 
 SWEEP = [
