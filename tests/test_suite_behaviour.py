@@ -132,8 +132,8 @@ def test_pytest_and_the_cli_write_the_same_analysis(pytester, tiny_checkpoint, t
     same settings: the same effective config, setup sources and analysis summary."""
     from entropy_lab.cli import main
 
-    common = ["--learning-rates", "1e-6,1e-5", "--num-repeats", "2", "--eval-size", "16"]
-    flags = ["--buffer-size", "4"]
+    common = ["--learning-rates", "1e-6,1e-5", "--num-repeats", "2", "--eval-size", "8"]
+    flags = ["--buffer-size", "2"]
     result = _run(
         pytester,
         "-m",
