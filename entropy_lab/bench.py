@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from entropy_lab.entropy import decoder_and_head, token_statistics
+from entropy_lab.entropy import decoder_and_head, logit_statistics, token_statistics
 from entropy_lab.rollout import SequenceBatch
 
 SCHEMA_VERSION = 1
@@ -146,6 +146,18 @@ def naive_token_entropy(
     return -(logp.exp() * logp).sum(-1)
 
 
+def unchunked_token_statistics(
+    decoder: torch.nn.Module, head, batch: SequenceBatch, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """token_statistics' formula over every response token's logits at once (tokens × V):
+    the planted bad case of the memory check (the plain path never builds even one chunk's)."""
+    hidden = decoder(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask
+    ).last_hidden_state
+    mask = batch.response_mask[:, 1:].bool()
+    return logit_statistics(head(hidden[:, :-1][mask]), batch.input_ids[:, 1:][mask], temperature)
+
+
 # -- peak memory, one fresh process per variant ------------------------------------------
 
 MEMORY_VARIANTS = ("baseline", "chunked", "unchunked", "naive")
@@ -231,8 +243,8 @@ def _memory_child(variant: str, spec: MemorySpec, conn) -> None:
         with torch.no_grad():
             if variant == "chunked":
                 token_statistics(decoder, head, batch, 1.0, chunk_tokens=spec.chunk_tokens)
-            elif variant == "unchunked":  # planted: one chunk holding every response token
-                token_statistics(decoder, head, batch, 1.0, chunk_tokens=spec.response_tokens)
+            elif variant == "unchunked":  # planted: every response token's logits at once
+                unchunked_token_statistics(decoder, head, batch, 1.0)
             elif variant == "naive":
                 naive_token_entropy(decoder, head, batch, 1.0)
             elif variant != "baseline":
