@@ -190,7 +190,7 @@ def _random_batch(spec: MemorySpec) -> SequenceBatch:
     response = torch.zeros_like(ids)
     response[:, spec.prompt_length :] = 1
     batch = SequenceBatch(ids, torch.ones_like(ids), response, torch.arange(spec.batch))
-    return batch.to(spec.device)
+    return batch.require_response_tokens("the memory check's batch").to(spec.device)
 
 
 def _current_and_peak_rss() -> tuple[int, int]:

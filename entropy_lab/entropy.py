@@ -316,6 +316,8 @@ def token_statistics(
         logps.append(logp)
         if with_entropy:
             entropies.append(entropy)
+    if not logps:  # a row chunk without response tokens (the batch has them elsewhere)
+        logps = entropies = [torch.zeros(0, dtype=torch.float64, device=states.device)]
     logp = torch.cat(logps)
     entropy = torch.cat(entropies) if with_entropy else None
     return logp, entropy, rows
@@ -435,6 +437,7 @@ class EntropyScorer(nn.Module):
         self._recorder: _RoutingRecorder | None = None
 
     def forward(self, batch: SequenceBatch) -> SequenceSums:
+        batch.require_response_tokens("the batch to score")
         decoder, head = decoder_and_head(self.lm)
         n = len(batch)
         parts: list[tuple[torch.Tensor, SequenceSums]] = []
