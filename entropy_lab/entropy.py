@@ -64,6 +64,11 @@ class ModelLogits:
         self.divisor = float(divisor) if divisor not in (None, 1, 1.0) else None
 
     @property
+    def vocab_size(self) -> int:
+        out = getattr(self.projection, "out_features", None)  # also LoRA / 4-bit wrappers
+        return int(out) if out is not None else int(self.projection.weight.shape[0])
+
+    @property
     def steps(self) -> list[str]:
         """The steps after the projection, in order, for messages and records."""
         out = []
@@ -194,12 +199,14 @@ MIN_CHUNK_TOKENS = 128
 BLOCK_BYTES = 8 * 2**20
 
 
-def chunk_tokens_for(hidden: int, weight_bytes: int, cap: int) -> int:
-    """Response tokens per logits chunk: as many as keep one fp64 chunk of logits (V × 8
-    bytes a token) no larger than the head's own weight (V × hidden × weight_bytes; V
-    cancels), so the memory grows with the model rather than with the batch; at least
-    MIN_CHUNK_TOKENS for the matmul's speed, and never more than ``cap``."""
-    return max(1, min(cap, max(MIN_CHUNK_TOKENS, hidden * weight_bytes // 8)))
+def chunk_tokens_for(vocab: int, hidden: int, weight_bytes: int, cap: int) -> int:
+    """Response tokens per logits chunk, never more than ``cap``: any number whose fp64
+    logits fit BLOCK_BYTES (a small vocabulary: per-chunk overhead is then what costs);
+    otherwise as many as keep one chunk's fp64 logits (V × 8 bytes a token) no larger than
+    the head's own weight (V × hidden × weight_bytes), so memory grows with the model rather
+    than with the batch, but at least MIN_CHUNK_TOKENS for the matmul's speed."""
+    fits = BLOCK_BYTES // (8 * vocab)
+    return max(1, min(cap, max(MIN_CHUNK_TOKENS, hidden * weight_bytes // 8, fits)))
 
 
 def logit_statistics(
@@ -242,7 +249,7 @@ def blocked_statistics(
     Why: at V = 151,936 fresh tokens × V tensors cost more in page faults than the entropy's
     arithmetic, and each elementwise pass over them reads memory, not cache.
     """
-    n, vocab = states.shape[0], head.projection.weight.shape[0]
+    n, vocab = states.shape[0], head.vocab_size
     width = vocab if states.is_cuda else max(256, BLOCK_BYTES // (8 * max(n, 1)))
     fp64 = torch.float64
     flat_z = torch.empty(n * min(width, vocab), dtype=states.dtype, device=states.device)
@@ -305,7 +312,8 @@ def token_statistics(
     step = chunk_tokens
     plain = isinstance(head, ModelLogits) and head.writes_into(states)
     if isinstance(head, ModelLogits):
-        step = chunk_tokens_for(states.shape[-1], states.element_size(), chunk_tokens)
+        hidden, size = states.shape[-1], states.element_size()
+        step = chunk_tokens_for(head.vocab_size, hidden, size, chunk_tokens)
     logps, entropies = [], []
     for start in range(0, states.shape[0], step):
         chunk, tgt = states[start : start + step], targets[start : start + step]
