@@ -131,6 +131,11 @@ def main(argv=None) -> dict:
     )
     parser.add_argument("--output", default=None, help="also write the result as JSON here")
     args = parser.parse_args(argv)
+    if not 0 <= args.prompt_length < args.length:
+        parser.error(
+            f"--prompt-length {args.prompt_length} leaves no response tokens in --length "
+            f"{args.length} (it must be below {args.length})"
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.stock_mm:

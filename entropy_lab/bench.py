@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from entropy_lab.entropy import decoder_and_head, token_statistics
+from entropy_lab.entropy import decoder_and_head, logit_statistics, token_statistics
 from entropy_lab.rollout import SequenceBatch
 
 SCHEMA_VERSION = 1
@@ -146,6 +146,18 @@ def naive_token_entropy(
     return -(logp.exp() * logp).sum(-1)
 
 
+def unchunked_token_statistics(
+    decoder: torch.nn.Module, head, batch: SequenceBatch, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """token_statistics' formula over every response token's logits at once (tokens × V):
+    the planted bad case of the memory check (the plain path never builds even one chunk's)."""
+    hidden = decoder(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask
+    ).last_hidden_state
+    mask = batch.response_mask[:, 1:].bool()
+    return logit_statistics(head(hidden[:, :-1][mask]), batch.input_ids[:, 1:][mask], temperature)
+
+
 # -- peak memory, one fresh process per variant ------------------------------------------
 
 MEMORY_VARIANTS = ("baseline", "chunked", "unchunked", "naive")
@@ -178,7 +190,7 @@ def _random_batch(spec: MemorySpec) -> SequenceBatch:
     response = torch.zeros_like(ids)
     response[:, spec.prompt_length :] = 1
     batch = SequenceBatch(ids, torch.ones_like(ids), response, torch.arange(spec.batch))
-    return batch.to(spec.device)
+    return batch.require_response_tokens("the memory check's batch").to(spec.device)
 
 
 def _current_and_peak_rss() -> tuple[int, int]:
@@ -198,6 +210,16 @@ def _current_and_peak_rss() -> tuple[int, int]:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     peak *= 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
     return peak, peak
+
+
+def _reset_peak_rss() -> None:
+    """Linux: set the high-water mark (VmHWM) to the current RSS, so the peak is that of the
+    computation, not of building the model (whose temporaries can exceed a computation as
+    lean as the blocked entropy's). A no-op where /proc/self/clear_refs is missing."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 def _return_large_frees_to_os() -> None:
@@ -228,11 +250,12 @@ def _memory_child(variant: str, spec: MemorySpec, conn) -> None:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             cuda_before = torch.cuda.memory_allocated()
+        _reset_peak_rss()
         with torch.no_grad():
             if variant == "chunked":
                 token_statistics(decoder, head, batch, 1.0, chunk_tokens=spec.chunk_tokens)
-            elif variant == "unchunked":  # planted: one chunk holding every response token
-                token_statistics(decoder, head, batch, 1.0, chunk_tokens=spec.response_tokens)
+            elif variant == "unchunked":  # planted: every response token's logits at once
+                unchunked_token_statistics(decoder, head, batch, 1.0)
             elif variant == "naive":
                 naive_token_entropy(decoder, head, batch, 1.0)
             elif variant != "baseline":

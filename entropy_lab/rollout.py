@@ -46,6 +46,16 @@ class SequenceBatch:
     def num_response_tokens(self) -> int:
         return int(self.response_mask.sum())
 
+    def require_response_tokens(self, what: str) -> SequenceBatch:
+        """This batch, or one line naming the problem if no token after a first position is
+        a response token (e.g. every sequence is prompt only): there is nothing to score."""
+        if not bool(self.response_mask[:, 1:].any()):
+            raise EntropyLabError(
+                f"{what} has no response tokens ({len(self)} sequences of "
+                f"{self.input_ids.shape[1]} positions, all prompt or padding): nothing to score"
+            )
+        return self
+
     def to(self, device: torch.device | str) -> SequenceBatch:
         return SequenceBatch(
             self.input_ids.to(device),

@@ -326,6 +326,8 @@ class PolicyUpdate:
             len(self._microbatches(seqs)),
         ]
         rows, prompts, tokens, micro = (round(distributed.sum_over_ranks(c)) for c in counts)
+        if tokens == 0:  # the loss's token means would be 0/0
+            seqs.require_response_tokens("the update batch")
         return Normalisers(
             rows, prompts, tokens, micro, update.num_generations, update.max_new_tokens
         )

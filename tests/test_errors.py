@@ -795,3 +795,59 @@ def test_package_has_no_unsafe_calls():
     assert len(files) > 10
     problems = [f"{f.relative_to(ROOT)} {p}" for f in files for p in unsafe_calls(f.read_text())]
     assert problems == []
+
+
+# -- batches without response tokens (issue 23) -------------------------------------------
+
+
+def _prompt_only(batch: rollout.SequenceBatch) -> rollout.SequenceBatch:
+    """The planted case: the same sequences with every response token marked as prompt."""
+    return rollout.SequenceBatch(
+        batch.input_ids,
+        batch.attention_mask,
+        torch.zeros_like(batch.response_mask),
+        batch.prompt_index,
+    )
+
+
+def test_scoring_a_batch_without_response_tokens_names_the_problem(setup32):
+    scorer = setup32.scorer
+    scorer(setup32.eval_batch.select([0, 1]))  # a batch with responses scores
+    empty = _prompt_only(setup32.eval_batch.select([0, 1]))
+    with pytest.raises(EntropyLabError, match=r"^the batch to score has no response tokens "):
+        scorer(empty)
+
+
+def test_a_row_chunk_without_response_tokens_still_scores(setup32):
+    # Rows with empty responses may be sorted into a chunk of their own.
+    batch = setup32.eval_batch.select([0, 1, 2])
+    mask = batch.response_mask.clone()
+    mask[1:] = 0
+    batch = rollout.SequenceBatch(batch.input_ids, batch.attention_mask, mask, batch.prompt_index)
+    scorer = EntropyScorer(setup32.scorer.lm, setup32.scorer.temperature, max_rows=1)
+    with torch.no_grad():
+        sums = scorer(batch)
+    assert sums.tokens.tolist()[1:] == [0.0, 0.0] and sums.tokens[0] > 0
+
+
+def test_jvp_scaling_refuses_a_prompt_as_long_as_the_sequence(capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "jvp_scaling", Path(__file__).parents[1] / "benchmarks" / "jvp_scaling.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    with pytest.raises(SystemExit):
+        script.main(["--length", "24", "--prompt-length", "24", "--vocab", "64"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--prompt-length 24 leaves no response tokens in --length 24" in err
+
+
+def test_an_update_batch_without_response_tokens_names_the_problem(setup32):
+    from entropy_lab.update import UpdateBatch
+
+    seqs = _prompt_only(setup32.eval_batch.select([0, 1]))
+    update = UpdateBatch(seqs, torch.zeros(2), torch.zeros(2), num_generations=2, max_new_tokens=8)
+    with pytest.raises(EntropyLabError, match=r"^the update batch has no response tokens "):
+        setup32.updater.normalisers(update)
