@@ -322,6 +322,7 @@ class MeasurementStore:
                 eval_size=s.eval_size,
                 jet=s.jet,
             )
+            self._write_meta(self._setup)
         return self._setup
 
     @property
@@ -379,8 +380,14 @@ class MeasurementStore:
 
     @_fail_cleanly_on_user_errors
     def meta(self) -> dict[str, Any]:
-        """The CLI's run_meta.json for this measurement (store.run_meta), written once into
-        the shared folder by the worker that opened the checkpoint."""
+        """The CLI's run_meta.json for this measurement (store.run_meta), written by whichever
+        worker opened the checkpoint: another worker reads it instead of opening it again."""
+        path = self.key_dir / "run_meta.json"
+        if not path.is_file():
+            self._ensure_setup()
+        return json.loads(path.read_text())
+
+    def _write_meta(self, setup) -> None:
         from filelock import FileLock
 
         from entropy_lab.report import default_thresholds
@@ -391,9 +398,7 @@ class MeasurementStore:
             if not path.is_file():
                 s = self.settings
                 thresholds = default_thresholds(r2_min=s.r2_min)
-                meta = run_meta(self._ensure_setup(), s.device, s.dtype, thresholds)
-                atomic_write_json(path, meta)
-            return json.loads(path.read_text())
+                atomic_write_json(path, run_meta(setup, s.device, s.dtype, thresholds))
 
     def analysis(self):
         """The paired analysis of every η (measured on demand), also saved as JSON."""
