@@ -19,6 +19,7 @@ _LONG_MODULES = (
     "tests/test_distributed.py",
     "tests/test_suite_behaviour.py",
     "tests/test_resume.py",
+    "tests/test_track.py",
 )
 
 

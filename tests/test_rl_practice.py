@@ -22,7 +22,7 @@ from entropy_lab.protocol import keep_group, sample_update_batch
 from entropy_lab.tasks import load_rewards, load_task
 from tests.conftest import make_setup
 
-pytestmark = pytest.mark.cpu
+pytestmark = [pytest.mark.cpu, pytest.mark.xdist_group("rl_practice")]  # one fixture build
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from entropy_lab.cli import main
 from entropy_lab.errors import CheckpointError, EntropyLabError
 from tests.trl_runs import train_trl
 
-pytestmark = pytest.mark.cpu
+pytestmark = [pytest.mark.cpu, pytest.mark.xdist_group("track")]  # its run built once
 
 STEPS = 4
 

@@ -11,7 +11,7 @@ import pytest
 from entropy_lab.cli import main
 from tests.trl_runs import train_trl
 
-pytestmark = pytest.mark.cpu
+pytestmark = [pytest.mark.cpu, pytest.mark.xdist_group("trl_run")]  # one TRL run
 
 TRAINER = {
     "max_completion_length": 4,
