@@ -90,6 +90,8 @@ def test_each_eta_measured_once_under_xdist(pytester, tiny_checkpoint):
 
 
 def test_gpu_suite_skips_with_reason_and_runs_on_cpu(pytester, tiny_checkpoint):
+    """Skips with a reason a person can act on; with --device cpu the gpu bodies run, and
+    pytest writes the analysis `entropy-lab sweep` writes for the same checkpoint and settings."""
     import torch
 
     if torch.cuda.is_available():
@@ -99,23 +101,33 @@ def test_gpu_suite_skips_with_reason_and_runs_on_cpu(pytester, tiny_checkpoint):
     skipped.stdout.fnmatch_lines(["*gpu suite needs CUDA; add --device cpu*"])
     no_ckpt = _run(pytester, "-m", "gpu", "-rs")
     no_ckpt.stdout.fnmatch_lines(["*gpu suite needs --checkpoint DIR*"])
+    common = ["--dtype", "fp64", "--learning-rates", "1e-7,1e-6,1e-5", "--num-repeats", "2"]
+    common += ["--eval-size", "32"]
     ran = _run(
         pytester,
         "-m",
         "gpu",
         "--device",
         "cpu",
-        "--dtype",
-        "fp64",
         f"--checkpoint={tiny_checkpoint}",
-        "--learning-rates",
-        "1e-7,1e-6,1e-5",
-        "--num-repeats",
-        "2",
-        "--eval-size",
-        "32",
+        f"--basetemp={pytester.path / 'bt'}",
+        *common,
     )
     ran.assert_outcomes(passed=7)
+    # `entropy-lab sweep --checkpoint X` with the same settings writes the same analysis
+    from entropy_lab.cli import main
+
+    (from_pytest,) = [
+        json.loads(p.read_text())
+        for p in (pytester.path / "bt").glob("entropy_store/*/analysis.json")
+    ]
+    out = pytester.path / "cli"
+    argv = ["sweep", f"--checkpoint={tiny_checkpoint}", *common, "--output-dir", str(out)]
+    assert main([*argv, "--no-progress", "--threads", "1"]) == 0
+    (folder,) = out.glob("entropy_lr_experiment_*")
+    from_cli = json.loads((folder / "analysis.json").read_text())
+    assert from_pytest["config"] == from_cli["config"]
+    assert from_pytest["summary"] == from_cli["summary"]
 
 
 def test_checkpoint_with_a_space_is_refused_with_the_fix(pytester, tiny_checkpoint):
@@ -125,39 +137,6 @@ def test_checkpoint_with_a_space_is_refused_with_the_fix(pytester, tiny_checkpoi
     spaced.stderr.fnmatch_lines([f"*write --checkpoint={tiny_checkpoint} (with '=')*"])
     joined = _run(pytester, "-m", "gpu", f"--checkpoint={tiny_checkpoint}", "--co")
     assert joined.ret == pytest.ExitCode.OK
-
-
-def test_pytest_and_the_cli_write_the_same_analysis(pytester, tiny_checkpoint, tmp_path):
-    """`pytest -m gpu --checkpoint=X --device cpu` and `entropy-lab sweep --checkpoint X` with the
-    same settings: the same effective config, setup sources and analysis summary."""
-    from entropy_lab.cli import main
-
-    common = ["--learning-rates", "1e-6,1e-5", "--num-repeats", "2", "--eval-size", "8"]
-    flags = ["--buffer-size", "2"]
-    result = _run(
-        pytester,
-        "-m",
-        "gpu",
-        f"--checkpoint={tiny_checkpoint}",
-        "--device",
-        "cpu",
-        f"--basetemp={pytester.path / 'bt'}",
-        *common,
-        *[f"{flag}={value}" for flag, value in zip(flags[::2], flags[1::2])],
-    )
-    assert result.ret in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED)
-    (from_pytest,) = [
-        json.loads(p.read_text())
-        for p in (pytester.path / "bt").glob("entropy_store/*/analysis.json")
-    ]
-    out = tmp_path / "cli"
-    assert main(["sweep", "--checkpoint", str(tiny_checkpoint), *common, *flags,
-                 "--output-dir", str(out), "--no-progress", "--threads", "1"]) == 0  # fmt: skip
-    (folder,) = out.glob("entropy_lr_experiment_*")
-    from_cli = json.loads((folder / "analysis.json").read_text())
-    assert from_pytest["config"] == from_cli["config"]
-    assert from_pytest["config"]["dtype"] == "fp32"  # a --checkpoint gets the sweep's dtype
-    assert from_pytest["summary"] == from_cli["summary"]
 
 
 def test_another_projects_eta_is_left_alone(pytester):
