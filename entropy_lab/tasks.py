@@ -164,9 +164,10 @@ def rl_practice_reward(fn: Callable[..., Any], module: Any) -> Callable[..., lis
         for i, prompt in enumerate(prompts):
             groups.setdefault(str(prompt), []).append(i)
         out = [0.0] * len(completions)
+        registries = _gold_registries(module)  # once per call, not per group
         for prompt, rows in groups.items():
             pid = rl_practice_prompt_id(prompt)
-            for registry in _gold_registries(module):
+            for registry in registries:
                 registry[pid] = str(answer[rows[0]])
             values = fn(pid, [completions[i] for i in rows])
             values = values.tolist() if hasattr(values, "tolist") else list(values)
