@@ -6,7 +6,7 @@ direction(): per repeat r, update batch U_r sampled at θ₀ with seed r → Dr-
              update vector v_r → theory along v_r.
 measure_point(): per η, from (θ₀, S₀): real AdamW step(s) at lr = η → H(θ₁) on E → ΔH;
              the same U_r (common random numbers) for every η of a repeat. Returns one
-             ``analysis.PointRecord`` (a raw_results.json record).
+             ``records.PointRecord`` (a raw_results.json record).
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from entropy_lab import distributed
-from entropy_lab.analysis import EPS, PointRecord
 from entropy_lab.checkpoint import LoadedCheckpoint
 from entropy_lab.config import RL_PRACTICE_REFERENCE, ExperimentConfig
 from entropy_lab.entropy import EntropyReadings, EntropyScorer, SequenceSums, readings
 from entropy_lab.errors import CheckpointError, ConfigError, EntropyLabError, release_after_oom
+from entropy_lab.records import EPS, PointRecord
 from entropy_lab.rollout import SequenceBatch, sample_responses
 from entropy_lab.tasks import Problem, Task, load_task
 from entropy_lab.theory import (

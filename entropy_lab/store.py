@@ -33,8 +33,8 @@ from typing import Any
 
 import yaml
 
-from entropy_lab.analysis import PointRecord
 from entropy_lab.jsonio import eta_label, json_safe
+from entropy_lab.records import PointRecord
 
 __all__ = [
     "ResultsFolder",
@@ -202,7 +202,7 @@ class ResultsFolder:
 
     def done_pairs(self) -> set[tuple[float, int]]:
         """(η, repeat) pairs already measured successfully: skip them on --resume."""
-        return {_pair(r) for r in self.records() if r.get("success")}
+        return {_pair(r) for r in self.records() if PointRecord.from_dict(r).measured}
 
     # -- run description ----------------------------------------------------------------
 
