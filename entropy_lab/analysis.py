@@ -33,7 +33,7 @@ point is undecided and the verdict INCONCLUSIVE, with the reason.
 
 The pooled statistics of the seed (raw-point R², weighted fit, lack of fit, intercept test,
 standardized and relative residuals of the per-η means, log-log slope) are computed by
-``stats.analyze_linearity`` and reported, never deciding: under common random numbers the
+``stats``' named fits and checks and reported, never deciding: under common random numbers the
 per-η means are correlated, so their spread is not the noise those tests assume.
 """
 
@@ -267,7 +267,7 @@ class Analysis:
     checks: dict[str, Check]
     verdict: str  # "linear" | "nonlinear" | "inconclusive"
     verdict_reason: str
-    pooled: stats.LinearityAnalysis  # the seed's unpaired statistics (reported)
+    pooled: stats.PooledStatistics  # the seed's unpaired statistics (reported)
     mixed_model: stats.RandomSlopeFit | None
     records: list[PointRecord]
     thresholds: stats.Thresholds
@@ -332,7 +332,7 @@ class Analysis:
                 repeats=[p.to_dict() for p in mine],
             )
             per_eta[eta_label(eta)] = entry
-        ols = la.ols
+        ols = la.fits.ols
         out = {
             "schema_version": ANALYSIS_SCHEMA_VERSION,
             "checkpoint": dict(self.meta.get("checkpoint") or {}),
@@ -352,11 +352,11 @@ class Analysis:
                 "mixed_model": self.mixed_model.to_dict() if self.mixed_model else None,
                 "noise_model": self.noise.to_dict() if self.noise else None,
                 "ols": ols.to_dict() if ols else None,
-                "weighted": la.weighted.to_dict() if la.weighted else None,
-                "origin": la.origin.to_dict() if la.origin else None,
-                "quadratic": la.quadratic.to_dict() if la.quadratic else None,
-                "lack_of_fit": la.lack_of_fit.to_dict() if la.lack_of_fit else None,
-                "loglog_slope": la.loglog.to_dict() if la.loglog else None,
+                "weighted": la.fits.weighted.to_dict() if la.fits.weighted else None,
+                "origin": la.fits.origin.to_dict() if la.fits.origin else None,
+                "quadratic": la.fits.quadratic.to_dict() if la.fits.quadratic else None,
+                "lack_of_fit": la.fits.lack_of_fit.to_dict() if la.fits.lack_of_fit else None,
+                "loglog_slope": la.fits.loglog.to_dict() if la.fits.loglog else None,
                 "first_order_slope": _per_repeat_mean(measured, "first_order_slope"),
                 **_jet_summary(measured, self.repeats),
                 "first_order_oracles": _oracle_comparison(measured),
@@ -1315,7 +1315,7 @@ def _first_order_check(repeats: Repeats, thresholds: stats.Thresholds) -> Analys
     )
 
 
-# The seed's pooled statistics, by their name in analysis.json and in LinearityAnalysis.
+# The seed's pooled checks, by their name in analysis.json and in stats.POOLED_CHECKS.
 _REPORTED = {
     "pooled_r_squared": "r_squared",
     "standardized_residual": "standardized_residual",
@@ -1328,31 +1328,33 @@ _REPORTED = {
 
 def pooled_statistics(
     rows: list[PointRecord], per_eta: list[PointSummary], thresholds: stats.Thresholds
-) -> tuple[stats.LinearityAnalysis, dict[str, Check]]:
-    """The seed's unpaired statistics over the resolvable grid points, and their checks,
-    reported, never deciding."""
+) -> tuple[stats.PooledStatistics, dict[str, Check]]:
+    """The seed's unpaired statistics over the resolvable grid points (paired log-log
+    slope: the repeats are known), and their checks, reported, never deciding."""
     first_order = None
     if any(_finite(r.first_order_prediction) for r in rows):
         first_order = [
             float(r.first_order_prediction) if _finite(r.first_order_prediction) else math.nan
             for r in rows
         ]
-    pooled = stats.analyze_linearity(
+    points = stats.pooled_points(
         [float(r.learning_rate) for r in rows],
         [float(r.entropy_change) if r.measured else math.nan for r in rows],  # type: ignore[arg-type]
         first_order=first_order,
         resolvable={p.learning_rate: p.resolvable for p in per_eta},
-        thresholds=thresholds,
         repeats=[int(r.repeat) for r in rows],
     )
+    fits = stats.pooled_fits(points, thresholds.loglog_margin)
+    residuals = stats.pooled_residuals(points, fits)
+    checks = stats.pooled_checks(points, fits, residuals, thresholds)
     reported: dict[str, Check] = {}
     for name, source in _REPORTED.items():
-        c = pooled.checks[source]
+        c = checks[source]
         detail = c.detail + " [reported, not deciding]"
         reported[name] = AnalysisCheck(
             name, c.threshold, c.value, c.passed, detail, CheckKind.REPORTED
         )
-    return pooled, reported
+    return stats.PooledStatistics.of(points, fits, residuals), reported
 
 
 def mixed_model(points: list[RepeatPoint], confidence: float) -> MixedModel:

@@ -13,9 +13,10 @@ never lets decide.
 Why R² is not enough: on a log grid the largest η carries almost all of the
 spread in x (its leverage is about 0.99), so a straight line through the
 cluster of small-η points and the single large-η point fits almost anything
-monotone.  ΔH ∝ η² still scores R² ≈ 0.99.  The pooled analysis
-(``analyze_linearity``) therefore combines six checks, each of which looks at
-a different way a curve can hide behind a high R²:
+monotone.  ΔH ∝ η² still scores R² ≈ 0.99.  The pooled statistics are therefore
+six checks (``POOLED_CHECKS``), each on the points, fits and residuals of
+``pooled_points``, ``pooled_fits`` and ``pooled_residuals``, each looking at a
+different way a curve can hide behind a high R²:
 
 ``r_squared``
     OLS R² on every raw (η, repeat) point — the original criterion, kept for
@@ -43,105 +44,84 @@ so the repeat-to-repeat spread (mostly the size of the update direction) is
 shared by all η.  The SE-based checks on per-η means (standardized residual,
 lack of fit, intercept) treat it as independent noise per η, so they are not
 evidence: a 12 % bend is caught at 3 % direction spread and missed at 20 %.
-That is why they are reported, not deciding (DESIGN §4).
+That is why they are reported, not deciding (DESIGN §4), and why this module
+gives no pooled verdict of its own.
 
-Every result is a frozen dataclass with ``to_dict()`` returning JSON-safe
-built-in types (non-finite floats become ``None``).  Only numpy and scipy are
-used.
+Every result is a frozen dataclass; the ones written to analysis.json have a
+``to_dict()`` returning JSON-safe built-in types (non-finite floats become
+``None``, through ``jsonio.json_safe``).  Only numpy and scipy are used.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 from scipy import stats as sps
 
+from entropy_lab.jsonio import json_safe
+
 __all__ = [
+    "CHECK_NAMES",
+    "POOLED_CHECKS",
     "BendFit",
     "Check",
     "EtaSummary",
     "LackOfFit",
     "LinearFit",
-    "LinearityAnalysis",
     "LogLogSlope",
     "MeanSE",
-    "RandomSlopeFit",
     "OriginFit",
     "PooledBends",
+    "PooledFits",
+    "PooledPoints",
+    "PooledResiduals",
+    "PooledStatistics",
+    "PooledThresholds",
     "QuadraticFit",
+    "RandomSlopeFit",
     "Thresholds",
-    "analyze_linearity",
     "fit_bends",
     "fit_ols",
     "fit_origin",
     "fit_quadratic",
-    "fit_wls",
-    "lack_of_fit_test",
     "fit_random_slope",
+    "fit_wls",
+    "intercept_check",
+    "lack_of_fit_check",
+    "lack_of_fit_test",
+    "loglog_check",
     "loglog_slope",
     "mean_abs_lower_bound",
     "mean_stderr",
     "paired_loglog_slope",
+    "pooled_checks",
+    "pooled_fits",
+    "pooled_points",
+    "pooled_residuals",
+    "r_squared_check",
+    "relative_residual_check",
     "relative_residuals",
     "simultaneous_t",
+    "standardized_residual_check",
     "standardized_residuals",
     "summarize_by_eta",
     "upper_bound",
 ]
 
-CHECK_NAMES: tuple[str, ...] = (
-    "r_squared",
-    "standardized_residual",
-    "relative_residual",
-    "lack_of_fit",
-    "intercept",
-    "loglog_slope",
-)
-
 _NAN = float("nan")
-
-
-# --------------------------------------------------------------------------------------
-# JSON-safe conversion
-# --------------------------------------------------------------------------------------
-
-
-def _jsonable(obj: Any) -> Any:
-    """Convert dataclasses, numpy values and containers to JSON-safe built-ins.
-
-    Non-finite floats (NaN, ±inf) become ``None`` so that the result survives
-    ``json.dumps(..., allow_nan=False)``.
-    """
-    if is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: _jsonable(getattr(obj, f.name)) for f in fields(obj)}
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, np.ndarray)):
-        return [_jsonable(v) for v in obj]
-    if obj is None or isinstance(obj, str):
-        return obj
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        value = float(obj)
-        return value if math.isfinite(value) else None
-    raise TypeError(f"cannot convert {type(obj).__name__} to a JSON-safe value")
 
 
 class _ToDict:
     """Mixin giving dataclasses a JSON-safe ``to_dict``."""
 
     def to_dict(self) -> dict[str, Any]:
-        out = _jsonable(self)
-        assert isinstance(out, dict)
-        return out
+        """JSON-safe built-ins (non-finite floats become None), nested results included."""
+        return json_safe({f.name: getattr(self, f.name) for f in fields(self)})
 
 
 # --------------------------------------------------------------------------------------
@@ -238,17 +218,27 @@ def upper_bound(values: npt.ArrayLike, confidence: float = 0.95) -> float:
 
 
 @dataclass(frozen=True)
-class Thresholds(_ToDict):
-    """Pass/fail limits of the six linearity checks."""
+class PooledThresholds(_ToDict):
+    """Pass/fail limits of the six pooled checks (``POOLED_CHECKS``), reported, never
+    deciding."""
 
-    r2_min: float = 0.95
+    r2_min: float = 0.95  # also the paired verdict's, for each repeat's own line
     max_standardized_residual: float = 3.0
     max_relative_residual: float = 0.1
     lack_of_fit_alpha: float = 0.01  # pass if p > alpha
     intercept_alpha: float = 0.01  # intercept test: pass if p > alpha
     loglog_margin: float = 0.1  # CI of the log-log slope must lie in [1 - m, 1 + m]
+
+
+@dataclass(frozen=True)
+class Thresholds(PooledThresholds):
+    """Every limit of the analysis, one flat record (run_meta.json and analysis.json's
+    ``thresholds.linearity``): the six pooled ones (``PooledThresholds``, reported) and the
+    paired verdict's (analysis.py, deciding): r2_min for each repeat's own line, the
+    resolvable points needed, the tolerance and the confidence of its bounds."""
+
     min_resolvable_points: int = 3
-    # The paired verdict (analysis.py): |ΔH_r/η| may bend by this much from its small-η value.
+    # The paired verdict: |ΔH_r/η| may bend by this much from its small-η value.
     tolerance: float = 0.05
     confidence: float = 0.95  # of the upper bounds over repeats
 
@@ -904,6 +894,24 @@ class LogLogSlope(_ToDict):
     n_repeats: int = 0  # repeats entering the paired estimate
 
 
+def _no_loglog_fit(
+    n: int, margin: float, confidence: float, note: str, same_sign: bool = True
+) -> LogLogSlope:
+    return LogLogSlope(
+        slope=_NAN,
+        slope_se=_NAN,
+        ci_low=_NAN,
+        ci_high=_NAN,
+        n=n,
+        margin=margin,
+        within_margin=False,
+        confidence=confidence,
+        weighted=False,
+        same_sign=same_sign,
+        note=note,
+    )
+
+
 def loglog_slope(
     etas: npt.ArrayLike,
     mean_changes: npt.ArrayLike,
@@ -930,31 +938,21 @@ def loglog_slope(
     if se_arr is not None:
         _same_length(etas=eta, stderr=se_arr)
 
-    def no_fit(note: str, same_sign: bool = True) -> LogLogSlope:
-        return LogLogSlope(
-            slope=_NAN,
-            slope_se=_NAN,
-            ci_low=_NAN,
-            ci_high=_NAN,
-            n=n,
-            margin=margin,
-            within_margin=False,
-            confidence=confidence,
-            weighted=False,
-            same_sign=same_sign,
-            note=note,
-        )
-
     if not (np.all(mean > 0) or np.all(mean < 0)):
         n_pos = int(np.sum(mean > 0))
         n_neg = int(np.sum(mean < 0))
-        return no_fit(
+        return _no_loglog_fit(
+            n,
+            margin,
+            confidence,
             f"means are not all of one sign ({n_pos} positive, {n_neg} negative, "
             f"{n - n_pos - n_neg} zero): no power law fits",
             same_sign=False,
         )
     if n < 3 or np.unique(eta).size < 2:
-        return no_fit(f"needs at least 3 points with 2 distinct η for a CI, got {n}")
+        return _no_loglog_fit(
+            n, margin, confidence, f"needs at least 3 points with 2 distinct η for a CI, got {n}"
+        )
 
     lx = np.log(eta)
     ly = np.log(np.abs(mean))
@@ -990,6 +988,24 @@ def loglog_slope(
     )
 
 
+def _repeat_loglog_slopes(
+    eta: np.ndarray, dh: np.ndarray, rep: np.ndarray, grid: np.ndarray
+) -> tuple[list[float], list[int]]:
+    """Each complete repeat's d log|ΔH_r|/d log η, and the repeats whose ΔH changes sign."""
+    slopes: list[float] = []
+    mixed: list[int] = []
+    for r in np.unique(rep) if grid.size >= 2 else []:  # one η: no slope to fit
+        mine = (rep == r) & np.isfinite(dh)
+        if np.unique(eta[mine]).size != grid.size or mine.sum() != grid.size:
+            continue  # incomplete (a failed point): its slope would cover other η
+        y = dh[mine]
+        if not (np.all(y > 0) or np.all(y < 0)):
+            mixed.append(int(r))
+            continue
+        slopes.append(fit_ols(np.log(eta[mine]), np.log(np.abs(y))).slope)
+    return slopes, mixed
+
+
 def paired_loglog_slope(
     etas: npt.ArrayLike,
     changes: npt.ArrayLike,
@@ -1015,17 +1031,7 @@ def paired_loglog_slope(
     if not np.all(eta > 0):
         raise ValueError("learning rates must be > 0 for a log-log fit")
     grid = np.unique(eta)
-    slopes: list[float] = []
-    mixed: list[int] = []
-    for r in np.unique(rep) if grid.size >= 2 else []:  # one η: no slope to fit
-        mine = (rep == r) & np.isfinite(dh)
-        if np.unique(eta[mine]).size != grid.size or mine.sum() != grid.size:
-            continue  # incomplete (a failed point): its slope would cover other η
-        y = dh[mine]
-        if not (np.all(y > 0) or np.all(y < 0)):
-            mixed.append(int(r))
-            continue
-        slopes.append(fit_ols(np.log(eta[mine]), np.log(np.abs(y))).slope)
+    slopes, mixed = _repeat_loglog_slopes(eta, dh, rep, grid)
     k = np.asarray(slopes)
     n_rep = k.size
 
@@ -1104,7 +1110,7 @@ def relative_residuals(etas: npt.ArrayLike, means: npt.ArrayLike, slope: float) 
 
 
 # --------------------------------------------------------------------------------------
-# The verdict
+# The seed's pooled statistics: each fit and test a named result (reported, never deciding)
 # --------------------------------------------------------------------------------------
 
 
@@ -1120,24 +1126,30 @@ class Check(_ToDict):
 
 
 @dataclass(frozen=True)
-class LinearityAnalysis(_ToDict):
-    """Everything :func:`analyze_linearity` computed, plus the verdict."""
+class PooledPoints:
+    """The raw (η, repeat) points grouped by η, and the ones the pooled fits use."""
 
     per_eta: list[EtaSummary]
     resolvable: list[bool]  # aligned with per_eta; False also when every run failed
-    ols: LinearFit | None  # raw points
-    weighted: LinearFit | None  # WLS on means (OLS on means if some SE is not > 0)
-    origin: OriginFit | None
-    quadratic: QuadraticFit | None
-    lack_of_fit: LackOfFit | None
-    loglog: LogLogSlope | None
-    standardized_residual: list[float | None]  # aligned with per_eta
-    relative_residual: list[float | None]  # aligned with per_eta
-    checks: dict[str, Check]
-    verdict: str  # "linear" | "nonlinear" | "inconclusive"
-    thresholds: Thresholds
-    n_failed: int
-    verdict_reason: str = ""
+    etas: np.ndarray  # the used η: resolvable, with ≥ 1 successful run
+    means: np.ndarray  # their mean ΔH
+    stderrs: np.ndarray
+    x_raw: np.ndarray  # every successful run at a used η
+    y_raw: np.ndarray
+    few_repeats: list[float]  # used η with fewer than 2 successful runs: no SE
+    zero_stderr: list[float]  # used η whose repeats are identical: SE = 0
+    n_failed: int  # runs with a non-finite change
+    all_etas: np.ndarray  # every run, failed ones included (the paired log-log slope)
+    all_changes: np.ndarray
+    repeats: np.ndarray | None  # one id per run: a common-random-numbers design
+
+    @property
+    def se_defined(self) -> bool:
+        return self.etas.size > 0 and not self.few_repeats
+
+    @property
+    def se_positive(self) -> bool:
+        return self.se_defined and not self.zero_stderr
 
 
 def _lookup_resolvable(table: Mapping[float, bool] | None, eta: float) -> bool:
@@ -1149,6 +1161,141 @@ def _lookup_resolvable(table: Mapping[float, bool] | None, eta: float) -> bool:
         if math.isclose(float(key), eta, rel_tol=1e-9, abs_tol=0.0):
             return bool(flag)
     return True
+
+
+def pooled_points(
+    etas: npt.ArrayLike,
+    changes: npt.ArrayLike,
+    first_order: npt.ArrayLike | None = None,
+    resolvable: Mapping[float, bool] | None = None,
+    repeats: npt.ArrayLike | None = None,
+) -> PooledPoints:
+    """Group one entry per run by η (a non-finite change is a failed run, dropped and
+    counted). ``resolvable`` maps η to False for points below the measurement floor: they
+    stay in ``per_eta`` but out of every fit (η missing from the map count as resolvable).
+    ``repeats`` (one id per run) marks a common-random-numbers design."""
+    eta_all = _finite_vector("etas", etas)
+    dh_all = _vector("changes", changes)
+    _same_length(etas=eta_all, changes=dh_all)
+    if not np.all(eta_all > 0):
+        raise ValueError("learning rates must be > 0")
+    rep_all = None if repeats is None else _vector("repeats", repeats)
+    if rep_all is not None:
+        _same_length(etas=eta_all, repeats=rep_all)
+    per_eta = summarize_by_eta(eta_all, dh_all, first_order)
+    flags = [_lookup_resolvable(resolvable, s.learning_rate) and s.n_samples > 0 for s in per_eta]
+    used = [s for s, f in zip(per_eta, flags) if f]
+    return PooledPoints(
+        per_eta=per_eta,
+        resolvable=flags,
+        etas=np.array([s.learning_rate for s in used], dtype=float),
+        means=np.array([s.mean_entropy_change for s in used], dtype=float),
+        stderrs=np.array([s.stderr_entropy_change for s in used], dtype=float),
+        x_raw=np.concatenate([np.full(s.n_samples, s.learning_rate) for s in used] or [[]]),
+        y_raw=np.concatenate([np.asarray(s.all_changes, dtype=float) for s in used] or [[]]),
+        few_repeats=[s.learning_rate for s in used if s.n_samples < 2],
+        zero_stderr=[
+            s.learning_rate for s in used if s.n_samples >= 2 and s.stderr_entropy_change <= 0
+        ],
+        n_failed=int(np.sum(~np.isfinite(dh_all))),
+        all_etas=eta_all,
+        all_changes=dh_all,
+        repeats=rep_all,
+    )
+
+
+@dataclass(frozen=True)
+class PooledFits(_ToDict):
+    """The pooled fits over the used η (None where too few η for one)."""
+
+    ols: LinearFit | None  # every raw point
+    weighted: LinearFit | None  # WLS on the means (OLS on them if some SE is not > 0)
+    origin: OriginFit | None  # through 0, on the means
+    quadratic: QuadraticFit | None  # every raw point
+    lack_of_fit: LackOfFit | None
+    loglog: LogLogSlope | None  # paired (one slope per repeat) when repeats are known
+
+
+def pooled_fits(points: PooledPoints, loglog_margin: float = 0.1) -> PooledFits:
+    """OLS, the weighted line, the line through 0, the quadratic, lack of fit, log-log."""
+    m = points.etas.size
+    se = points.stderrs if points.se_positive else None
+    weighted = None
+    if m >= 2:
+        weighted = (
+            fit_wls(points.etas, points.means, points.stderrs)
+            if points.se_positive
+            else fit_ols(points.etas, points.means)
+        )
+    return PooledFits(
+        ols=fit_ols(points.x_raw, points.y_raw) if m >= 2 else None,
+        weighted=weighted,
+        origin=fit_origin(points.etas, points.means, se) if m >= 1 else None,
+        quadratic=fit_quadratic(points.x_raw, points.y_raw) if m >= 2 else None,
+        lack_of_fit=lack_of_fit_test(points.x_raw, points.y_raw) if m >= 2 else None,
+        loglog=_pooled_loglog(points, loglog_margin),
+    )
+
+
+def _pooled_loglog(points: PooledPoints, margin: float) -> LogLogSlope | None:
+    """Per repeat (:func:`paired_loglog_slope`) when repeats are known, else on the means."""
+    if points.etas.size == 0:
+        return None
+    if points.repeats is not None:
+        keep = np.isin(points.all_etas, points.etas)
+        return paired_loglog_slope(
+            points.all_etas[keep], points.all_changes[keep], points.repeats[keep], margin=margin
+        )
+    se = points.stderrs if points.se_positive else None
+    return loglog_slope(points.etas, points.means, se, margin=margin)
+
+
+@dataclass(frozen=True)
+class PooledResiduals:
+    """Per used η: (ȳ − ŷ)/SE against the weighted line and (ȳ/η − α)/α against the line
+    through 0 (NaN where that fit is missing)."""
+
+    standardized: np.ndarray
+    relative: np.ndarray
+
+    def aligned(self, flags: list[bool]) -> tuple[list[float | None], list[float | None]]:
+        """Both, aligned with ``per_eta`` (None at the η not used)."""
+        used = iter(zip(self.standardized, self.relative))
+        pairs = [next(used) if f else (None, None) for f in flags]
+        return (
+            [None if z is None else float(z) for z, _ in pairs],
+            [None if r is None else float(r) for _, r in pairs],
+        )
+
+
+def pooled_residuals(points: PooledPoints, fits: PooledFits) -> PooledResiduals:
+    m = points.etas.size
+    z = np.full(m, np.nan)
+    if fits.weighted is not None:
+        predicted = fits.weighted.intercept + fits.weighted.slope * points.etas
+        z = standardized_residuals(points.means, points.stderrs, predicted)
+    rel = np.full(m, np.nan)
+    if fits.origin is not None and fits.origin.slope != 0:
+        rel = relative_residuals(points.etas, points.means, fits.origin.slope)
+    return PooledResiduals(z, rel)
+
+
+@dataclass(frozen=True)
+class PooledStatistics(_ToDict):
+    """The seed's pooled statistics: the per-η summaries, the fits and the residuals."""
+
+    per_eta: list[EtaSummary]
+    resolvable: list[bool]  # aligned with per_eta
+    fits: PooledFits
+    standardized_residual: list[float | None]  # aligned with per_eta
+    relative_residual: list[float | None]  # aligned with per_eta
+
+    @classmethod
+    def of(
+        cls, points: PooledPoints, fits: PooledFits, residuals: PooledResiduals
+    ) -> PooledStatistics:
+        z, rel = residuals.aligned(points.resolvable)
+        return cls(points.per_eta, points.resolvable, fits, z, rel)
 
 
 def _fmt(v: float | None) -> str:
@@ -1163,282 +1310,197 @@ def _argmax_abs(values: np.ndarray) -> int:
     return int(np.argmax(np.where(np.isnan(values), -np.inf, np.abs(values))))
 
 
-def analyze_linearity(
-    etas: npt.ArrayLike,
-    changes: npt.ArrayLike,
-    *,
-    first_order: npt.ArrayLike | None = None,
-    resolvable: Mapping[float, bool] | None = None,
-    thresholds: Thresholds = Thresholds(),  # noqa: B008 - frozen, safe to share
-    n_failed: int = 0,
-    repeats: npt.ArrayLike | None = None,
-) -> LinearityAnalysis:
-    """Decide whether ΔH is linear in η from raw (η, repeat) measurements.
-
-    ``etas``/``changes`` hold one entry per run; a non-finite change is a
-    failed run, dropped and added to ``n_failed``.  ``resolvable`` maps η to
-    False for learning rates whose signal is below the measurement floor:
-    they stay in ``per_eta`` but are left out of every fit (η missing from
-    the map count as resolvable).  Learning rates must be > 0.  ``repeats`` (one id per
-    run) marks a common-random-numbers design, where the log-log slope is taken per
-    repeat (:func:`paired_loglog_slope`) instead of from the per-η means.
-
-    Verdict: "inconclusive" when fewer than ``min_resolvable_points`` usable η,
-    fewer than 2 repeats at a used η, or any check undecidable (passed None);
-    otherwise "linear" when all six checks pass, else "nonlinear".
-    """
-    eta_all = _finite_vector("etas", etas)
-    dh_all = _vector("changes", changes)
-    _same_length(etas=eta_all, changes=dh_all)
-    if not np.all(eta_all > 0):
-        raise ValueError("learning rates must be > 0")
-    if n_failed < 0:
-        raise ValueError("n_failed must be >= 0")
-    total_failed = int(n_failed) + int(np.sum(~np.isfinite(dh_all)))
-
-    per_eta = summarize_by_eta(eta_all, dh_all, first_order)
-    flags = [_lookup_resolvable(resolvable, s.learning_rate) and s.n_samples > 0 for s in per_eta]
-    used = [s for s, f in zip(per_eta, flags) if f]
-    m = len(used)
-    th = thresholds
-
-    eta_u = np.array([s.learning_rate for s in used], dtype=float)
-    mean_u = np.array([s.mean_entropy_change for s in used], dtype=float)
-    se_u = np.array([s.stderr_entropy_change for s in used], dtype=float)
-    x_raw = np.concatenate([np.full(s.n_samples, s.learning_rate) for s in used] or [[]])
-    y_raw = np.concatenate([np.asarray(s.all_changes, dtype=float) for s in used] or [[]])
-
-    few_reps = [s.learning_rate for s in used if s.n_samples < 2]
-    se_defined = m > 0 and not few_reps
-    zero_se = [s.learning_rate for s in used if s.n_samples >= 2 and s.stderr_entropy_change <= 0]
-    se_positive = se_defined and not zero_se
-
-    # ---- fits ------------------------------------------------------------------------
-    ols = fit_ols(x_raw, y_raw) if m >= 2 else None
-    weighted: LinearFit | None = None
-    if m >= 2:
-        weighted = fit_wls(eta_u, mean_u, se_u) if se_positive else fit_ols(eta_u, mean_u)
-    origin = fit_origin(eta_u, mean_u, se_u if se_positive else None) if m >= 1 else None
-    quadratic = fit_quadratic(x_raw, y_raw) if m >= 2 else None
-    lof = lack_of_fit_test(x_raw, y_raw) if m >= 2 else None
-    if repeats is not None and m >= 1:
-        rep_all = _vector("repeats", repeats)
-        _same_length(etas=eta_all, repeats=rep_all)
-        keep = np.isin(eta_all, eta_u)
-        loglog = paired_loglog_slope(
-            eta_all[keep], dh_all[keep], rep_all[keep], margin=th.loglog_margin
-        )
-    elif m >= 1:
-        loglog = loglog_slope(eta_u, mean_u, se_u if se_positive else None, margin=th.loglog_margin)
-    else:
-        loglog = None
-
-    # ---- residuals aligned with per_eta ----------------------------------------------
-    z_u = np.full(m, np.nan)
-    if weighted is not None:
-        pred = weighted.intercept + weighted.slope * eta_u
-        z_u = standardized_residuals(mean_u, se_u, pred)
-    rel_u = np.full(m, np.nan)
-    if origin is not None and origin.slope != 0:
-        rel_u = relative_residuals(eta_u, mean_u, origin.slope)
-    z_list: list[float | None] = []
-    rel_list: list[float | None] = []
-    k = 0
-    for f in flags:
-        if f:
-            z_list.append(float(z_u[k]))
-            rel_list.append(float(rel_u[k]))
-            k += 1
-        else:
-            z_list.append(None)
-            rel_list.append(None)
-
-    checks: dict[str, Check] = {}
-
-    # r_squared -------------------------------------------------------------------------
+def r_squared_check(
+    points: PooledPoints, fits: PooledFits, residuals: PooledResiduals, th: PooledThresholds
+) -> Check:
+    """OLS R² of every raw point > r2_min: the original criterion, kept for comparison."""
+    ols = fits.ols
     if ols is None or math.isnan(ols.r_squared):
-        checks["r_squared"] = Check(
-            "r_squared", th.r2_min, None, None, f"no OLS fit ({m} usable η, need ≥ 2)"
-        )
-    else:
-        ok = ols.r_squared > th.r2_min
-        checks["r_squared"] = Check(
+        return Check(
             "r_squared",
             th.r2_min,
-            ols.r_squared,
-            ok,
-            f"OLS on {ols.n} raw points: R² = {ols.r_squared:.6f} "
-            f"{'>' if ok else '≤'} {th.r2_min} (high leverage at the largest η; "
-            "not evidence of linearity on its own)",
+            None,
+            None,
+            f"no OLS fit ({points.etas.size} usable η, need ≥ 2)",
         )
+    ok = ols.r_squared > th.r2_min
+    return Check(
+        "r_squared",
+        th.r2_min,
+        ols.r_squared,
+        ok,
+        f"OLS on {ols.n} raw points: R² = {ols.r_squared:.6f} "
+        f"{'>' if ok else '≤'} {th.r2_min} (high leverage at the largest η; "
+        "not evidence of linearity on its own)",
+    )
 
-    # standardized_residual ------------------------------------------------------------
-    name = "standardized_residual"
-    if weighted is None:
-        checks[name] = Check(name, th.max_standardized_residual, None, None, "no line fitted")
-    elif not se_defined:
-        checks[name] = Check(
+
+def standardized_residual_check(
+    points: PooledPoints, fits: PooledFits, residuals: PooledResiduals, th: PooledThresholds
+) -> Check:
+    """Every per-η mean within max_standardized_residual of its SE from the weighted line."""
+    name, limit = "standardized_residual", th.max_standardized_residual
+    if fits.weighted is None:
+        return Check(name, limit, None, None, "no line fitted")
+    if not points.se_defined:
+        return Check(
             name,
-            th.max_standardized_residual,
+            limit,
             None,
             None,
             "SE undefined: fewer than 2 successful repeats at η = "
-            + ", ".join(f"{e:.3g}" for e in few_reps),
+            + ", ".join(f"{e:.3g}" for e in points.few_repeats),
         )
-    elif not se_positive:
-        checks[name] = Check(
+    if not points.se_positive:
+        return Check(
             name,
-            th.max_standardized_residual,
+            limit,
             None,
             None,
             "SE = 0 (identical repeats) at η = "
-            + ", ".join(f"{e:.3g}" for e in zero_se)
+            + ", ".join(f"{e:.3g}" for e in points.zero_stderr)
             + "; WLS impossible, OLS on means used as fallback; residuals cannot be "
             "standardized",
         )
-    else:
-        i = _argmax_abs(z_u)
-        worst = float(abs(z_u[i]))
-        ok = worst <= th.max_standardized_residual
-        checks[name] = Check(
-            name,
-            th.max_standardized_residual,
-            _finite_or_none(worst),
-            ok,
-            f"max |ȳ − ŷ|/SE from the WLS line = {worst:.3g} at η = {eta_u[i]:.3g} "
-            f"({'≤' if ok else '>'} {th.max_standardized_residual})",
-        )
+    z = residuals.standardized
+    i = _argmax_abs(z)
+    worst = float(abs(z[i]))
+    ok = worst <= limit
+    return Check(
+        name,
+        limit,
+        _finite_or_none(worst),
+        ok,
+        f"max |ȳ − ŷ|/SE from the WLS line = {worst:.3g} at η = {points.etas[i]:.3g} "
+        f"({'≤' if ok else '>'} {limit})",
+    )
 
-    # relative_residual ----------------------------------------------------------------
-    name = "relative_residual"
-    if origin is None or origin.slope == 0 or not np.any(np.isfinite(rel_u)):
-        checks[name] = Check(
-            name, th.max_relative_residual, None, None, "no usable fit through the origin"
-        )
-    else:
-        i = _argmax_abs(rel_u)
-        worst = float(abs(rel_u[i]))
-        ok = worst <= th.max_relative_residual
-        checks[name] = Check(
-            name,
-            th.max_relative_residual,
-            _finite_or_none(worst),
-            ok,
-            f"max |(ȳ/η − α)/α| = {worst:.3g} at η = {eta_u[i]:.3g} "
-            f"(α = {origin.slope:.4g} from the {'weighted ' if origin.weighted else ''}"
-            f"fit through 0; {'≤' if ok else '>'} {th.max_relative_residual})",
-        )
 
-    # lack_of_fit ----------------------------------------------------------------------
-    name = "lack_of_fit"
+def relative_residual_check(
+    points: PooledPoints, fits: PooledFits, residuals: PooledResiduals, th: PooledThresholds
+) -> Check:
+    """ΔH/η of every per-η mean within max_relative_residual of the slope through 0."""
+    name, limit, origin = "relative_residual", th.max_relative_residual, fits.origin
+    rel = residuals.relative
+    if origin is None or origin.slope == 0 or not np.any(np.isfinite(rel)):
+        return Check(name, limit, None, None, "no usable fit through the origin")
+    i = _argmax_abs(rel)
+    worst = float(abs(rel[i]))
+    ok = worst <= limit
+    return Check(
+        name,
+        limit,
+        _finite_or_none(worst),
+        ok,
+        f"max |(ȳ/η − α)/α| = {worst:.3g} at η = {points.etas[i]:.3g} "
+        f"(α = {origin.slope:.4g} from the {'weighted ' if origin.weighted else ''}"
+        f"fit through 0; {'≤' if ok else '>'} {limit})",
+    )
+
+
+def lack_of_fit_check(
+    points: PooledPoints, fits: PooledFits, residuals: PooledResiduals, th: PooledThresholds
+) -> Check:
+    """The replicate-based F test: p > lack_of_fit_alpha."""
+    name, alpha, lof = "lack_of_fit", th.lack_of_fit_alpha, fits.lack_of_fit
     if lof is None or math.isnan(lof.p_value):
         if lof is None:
-            why = f"{m} usable η"
+            why = f"{points.etas.size} usable η"
         elif lof.df_pure_error <= 0:
             why = "no replicates"
         elif lof.df_lack_of_fit <= 0:
             why = f"only {lof.df_lack_of_fit + 2} distinct η (need ≥ 3)"
         else:
             why = "zero pure error (all repeats identical)"
-        checks[name] = Check(name, th.lack_of_fit_alpha, None, None, f"F test undefined: {why}")
-    else:
-        ok = lof.p_value > th.lack_of_fit_alpha
-        checks[name] = Check(
-            name,
-            th.lack_of_fit_alpha,
-            lof.p_value,
-            ok,
-            f"F({lof.df_lack_of_fit}, {lof.df_pure_error}) = {lof.f_statistic:.4g}, "
-            f"p = {lof.p_value:.3g} ({'>' if ok else '≤'} {th.lack_of_fit_alpha})",
-        )
+        return Check(name, alpha, None, None, f"F test undefined: {why}")
+    ok = lof.p_value > alpha
+    return Check(
+        name,
+        alpha,
+        lof.p_value,
+        ok,
+        f"F({lof.df_lack_of_fit}, {lof.df_pure_error}) = {lof.f_statistic:.4g}, "
+        f"p = {lof.p_value:.3g} ({'>' if ok else '≤'} {alpha})",
+    )
 
-    # intercept ------------------------------------------------------------------------
-    name = "intercept"
+
+def intercept_check(
+    points: PooledPoints, fits: PooledFits, residuals: PooledResiduals, th: PooledThresholds
+) -> Check:
+    """ΔH(0) = 0: the weighted line's intercept test, p > intercept_alpha."""
+    name, alpha, weighted = "intercept", th.intercept_alpha, fits.weighted
     if weighted is None or math.isnan(weighted.intercept_p):
-        checks[name] = Check(
+        return Check(
             name,
-            th.intercept_alpha,
+            alpha,
             None,
             None,
             "intercept test undefined"
-            + ("" if weighted is None else f" ({weighted.method.upper()} on {m} means)"),
+            + (
+                ""
+                if weighted is None
+                else f" ({weighted.method.upper()} on {points.etas.size} means)"
+            ),
         )
-    else:
-        ok = weighted.intercept_p > th.intercept_alpha
-        how = (
-            "WLS on means, z test"
-            if weighted.method == "wls"
-            else "OLS on means, t test (fallback: SE not > 0 at every η)"
-        )
-        checks[name] = Check(
-            name,
-            th.intercept_alpha,
-            weighted.intercept_p,
-            ok,
-            f"β = {weighted.intercept:.4g} ± {weighted.intercept_se:.3g} "
-            f"(stat = {_fmt(weighted.intercept_t)}, p = {weighted.intercept_p:.3g} "
-            f"{'>' if ok else '≤'} {th.intercept_alpha}; {how})",
-        )
-
-    # loglog_slope ---------------------------------------------------------------------
-    name = "loglog_slope"
-    if loglog is None:
-        checks[name] = Check(name, th.loglog_margin, None, None, "no usable η")
-    elif not loglog.same_sign:
-        checks[name] = Check(name, th.loglog_margin, None, False, loglog.note)
-    elif math.isnan(loglog.slope):
-        checks[name] = Check(name, th.loglog_margin, None, None, loglog.note)
-    else:
-        ok = loglog.within_margin
-        checks[name] = Check(
-            name,
-            th.loglog_margin,
-            loglog.slope,
-            ok,
-            f"d log|ΔH|/d log η = {loglog.slope:.4f}, {loglog.confidence:.0%} CI "
-            f"[{loglog.ci_low:.4f}, {loglog.ci_high:.4f}] "
-            f"{'inside' if ok else 'not inside'} [{1 - th.loglog_margin:g}, "
-            f"{1 + th.loglog_margin:g}]" + (f"; {loglog.note}" if loglog.note else ""),
-        )
-
-    # ---- verdict ---------------------------------------------------------------------
-    reasons: list[str] = []
-    if m < th.min_resolvable_points:
-        reasons.append(f"only {m} usable η (need ≥ {th.min_resolvable_points})")
-    if few_reps:
-        reasons.append(
-            "fewer than 2 successful repeats at η = " + ", ".join(f"{e:.3g}" for e in few_reps)
-        )
-    undecided = [c.name for c in checks.values() if c.passed is None]
-    if undecided:
-        reasons.append("undecidable checks: " + ", ".join(undecided))
-    failed = [c.name for c in checks.values() if c.passed is False]
-    if reasons:
-        verdict = "inconclusive"
-        if failed:
-            reasons.append("also failed: " + ", ".join(failed))
-        reason = "; ".join(reasons)
-    elif failed:
-        verdict = "nonlinear"
-        reason = "failed: " + ", ".join(failed)
-    else:
-        verdict = "linear"
-        reason = "all checks passed"
-
-    return LinearityAnalysis(
-        per_eta=per_eta,
-        resolvable=flags,
-        ols=ols,
-        weighted=weighted,
-        origin=origin,
-        quadratic=quadratic,
-        lack_of_fit=lof,
-        loglog=loglog,
-        standardized_residual=z_list,
-        relative_residual=rel_list,
-        checks=checks,
-        verdict=verdict,
-        thresholds=thresholds,
-        n_failed=total_failed,
-        verdict_reason=reason,
+    ok = weighted.intercept_p > alpha
+    how = (
+        "WLS on means, z test"
+        if weighted.method == "wls"
+        else "OLS on means, t test (fallback: SE not > 0 at every η)"
     )
+    return Check(
+        name,
+        alpha,
+        weighted.intercept_p,
+        ok,
+        f"β = {weighted.intercept:.4g} ± {weighted.intercept_se:.3g} "
+        f"(stat = {_fmt(weighted.intercept_t)}, p = {weighted.intercept_p:.3g} "
+        f"{'>' if ok else '≤'} {alpha}; {how})",
+    )
+
+
+def loglog_check(
+    points: PooledPoints, fits: PooledFits, residuals: PooledResiduals, th: PooledThresholds
+) -> Check:
+    """The log-log slope's CI inside [1 − loglog_margin, 1 + loglog_margin]."""
+    name, margin, loglog = "loglog_slope", th.loglog_margin, fits.loglog
+    if loglog is None:
+        return Check(name, margin, None, None, "no usable η")
+    if not loglog.same_sign:
+        return Check(name, margin, None, False, loglog.note)
+    if math.isnan(loglog.slope):
+        return Check(name, margin, None, None, loglog.note)
+    ok = loglog.within_margin
+    return Check(
+        name,
+        margin,
+        loglog.slope,
+        ok,
+        f"d log|ΔH|/d log η = {loglog.slope:.4f}, {loglog.confidence:.0%} CI "
+        f"[{loglog.ci_low:.4f}, {loglog.ci_high:.4f}] "
+        f"{'inside' if ok else 'not inside'} [{1 - margin:g}, "
+        f"{1 + margin:g}]" + (f"; {loglog.note}" if loglog.note else ""),
+    )
+
+
+POOLED_CHECKS = {
+    "r_squared": r_squared_check,
+    "standardized_residual": standardized_residual_check,
+    "relative_residual": relative_residual_check,
+    "lack_of_fit": lack_of_fit_check,
+    "intercept": intercept_check,
+    "loglog_slope": loglog_check,
+}
+CHECK_NAMES: tuple[str, ...] = tuple(POOLED_CHECKS)
+
+
+def pooled_checks(
+    points: PooledPoints,
+    fits: PooledFits,
+    residuals: PooledResiduals,
+    thresholds: PooledThresholds = PooledThresholds(),  # noqa: B008 - frozen, safe to share
+) -> dict[str, Check]:
+    """The six pooled checks, by name (their order in analysis.json)."""
+    return {
+        name: check(points, fits, residuals, thresholds) for name, check in POOLED_CHECKS.items()
+    }

@@ -1,9 +1,11 @@
-"""Tests for entropy_lab.stats: fits, the lack-of-fit test, and the linearity verdict."""
+"""Tests for entropy_lab.stats: fits, the lack-of-fit test, and the pooled checks."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -12,10 +14,13 @@ from hypothesis import strategies as st
 from scipy import stats as sps
 
 from entropy_lab.stats import (
+    POOLED_CHECKS,
     Check,
-    LinearityAnalysis,
+    PooledFits,
+    PooledPoints,
+    PooledStatistics,
+    PooledThresholds,
     Thresholds,
-    analyze_linearity,
     fit_bends,
     fit_ols,
     fit_origin,
@@ -25,6 +30,10 @@ from entropy_lab.stats import (
     loglog_slope,
     mean_abs_lower_bound,
     paired_loglog_slope,
+    pooled_checks,
+    pooled_fits,
+    pooled_points,
+    pooled_residuals,
     relative_residuals,
     simultaneous_t,
     standardized_residuals,
@@ -350,18 +359,42 @@ def test_ols_reproduces_nist_strd_norris_certified_values():
 
 
 # --------------------------------------------------------------------------------------
-# The verdict
+# The pooled checks (reported by the analysis, never deciding)
 # --------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Pooled:
+    points: PooledPoints
+    fits: PooledFits
+    stats: PooledStatistics
+    checks: dict[str, Check]
+
+    def __getattr__(self, name):  # the fits and summaries by name: result.ols, result.per_eta
+        for part in (self.fits, self.stats, self.points):
+            if hasattr(part, name):
+                return getattr(part, name)
+        raise AttributeError(name)
+
+
+def pooled(etas, changes, *, first_order=None, resolvable=None, thresholds=None, repeats=None):
+    """The pooled statistics and their six checks, composed as analysis.pooled_statistics
+    composes them."""
+    th = thresholds or PooledThresholds()
+    points = pooled_points(etas, changes, first_order, resolvable, repeats)
+    fits = pooled_fits(points, th.loglog_margin)
+    residuals = pooled_residuals(points, fits)
+    stats = PooledStatistics.of(points, fits, residuals)
+    return Pooled(points, fits, stats, pooled_checks(points, fits, residuals, th))
+
+
 @pytest.mark.cpu
-def test_curved_data_with_high_r_squared_is_nonlinear():
+def test_curved_data_with_high_r_squared_fails_the_other_checks():
     # ΔH = η + 5000·η²: the quadratic term adds 50 % at η = 1e-4.
     eta, dh = experiment(alpha=1.0, quad=5e3, rel_noise=0.02, seed=11)
-    result = analyze_linearity(eta, dh)
+    result = pooled(eta, dh)
     assert result.ols is not None and result.ols.r_squared >= 0.99
     assert result.checks["r_squared"].passed is True  # R² alone would call it linear
-    assert result.verdict == "nonlinear"
     failed = {k for k, c in result.checks.items() if c.passed is False}
     assert {"standardized_residual", "relative_residual", "lack_of_fit"} <= failed
     assert result.quadratic is not None
@@ -369,21 +402,20 @@ def test_curved_data_with_high_r_squared_is_nonlinear():
 
 
 @pytest.mark.cpu
-def test_pure_quadratic_scores_high_r_squared_but_is_nonlinear():
+def test_pure_quadratic_scores_high_r_squared_but_fails_loglog():
     eta, dh = experiment(alpha=1e4, power=2.0, rel_noise=0.0, abs_noise=0.0, seed=0)
     dh = dh * (1 + 0.01 * np.random.default_rng(5).standard_normal(dh.size))
-    result = analyze_linearity(eta, dh)
+    result = pooled(eta, dh)
     assert result.ols is not None and result.ols.r_squared >= 0.97
-    assert result.verdict == "nonlinear"
+    assert result.checks["loglog_slope"].passed is False
     assert result.loglog is not None and abs(result.loglog.slope - 2.0) < 0.05
 
 
 @pytest.mark.cpu
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
-def test_linear_noisy_data_is_linear(seed):
+def test_linear_noisy_data_passes_every_check(seed):
     eta, dh = experiment(alpha=-0.8, rel_noise=0.03, seed=seed)
-    result = analyze_linearity(eta, dh)
-    assert result.verdict == "linear", result.verdict_reason
+    result = pooled(eta, dh)
     assert set(result.checks) == CHECK_KEYS
     assert all(c.passed is True for c in result.checks.values())
     assert result.weighted is not None and result.weighted.method == "wls"
@@ -392,38 +424,35 @@ def test_linear_noisy_data_is_linear(seed):
 
 
 @pytest.mark.cpu
-def test_too_few_resolvable_points_is_inconclusive():
+def test_too_few_resolvable_points_leave_lack_of_fit_undecided():
     eta, dh = experiment(alpha=1.0, seed=4)
     flags = {1e-8: False, 1e-7: False, 1e-6: False}
-    result = analyze_linearity(eta, dh, resolvable=flags)
+    result = pooled(eta, dh, resolvable=flags)
     assert result.resolvable == [False, False, False, True, True]
-    assert result.verdict == "inconclusive"
-    assert "only 2 usable" in result.verdict_reason
     assert result.checks["lack_of_fit"].passed is None
+    assert "only 2 distinct η" in result.checks["lack_of_fit"].detail
 
 
 @pytest.mark.cpu
-def test_single_repeat_at_a_used_eta_is_inconclusive():
+def test_single_repeat_at_a_used_eta_leaves_the_se_checks_undecided():
     eta, dh = experiment(alpha=1.0, seed=4)
     dh[5:9] = np.nan  # η = 1e-7 keeps one successful repeat
-    result = analyze_linearity(eta, dh)
+    result = pooled(eta, dh)
     assert result.per_eta[1].n_samples == 1
     assert math.isnan(result.per_eta[1].stderr_entropy_change)
     assert result.checks["standardized_residual"].passed is None
     assert result.weighted is not None and result.weighted.method == "ols"  # fallback
     assert "fallback" in result.checks["intercept"].detail
-    assert result.verdict == "inconclusive"
     assert result.n_failed == 4
 
 
 @pytest.mark.cpu
 def test_identical_repeats_make_se_checks_undecidable():
     eta = np.repeat(GRID, 3)
-    result = analyze_linearity(eta, 2.0 * eta)  # deterministic runs: SE = 0 everywhere
+    result = pooled(eta, 2.0 * eta)  # deterministic runs: SE = 0 everywhere
     assert result.checks["standardized_residual"].passed is None
     assert "SE = 0" in result.checks["standardized_residual"].detail
     assert result.checks["lack_of_fit"].passed is None
-    assert result.verdict == "inconclusive"
 
 
 def _bad_case(check: str) -> tuple[np.ndarray, np.ndarray]:
@@ -450,36 +479,49 @@ def _bad_case(check: str) -> tuple[np.ndarray, np.ndarray]:
 @pytest.mark.parametrize("check", sorted(CHECK_KEYS))
 def test_each_check_fails_on_its_planted_defect(check):
     eta, dh = _bad_case(check)
-    result = analyze_linearity(eta, dh)
+    result = pooled(eta, dh)
     c = result.checks[check]
     assert c.passed is False, c.detail
     assert c.value is not None and c.detail
-    assert result.verdict == "nonlinear"
 
 
 @pytest.mark.cpu
 def test_loglog_fails_when_means_change_sign():
     eta, dh = experiment(alpha=1.0, beta=-3e-8, rel_noise=0.01, seed=2)
-    result = analyze_linearity(eta, dh)
+    result = pooled(eta, dh)
     ll = result.loglog
     assert ll is not None and not ll.same_sign and not ll.within_margin
     assert "sign" in ll.note
     check = result.checks["loglog_slope"]
     assert check.passed is False and check.value is None
-    assert result.verdict == "nonlinear"
 
 
 @pytest.mark.cpu
 def test_check_records_threshold_value_and_detail():
-    th = Thresholds(r2_min=0.9, loglog_margin=0.2)
+    th = PooledThresholds(r2_min=0.9, loglog_margin=0.2)
     eta, dh = experiment(alpha=1.0, seed=0)
-    result = analyze_linearity(eta, dh, thresholds=th)
-    assert result.thresholds is th
+    result = pooled(eta, dh, thresholds=th)
     assert result.checks["r_squared"].threshold == 0.9
     assert result.checks["loglog_slope"].threshold == 0.2
     for key, c in result.checks.items():
         assert isinstance(c, Check) and c.name == key
         assert "\n" not in c.detail and c.detail
+
+
+@pytest.mark.cpu
+def test_the_pooled_thresholds_are_the_six_checks_limits():
+    """PooledThresholds holds one limit per pooled check, each read by its check; Thresholds
+    adds the paired verdict's and stays one flat record (run_meta.json, analysis.json)."""
+    eta, dh = experiment(alpha=1.0, seed=0)
+    names = [f.name for f in dataclasses.fields(PooledThresholds)]
+    assert len(names) == len(POOLED_CHECKS) == 6
+    for i, name in enumerate(names):
+        sentinel = 0.123 + i / 1000
+        result = pooled(eta, dh, thresholds=PooledThresholds(**{name: sentinel}))
+        assert [c.name for c in result.checks.values() if c.threshold == sentinel], name
+    flat = Thresholds().to_dict()
+    assert list(flat)[:6] == names
+    assert list(flat)[6:] == ["min_resolvable_points", "tolerance", "confidence"]
 
 
 # --------------------------------------------------------------------------------------
@@ -491,7 +533,7 @@ def test_check_records_threshold_value_and_detail():
 def test_unresolvable_eta_is_reported_but_not_fitted():
     eta, dh = experiment(alpha=1.0, seed=5)
     dh[eta == 1e-8] = 7e-6 + 1e-8 * np.arange(5)  # garbage far above the 1e-8 signal
-    result = analyze_linearity(eta, dh, resolvable={1e-8: False})
+    result = pooled(eta, dh, resolvable={1e-8: False})
     assert [s.learning_rate for s in result.per_eta] == pytest.approx(list(GRID))
     assert result.per_eta[0].mean_entropy_change == pytest.approx(7.02e-6)
     assert result.resolvable == [False, True, True, True, True]
@@ -501,9 +543,9 @@ def test_unresolvable_eta_is_reported_but_not_fitted():
     assert result.lack_of_fit is not None and result.lack_of_fit.df_pure_error == 16
     assert result.standardized_residual[0] is None and result.relative_residual[0] is None
     assert all(v is not None for v in result.standardized_residual[1:])
-    assert result.verdict == "linear", result.verdict_reason
-    # Without the flag the garbage point is fitted and the verdict flips.
-    assert analyze_linearity(eta, dh).verdict == "nonlinear"
+    assert all(c.passed is True for c in result.checks.values())
+    # Without the flag the garbage point is fitted and fails the checks.
+    assert any(c.passed is False for c in pooled(eta, dh).checks.values())
 
 
 @pytest.mark.cpu
@@ -511,13 +553,13 @@ def test_failed_runs_are_dropped_and_counted():
     eta, dh = experiment(alpha=1.0, reps=6, seed=6)
     dh[[0, 7, 20]] = np.nan
     dh[24:30] = np.nan  # every run at η = 1e-4 failed
-    result = analyze_linearity(eta, dh, n_failed=2)
-    assert result.n_failed == 2 + 9
+    result = pooled(eta, dh)
+    assert result.n_failed == 9
     assert [s.n_samples for s in result.per_eta] == [5, 5, 6, 5, 0]
     assert result.resolvable == [True, True, True, True, False]
     assert math.isnan(result.per_eta[4].mean_entropy_change)
     assert result.ols is not None and result.ols.n == 21
-    assert result.verdict == "linear", result.verdict_reason
+    assert all(c.passed is True for c in result.checks.values())
 
 
 @pytest.mark.cpu
@@ -561,9 +603,9 @@ def test_invalid_inputs_raise():
     with pytest.raises(ValueError):
         fit_wls([1.0, 2.0, 3.0], [1.0, 2.0, 3.0], [1.0, 0.0, 1.0])
     with pytest.raises(ValueError):
-        analyze_linearity([1e-6, -1e-6], [1.0, 2.0])
+        pooled([1e-6, -1e-6], [1.0, 2.0])
     with pytest.raises(ValueError):
-        analyze_linearity([1e-6, 1e-5], [1.0])
+        pooled([1e-6, 1e-5], [1.0])
 
 
 # --------------------------------------------------------------------------------------
@@ -579,30 +621,30 @@ def _only_builtins(obj) -> bool:
     return obj is None or type(obj) in (str, int, float, bool)
 
 
-def _analyses() -> list[LinearityAnalysis]:
+def _analyses() -> list[Pooled]:
     eta, dh = experiment(alpha=1.0, seed=0)
     bad = dh.copy()
     bad[5:9] = np.nan
     bad[20:25] = np.nan
     eta3 = np.repeat(GRID, 3)
     return [
-        analyze_linearity(eta, dh, first_order=0.99 * eta),
-        analyze_linearity(eta, bad, resolvable={1e-8: False}, n_failed=1),
-        analyze_linearity(eta3, 2.0 * eta3),
-        analyze_linearity(eta[:5], dh[:5]),  # one η only
+        pooled(eta, dh, first_order=0.99 * eta),
+        pooled(eta, bad, resolvable={1e-8: False}),
+        pooled(eta3, 2.0 * eta3),
+        pooled(eta[:5], dh[:5]),  # one η only
     ]
 
 
 @pytest.mark.cpu
 def test_to_dict_round_trips_through_strict_json():
     for result in _analyses():
-        d = result.to_dict()
+        d = result.stats.to_dict()
         assert _only_builtins(d)
         text = json.dumps(d, allow_nan=False)
         assert json.loads(text) == d
-        assert set(d["checks"]) == CHECK_KEYS
-        assert d["verdict"] in {"linear", "nonlinear", "inconclusive"}
-        assert d["thresholds"] == Thresholds().to_dict()
+        assert set(result.checks) == CHECK_KEYS
+        for check in result.checks.values():
+            assert _only_builtins(check.to_dict())
         assert len(d["per_eta"]) == len(d["resolvable"]) == len(d["standardized_residual"])
     sub = [
         fit_ols(GRID, GRID),
@@ -652,8 +694,8 @@ def test_paired_loglog_resolves_what_the_means_cannot():
     # The quick run's shape: 3 η × 3 repeats, directions 30 % apart, ΔH/η flat to 0.3 %.
     grid = np.array([1e-7, 1e-6, 1e-5])
     eta, dh, rep = crn_experiment(grid=grid, quad=300.0, seed=4)
-    unpaired = analyze_linearity(eta, dh)
-    paired = analyze_linearity(eta, dh, repeats=rep)
+    unpaired = pooled(eta, dh)
+    paired = pooled(eta, dh, repeats=rep)
     assert not unpaired.loglog.paired and unpaired.checks["loglog_slope"].passed is False
     assert paired.loglog.paired and paired.loglog.n_repeats == 3
     assert paired.checks["loglog_slope"].passed is True, paired.checks["loglog_slope"].detail
@@ -665,10 +707,9 @@ def test_paired_loglog_resolves_what_the_means_cannot():
 def test_paired_loglog_fails_a_planted_power_law(power):
     grid = np.array([1e-7, 1e-6, 1e-5])
     eta, dh, rep = crn_experiment(grid=grid, power=power, seed=4)
-    result = analyze_linearity(eta, dh, repeats=rep)
+    result = pooled(eta, dh, repeats=rep)
     assert result.checks["loglog_slope"].passed is False
     assert abs(result.loglog.slope - power) < 1e-3
-    assert result.verdict == "nonlinear"
 
 
 @pytest.mark.cpu
@@ -692,7 +733,7 @@ def test_paired_loglog_signs_only_need_to_agree_within_a_repeat():
     dh[(rep == 1) & (eta == 1e-6)] *= -1  # a sign flip inside repeat 1
     ll = paired_loglog_slope(eta, dh, rep)
     assert not ll.same_sign and not ll.within_margin and "repeat(s) [1]" in ll.note
-    check = analyze_linearity(eta, dh, repeats=rep).checks["loglog_slope"]
+    check = pooled(eta, dh, repeats=rep).checks["loglog_slope"]
     assert check.passed is False
 
 
