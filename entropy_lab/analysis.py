@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 
 from entropy_lab import stats
-from entropy_lab.jsonio import eta_label, json_safe
+from entropy_lab.jsonio import eta_label, from_json, json_safe
 from entropy_lab.records import EPS, RECORD_SCHEMA_VERSION, PointRecord, as_records
 from entropy_lab.records import finite as _finite
 from entropy_lab.stats import Check
@@ -255,8 +255,84 @@ class NoiseModel(stats._ToDict):
 
 
 @dataclass(frozen=True)
+class RepeatMean(stats._ToDict):
+    """Mean and SE over repeats of a per-direction quantity (NaN mean: no repeat has it)."""
+
+    mean: float
+    stderr: float
+    n: int
+
+
+@dataclass(frozen=True)
+class JetTerm(stats._ToDict):
+    """summary.curvature / third_derivative: the source the analysis used."""
+
+    mean: float
+    stderr: float
+    n: int
+    source: str | None  # "jvp", "±η pairs" or None (neither)
+
+
+@dataclass(frozen=True)
+class JetSources(stats._ToDict):
+    """One jet term from the nested jvps and from the ±η pairs, paired by repeat."""
+
+    jvp: RepeatMean
+    pairs: RepeatMean
+    pairs_over_jvp: dict[str, float]  # repeat → pairs/jvp
+
+
+@dataclass(frozen=True)
+class Jet(stats._ToDict):
+    source: str | None  # where the predicted edge came from
+    curvature: JetSources
+    third_derivative: JetSources
+    per_repeat: dict[str, MeasuredJet]
+
+
+@dataclass(frozen=True)
+class Oracle(stats._ToDict):
+    """A conditional-reading slope over repeats and its ratio to the jvp, paired by repeat."""
+
+    mean: float
+    stderr: float
+    n: int
+    ratio_to_jvp: float | None
+
+
+@dataclass(frozen=True)
+class Oracles(stats._ToDict):
+    jvp_conditional: RepeatMean
+    identity: Oracle  # Cui et al.'s covariance identity: exact, must equal the jvp
+    vanilla_pg_forecast: Oracle  # their crude forecasts
+    natural_pg_forecast: Oracle
+
+
+@dataclass(frozen=True)
+class Failure(stats._ToDict):
+    learning_rate: float
+    repeat: int
+    error: str
+
+
+@dataclass(frozen=True)
+class RecordFacts:
+    """What analysis.json says of the records themselves, kept so that an Analysis read
+    back from analysis.json (which holds no records) writes the same file."""
+
+    n_records: int
+    failures: list[Failure]
+    first_order_slope: RepeatMean
+    curvature: JetTerm
+    third_derivative: JetTerm
+    jet: Jet
+    oracles: Oracles
+
+
+@dataclass(frozen=True)
 class Analysis:
-    """Everything :func:`analyze` computed; ``to_dict()`` is analysis.json."""
+    """Everything :func:`analyze` computed. ``to_dict()`` is analysis.json and
+    ``from_dict`` reads it back (without the records: ``records`` is then empty)."""
 
     dtype: str
     reading: str
@@ -272,6 +348,7 @@ class Analysis:
     records: list[PointRecord]
     thresholds: stats.Thresholds
     floor: FloorThresholds
+    facts: RecordFacts
     meta: Mapping[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     noise: NoiseModel | None = None  # records without a noise estimate of their own
@@ -288,106 +365,193 @@ class Analysis:
                 return p
         raise KeyError(f"no measured point at η = {eta!r}, repeat {repeat}")
 
+    @property
+    def fitted_learning_rates(self) -> list[float]:
+        """The grid points the pooled statistics fitted."""
+        return [s.learning_rate for s, f in zip(self.pooled.per_eta, self.pooled.resolvable) if f]
+
+    @property
+    def repeat_r_squared(self) -> list[float]:
+        """Each repeat's own line's R², where it has one."""
+        return [s.r_squared for s in self.repeats if s.r_squared is not None]
+
+    @property
+    def n_failed(self) -> int:
+        return len(self.facts.failures)
+
+    def grid(self) -> list[tuple[stats.EtaSummary, PointSummary]]:
+        """Per grid point, ascending: its pooled summary (ΔH mean, SE) and the paired one."""
+        return list(zip(self.pooled.per_eta, self.per_eta))
+
     def to_dict(self) -> dict[str, Any]:
-        measured = [r for r in self.records if r.measured]
-        failed = [r for r in self.records if not r.measured]
-        la = self.pooled
-        r2 = [s.r_squared for s in self.repeats if s.r_squared is not None]
-        window = self.window.to_dict()
-        regime = {
-            "eta_min": window["eta_min"],
-            "eta_max": window["eta_max"],
-            "eta_max_from": "measured",
-            "eta_max_predicted": window["eta_max_predicted"],
-            "predicted_edge": window["predicted_edge"],
-            "predicted_from": _jet_source(measured, self.repeats),
-            "n_points": window["n_points"],
-            "tolerance": window["tolerance"],
-        }
-        if window["note"]:
-            regime["note"] = window["note"]
-        per_eta: dict[str, Any] = {}
-        for summary, point, z, rel in zip(
-            la.per_eta, self.per_eta, la.standardized_residual, la.relative_residual
-        ):
-            eta = point.learning_rate
-            entry = summary.to_dict()
-            mine = [p for p in self.points if p.learning_rate == eta]
-            entry.update(
-                n_failed=point.n_failed,
-                relative_residual=rel,
-                standardized_residual=z,
-                resolvable=point.resolvable,
-                unresolvable_reasons=list(point.reasons),
-                status=point.status,
-                in_window=point.in_window,
-                within_tolerance={"within": True, "beyond": False}.get(point.status),
-                nonlinearity_mean_abs=point.nonlinearity_mean_abs,
-                nonlinearity_bound=point.nonlinearity_bound,
-                nonlinearity_lower_bound=point.nonlinearity_lower_bound,
-                predicted_nonlinearity=point.predicted_nonlinearity,
-                quantized_fraction=_max_or_none(p.quantized_fraction for p in mine),
-                symmetric_residual=_max_or_none(p.symmetric_residual for p in mine),
-                rounding_ratio=_max_or_none(p.rounding_ratio for p in mine),
-                repeats=[p.to_dict() for p in mine],
-            )
-            per_eta[eta_label(eta)] = entry
-        ols = la.fits.ols
+        """analysis.json (DESIGN §5)."""
         out = {
             "schema_version": ANALYSIS_SCHEMA_VERSION,
             "checkpoint": dict(self.meta.get("checkpoint") or {}),
             "config": dict(self.meta.get("config") or {}),
             "environment": dict(self.meta.get("environment") or {}),
-            "summary": {
-                "dtype": self.dtype,
-                "reading": self.reading,
-                "slope": ols.slope if ols else None,
-                "intercept": ols.intercept if ols else None,
-                "r_squared": ols.r_squared if ols else None,
-                "r_squared_per_repeat": {
-                    "min": min(r2) if r2 else None,
-                    "median": statistics.median(r2) if r2 else None,
-                    "values": {str(s.repeat): s.r_squared for s in self.repeats},
-                },
-                "mixed_model": self.mixed_model.to_dict() if self.mixed_model else None,
-                "noise_model": self.noise.to_dict() if self.noise else None,
-                "ols": ols.to_dict() if ols else None,
-                "weighted": la.fits.weighted.to_dict() if la.fits.weighted else None,
-                "origin": la.fits.origin.to_dict() if la.fits.origin else None,
-                "quadratic": la.fits.quadratic.to_dict() if la.fits.quadratic else None,
-                "lack_of_fit": la.fits.lack_of_fit.to_dict() if la.fits.lack_of_fit else None,
-                "loglog_slope": la.fits.loglog.to_dict() if la.fits.loglog else None,
-                "first_order_slope": _per_repeat_mean(measured, "first_order_slope"),
-                **_jet_summary(measured, self.repeats),
-                "first_order_oracles": _oracle_comparison(measured),
-                "repeats": [s.to_dict() for s in self.repeats],
-                "linear_regime": regime,
-                "fitted_learning_rates": [
-                    s.learning_rate for s, f in zip(la.per_eta, la.resolvable) if f
-                ],
-                "checks": {name: _check_dict(c) for name, c in self.checks.items()},
-                "verdict": self.verdict,
-                "verdict_reason": self.verdict_reason,
-                "notes": list(self.notes),
-                "n_records": len(self.records),
-                "n_failed": len(failed),
-                "failures": [
-                    {
-                        "learning_rate": float(r.learning_rate),
-                        "repeat": int(r.repeat),
-                        "error": r.error
-                        or ("no finite entropy_change" if r.success else "unknown error"),
-                    }
-                    for r in failed
-                ],
-            },
-            "per_learning_rate": per_eta,
+            "summary": self._summary_dict(),
+            "per_learning_rate": self._per_eta_dict(),
             "thresholds": {
                 "linearity": self.thresholds.to_dict(),
                 "precision_floor": dataclasses.asdict(self.floor),
             },
         }
         return json_safe(out)
+
+    def _summary_dict(self) -> dict[str, Any]:
+        fits, facts, r2 = self.pooled.fits, self.facts, self.repeat_r_squared
+        ols = fits.ols
+        return {
+            "dtype": self.dtype,
+            "reading": self.reading,
+            "slope": ols.slope if ols else None,
+            "intercept": ols.intercept if ols else None,
+            "r_squared": ols.r_squared if ols else None,
+            "r_squared_per_repeat": {
+                "min": min(r2) if r2 else None,
+                "median": statistics.median(r2) if r2 else None,
+                "values": {str(s.repeat): s.r_squared for s in self.repeats},
+            },
+            "mixed_model": self.mixed_model,
+            "noise_model": self.noise,
+            "ols": ols,
+            "weighted": fits.weighted,
+            "origin": fits.origin,
+            "quadratic": fits.quadratic,
+            "lack_of_fit": fits.lack_of_fit,
+            "loglog_slope": fits.loglog,
+            "first_order_slope": facts.first_order_slope,
+            "curvature": facts.curvature,
+            "third_derivative": facts.third_derivative,
+            "jet": facts.jet,
+            "first_order_oracles": facts.oracles,
+            "repeats": list(self.repeats),
+            "linear_regime": self._regime_dict(),
+            "fitted_learning_rates": self.fitted_learning_rates,
+            "checks": {name: _check_dict(c) for name, c in self.checks.items()},
+            "verdict": self.verdict,
+            "verdict_reason": self.verdict_reason,
+            "notes": list(self.notes),
+            "n_records": facts.n_records,
+            "n_failed": self.n_failed,
+            "failures": list(facts.failures),
+        }
+
+    def _regime_dict(self) -> dict[str, Any]:
+        w = self.window
+        regime = {
+            "eta_min": w.eta_min,
+            "eta_max": w.eta_max,
+            "eta_max_from": "measured",
+            "eta_max_predicted": w.eta_max_predicted,
+            "predicted_edge": w.predicted_edge,
+            "predicted_from": self.facts.jet.source,
+            "n_points": w.n_points,
+            "tolerance": w.tolerance,
+        }
+        if w.note:
+            regime["note"] = w.note
+        return regime
+
+    def _per_eta_dict(self) -> dict[str, Any]:
+        la = self.pooled
+        out: dict[str, Any] = {}
+        for summary, point, z, rel in zip(
+            la.per_eta, self.per_eta, la.standardized_residual, la.relative_residual
+        ):
+            mine = [p for p in self.points if p.learning_rate == point.learning_rate]
+            out[eta_label(point.learning_rate)] = {
+                **summary.to_dict(),
+                "n_failed": point.n_failed,
+                "relative_residual": rel,
+                "standardized_residual": z,
+                "resolvable": point.resolvable,
+                "unresolvable_reasons": list(point.reasons),
+                "status": point.status,
+                "in_window": point.in_window,
+                "within_tolerance": {"within": True, "beyond": False}.get(point.status),
+                "nonlinearity_mean_abs": point.nonlinearity_mean_abs,
+                "nonlinearity_bound": point.nonlinearity_bound,
+                "nonlinearity_lower_bound": point.nonlinearity_lower_bound,
+                "predicted_nonlinearity": point.predicted_nonlinearity,
+                "quantized_fraction": _max_or_none(p.quantized_fraction for p in mine),
+                "symmetric_residual": _max_or_none(p.symmetric_residual for p in mine),
+                "rounding_ratio": _max_or_none(p.rounding_ratio for p in mine),
+                "repeats": [p.to_dict() for p in mine],
+            }
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Analysis:
+        """An analysis.json read back: ``from_dict(d).to_dict() == d``. It holds no records
+        (``records`` is empty); a check's kind is deciding or reported (``decides``)."""
+        if data.get("schema_version") != ANALYSIS_SCHEMA_VERSION:
+            raise ValueError(
+                f"analysis.json schema {data.get('schema_version')!r}, expected "
+                f"{ANALYSIS_SCHEMA_VERSION}: rebuild it from the records (`entropy-lab report`)"
+            )
+        s = data["summary"]
+        entries = list(data["per_learning_rate"].values())
+        return cls(
+            dtype=s["dtype"],
+            reading=s["reading"],
+            points=[from_json(RepeatPoint, p) for e in entries for p in e["repeats"]],
+            repeats=from_json(list[RepeatSummary], s["repeats"]),
+            per_eta=[_point_summary_from_json(e) for e in entries],
+            window=_window_from_json(s["linear_regime"]),
+            checks={name: _check_from_json(name, c) for name, c in s["checks"].items()},
+            verdict=s["verdict"],
+            verdict_reason=s["verdict_reason"],
+            pooled=_pooled_from_json(s, entries),
+            mixed_model=from_json(stats.RandomSlopeFit | None, s["mixed_model"]),
+            records=[],
+            thresholds=from_json(stats.Thresholds, data["thresholds"]["linearity"]),
+            floor=from_json(FloorThresholds, data["thresholds"]["precision_floor"]),
+            facts=RecordFacts(
+                n_records=s["n_records"],
+                failures=from_json(list[Failure], s["failures"]),
+                first_order_slope=from_json(RepeatMean, s["first_order_slope"]),
+                curvature=from_json(JetTerm, s["curvature"]),
+                third_derivative=from_json(JetTerm, s["third_derivative"]),
+                jet=from_json(Jet, s["jet"]),
+                oracles=from_json(Oracles, s["first_order_oracles"]),
+            ),
+            meta={k: data[k] for k in ("checkpoint", "config", "environment")},
+            notes=list(s["notes"]),
+            noise=from_json(NoiseModel | None, s["noise_model"]),
+        )
+
+
+def _point_summary_from_json(entry: Mapping[str, Any]) -> PointSummary:
+    return from_json(
+        PointSummary,
+        {**entry, "n_repeats": entry["n_samples"], "reasons": entry["unresolvable_reasons"]},
+    )
+
+
+def _window_from_json(regime: Mapping[str, Any]) -> Window:
+    return from_json(Window, {"note": "", **regime})
+
+
+def _check_from_json(name: str, c: Mapping[str, Any]) -> AnalysisCheck:
+    kind = CheckKind.DECIDING if c["decides"] else CheckKind.REPORTED
+    return AnalysisCheck(name, c["threshold"], c["value"], c["passed"], c["detail"], kind)
+
+
+def _pooled_from_json(
+    summary: Mapping[str, Any], entries: list[Mapping[str, Any]]
+) -> stats.PooledStatistics:
+    fitted = set(summary["fitted_learning_rates"])
+    names = ("ols", "weighted", "origin", "quadratic", "lack_of_fit")
+    fits = {name: summary[name] for name in names}
+    return stats.PooledStatistics(
+        per_eta=[from_json(stats.EtaSummary, e) for e in entries],
+        resolvable=[e["learning_rate"] in fitted for e in entries],
+        fits=from_json(stats.PooledFits, {**fits, "loglog": summary["loglog_slope"]}),
+        standardized_residual=[e["standardized_residual"] for e in entries],
+        relative_residual=[e["relative_residual"] for e in entries],
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -420,10 +584,10 @@ def _by_repeat(records: Iterable[PointRecord], name: str) -> dict[int, float]:
     return {rep: float(np.mean(v)) for rep, v in sorted(values.items())}
 
 
-def _per_repeat_mean(records: Iterable[PointRecord], name: str) -> dict[str, Any]:
+def _per_repeat_mean(records: Iterable[PointRecord], name: str) -> RepeatMean:
     """Mean and SE over repeats of a per-direction quantity."""
     m = stats.mean_stderr(list(_by_repeat(records, name).values()))
-    return {"mean": m.mean, "stderr": m.stderr, "n": m.n}
+    return RepeatMean(m.mean, m.stderr, m.n)
 
 
 def _jet_source(records: list[PointRecord], repeats: list[RepeatSummary]) -> str | None:
@@ -434,29 +598,42 @@ def _jet_source(records: list[PointRecord], repeats: list[RepeatSummary]) -> str
     return None
 
 
-def _jet_summary(records: list[PointRecord], repeats: list[RepeatSummary]) -> dict[str, Any]:
+def _jet_sources(
+    records: list[PointRecord], jets: dict[int, MeasuredJet], name: str
+) -> tuple[JetSources, JetTerm]:
+    """One jet term both ways, paired by repeat, and the one the analysis used (the jvps'
+    where they ran)."""
+    jvp = _by_repeat(records, name)
+    pairs = {rep: getattr(j, name) for rep, j in jets.items() if getattr(j, name) is not None}
+    from_pairs = stats.mean_stderr(list(pairs.values()))
+    both = JetSources(
+        jvp=_per_repeat_mean(records, name),
+        pairs=RepeatMean(from_pairs.mean, from_pairs.stderr, from_pairs.n),
+        pairs_over_jvp={str(rep): pairs[rep] / jvp[rep] for rep in pairs if jvp.get(rep)},
+    )
+    used = both.jvp if jvp else both.pairs
+    source = "jvp" if jvp else "±η pairs" if pairs else None
+    return both, JetTerm(used.mean, used.stderr, used.n, source)
+
+
+def _jet_summary(
+    records: list[PointRecord], repeats: list[RepeatSummary]
+) -> tuple[JetTerm, JetTerm, Jet]:
     """summary.curvature and summary.third_derivative (mean ± SE over repeats) from the
     source the analysis used, and ``jet``: both sources side by side, paired by repeat."""
     jets = {s.repeat: s.measured_jet for s in repeats if s.measured_jet is not None}
-    out: dict[str, Any] = {}
-    jet: dict[str, Any] = {"source": _jet_source(records, repeats)}
-    for name in ("curvature", "third_derivative"):
-        jvp = _by_repeat(records, name)
-        pairs = {rep: getattr(j, name) for rep, j in jets.items() if getattr(j, name) is not None}
-        from_pairs = stats.mean_stderr(list(pairs.values()))
-        jet[name] = {
-            "jvp": _per_repeat_mean(records, name),
-            "pairs": {"mean": from_pairs.mean, "stderr": from_pairs.stderr, "n": from_pairs.n},
-            "pairs_over_jvp": {str(rep): pairs[rep] / jvp[rep] for rep in pairs if jvp.get(rep)},
-        }
-        used = jet[name]["jvp"] if jvp else jet[name]["pairs"]
-        out[name] = {**used, "source": "jvp" if jvp else "±η pairs" if pairs else None}
-    jet["per_repeat"] = {str(rep): j.to_dict() for rep, j in jets.items()}
-    out["jet"] = jet
-    return out
+    c_both, c_used = _jet_sources(records, jets, "curvature")
+    d_both, d_used = _jet_sources(records, jets, "third_derivative")
+    jet = Jet(
+        source=_jet_source(records, repeats),
+        curvature=c_both,
+        third_derivative=d_both,
+        per_repeat={str(rep): j for rep, j in jets.items()},
+    )
+    return c_used, d_used, jet
 
 
-def _oracle_comparison(records: list[PointRecord]) -> dict[str, Any]:
+def _oracle_comparison(records: list[PointRecord]) -> Oracles:
     """The conditional-reading slope three ways: jvp, Cui et al.'s identity, their forecasts.
 
     The identity must equal the jvp (both exact at first order); the crude forecasts
@@ -464,20 +641,42 @@ def _oracle_comparison(records: list[PointRecord]) -> dict[str, Any]:
     Paired by repeat: each oracle against the jvp of the same update direction.
     """
     jvp = _by_repeat(records, "first_order_slope_conditional")
-    out: dict[str, Any] = {
-        "jvp_conditional": _per_repeat_mean(records, "first_order_slope_conditional")
-    }
-    for name, key in (
-        ("identity", "identity_slope"),
-        ("vanilla_pg_forecast", "cui_vanilla_pg_slope"),
-        ("natural_pg_forecast", "cui_natural_pg_slope"),
-    ):
+
+    def oracle(key: str) -> Oracle:
         values = _by_repeat(records, key)
-        entry = _per_repeat_mean(records, key)
+        m = _per_repeat_mean(records, key)
         ratios = [v / jvp[rep] for rep, v in values.items() if jvp.get(rep)]
-        entry["ratio_to_jvp"] = stats.mean_stderr(ratios).mean if ratios else None
-        out[name] = entry
-    return out
+        return Oracle(m.mean, m.stderr, m.n, stats.mean_stderr(ratios).mean if ratios else None)
+
+    return Oracles(
+        jvp_conditional=_per_repeat_mean(records, "first_order_slope_conditional"),
+        identity=oracle("identity_slope"),
+        vanilla_pg_forecast=oracle("cui_vanilla_pg_slope"),
+        natural_pg_forecast=oracle("cui_natural_pg_slope"),
+    )
+
+
+def record_facts(data: Inputs, repeats: Repeats) -> RecordFacts:
+    """What analysis.json says of the records themselves: failures, the first-order slope,
+    the jet and the oracles, each a mean over repeats."""
+    curvature, third, jet = _jet_summary(data.measured, repeats.summaries)
+    return RecordFacts(
+        n_records=len(data.rows),
+        failures=[
+            Failure(
+                learning_rate=float(r.learning_rate),
+                repeat=int(r.repeat),
+                error=r.error or ("no finite entropy_change" if r.success else "unknown error"),
+            )
+            for r in data.rows
+            if not r.measured
+        ],
+        first_order_slope=_per_repeat_mean(data.measured, "first_order_slope"),
+        curvature=curvature,
+        third_derivative=third,
+        jet=jet,
+        oracles=_oracle_comparison(data.measured),
+    )
 
 
 def _fmt(value: float | None, spec: str = ".3g") -> str:
@@ -972,6 +1171,7 @@ def analyze(
         records=data.rows,
         thresholds=thresholds,
         floor=floor,
+        facts=record_facts(data, repeats),
         meta=meta,
         notes=shown.notes + ([mixed.note] if mixed.note else []),
         noise=repeats.noise,
