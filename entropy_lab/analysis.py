@@ -67,7 +67,13 @@ __all__ = [
     "predicted_nonlinearity",
 ]
 
-ANALYSIS_SCHEMA_VERSION = 2  # 2: paired verdict (per-repeat R², nonlinearity, window)
+# analysis.json's schema. 2: the paired verdict (per-repeat R², nonlinearity, window).
+# 3: the jet from the ±η pairs (summary.jet, linear_regime.predicted_from, the curvature's
+# and third derivative's source, repeats[].measured_jet); the rl_signal check; the update
+# per repeat (grad_norm, momentum_share, groups kept/dropped); records without a noise
+# estimate (summary.noise_model, repeats[].bend_fit, per-η nonlinearity_lower_bound and
+# per-repeat bend/bend_stderr).
+ANALYSIS_SCHEMA_VERSION = 3
 DECIDING_CHECKS = ("resolvable_points", "r_squared", "nonlinearity", "first_order", "rl_signal")
 
 
@@ -570,7 +576,7 @@ def _check_dict(check: Check) -> dict[str, Any]:
         "value": check.value,
         "passed": check.passed,
         "detail": check.detail,
-        "decides": _kind(check) is not CheckKind.REPORTED,
+        "decides": decides(check),
     }
 
 
@@ -1617,6 +1623,11 @@ def _verdict(per_eta: list[PointSummary], checks: Mapping[str, Check]) -> tuple[
     if below:
         reason += "; unresolvable (not judged): η = " + ", ".join(f"{e:.3g}" for e in below)
     return "linear", reason
+
+
+def decides(check: Check) -> bool:
+    """Whether a check decides the verdict (deciding or not applicable), or is only reported."""
+    return _kind(check) is not CheckKind.REPORTED
 
 
 def _kind(check: Check) -> CheckKind:

@@ -4,6 +4,10 @@ The numbers come from ``analysis.analyze`` (torch-free): ``report DIR`` rebuilds
 from raw_results.json and run_meta.json on any machine, with no checkpoint and no model.
 The verdict is paired (one update direction per repeat, DESIGN §4); the seed's pooled
 statistics are printed beside it, marked as reported, not deciding.
+
+Tables and plots read the typed ``Analysis`` (and ``PointRecord``); analysis.json is
+written by ``Analysis.to_dict`` and, where a caller holds only that file's content, read
+back by ``Analysis.from_dict``.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import statistics
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -20,14 +25,25 @@ from typing import Any
 import numpy as np
 
 from entropy_lab import stats
-from entropy_lab.analysis import FloorThresholds, PointRecord, analyze
+from entropy_lab.analysis import (
+    Analysis,
+    FloorThresholds,
+    Jet,
+    JetTerm,
+    Oracles,
+    RepeatSummary,
+    Window,
+    analyze,
+    decides,
+)
+from entropy_lab.jsonio import eta_label
+from entropy_lab.records import PointRecord, as_records, finite
 from entropy_lab.store import ResultsFolder, atomic_write_json
 
 __all__ = [
     "ANALYSIS_FILE",
     "MAIN_PLOT",
     "RAW_PLOT",
-    "SCHEMA_VERSION",
     "build_analysis",
     "format_tables",
     "plot_raw_measurements",
@@ -36,33 +52,14 @@ __all__ = [
     "write_report",
 ]
 
-SCHEMA_VERSION = 1
-ANALYSIS_FILE = "analysis.json"
+ANALYSIS_FILE = "analysis.json"  # its schema: analysis.ANALYSIS_SCHEMA_VERSION
 MAIN_PLOT = "entropy_vs_learning_rate.png"
 RAW_PLOT = "raw_measurements.png"
 
-_NAN = float("nan")
 
-
-# --------------------------------------------------------------------------------------
-# Small helpers
-# --------------------------------------------------------------------------------------
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _as_float(value: Any) -> float:
-    return float(value) if _finite(value) else _NAN
-
-
-def _key(record: Mapping[str, Any]) -> tuple[float, int]:
-    return float(record["learning_rate"]), int(record["repeat"])
-
-
-def _is_measured(record: Mapping[str, Any]) -> bool:
-    return bool(record.get("success")) and _finite(record.get("entropy_change"))
+def _typed(analysis: Analysis | Mapping[str, Any]) -> Analysis:
+    """The typed analysis; a mapping is analysis.json's content, read back."""
+    return analysis if isinstance(analysis, Analysis) else Analysis.from_dict(analysis)
 
 
 def build_analysis(
@@ -107,8 +104,16 @@ def thresholds_from_meta(
 # --------------------------------------------------------------------------------------
 
 
+def _known(value: Any) -> bool:
+    """A number to print or draw (NaN and ±inf are written as null in analysis.json)."""
+    try:
+        return value is not None and not isinstance(value, bool) and math.isfinite(value)
+    except TypeError:
+        return False
+
+
 def _g(value: Any, spec: str = ".4g") -> str:
-    return "n/a" if value is None else format(value, spec)
+    return format(value, spec) if _known(value) else "n/a"
 
 
 def _plural(n: int, word: str) -> str:
@@ -134,46 +139,46 @@ def _table(headers: list[str], rows: list[list[str]], left: set[int]) -> list[st
     return [line(headers), rule, *(line(r) for r in rows)]
 
 
-def _update_part(rep: dict) -> str:
+def _update_part(rep: RepeatSummary) -> str:
     """‖g‖, the momentum's share of ‖v‖ and U's groups, where the records have them."""
     parts = []
-    if rep.get("grad_norm") is not None:
-        parts.append(f"‖g‖ = {_g(rep['grad_norm'], '.3g')}")
-    if rep.get("momentum_share") is not None:
-        parts.append(f"‖v(g=0)‖/‖v‖ = {rep['momentum_share']:.2f}")
-    if rep.get("groups_dropped"):
-        parts.append(f"groups {rep['groups_kept']} kept, {rep['groups_dropped']} dropped")
+    if _known(rep.grad_norm):
+        parts.append(f"‖g‖ = {_g(rep.grad_norm, '.3g')}")
+    if _known(rep.momentum_share):
+        parts.append(f"‖v(g=0)‖/‖v‖ = {rep.momentum_share:.2f}")
+    if rep.groups_dropped:
+        parts.append(f"groups {rep.groups_kept} kept, {rep.groups_dropped} dropped")
     return ", " + ", ".join(parts) if parts else ""
 
 
-def _oracle_line(oracles: Mapping[str, Any]) -> str:
+def _oracle_line(oracles: Oracles) -> str:
     """Conditional reading: identity/jvp, and the crude forecasts' ratio to the jvp."""
-    if not oracles or oracles.get("jvp_conditional", {}).get("n", 0) == 0:
+    if oracles.jvp_conditional.n == 0:
         return "n/a"
-    parts = [f"jvp (conditional) {_g(oracles['jvp_conditional']['mean'], '.6g')}"]
-    for key, label in (
-        ("identity", "Cui identity"),
-        ("vanilla_pg_forecast", "π·A forecast"),
-        ("natural_pg_forecast", "A forecast"),
+    parts = [f"jvp (conditional) {_g(oracles.jvp_conditional.mean, '.6g')}"]
+    for oracle, label, spec in (
+        (oracles.identity, "Cui identity", ".6g"),
+        (oracles.vanilla_pg_forecast, "π·A forecast", ".3g"),
+        (oracles.natural_pg_forecast, "A forecast", ".3g"),
     ):
-        ratio = (oracles.get(key) or {}).get("ratio_to_jvp")
-        if ratio is not None:
-            parts.append(f"{label} ×{ratio:.6g}" if key == "identity" else f"{label} ×{ratio:.3g}")
+        if _known(oracle.ratio_to_jvp):
+            parts.append(f"{label} ×{oracle.ratio_to_jvp:{spec}}")
     return "; ".join(parts) + "  (ratio to the jvp)"
 
 
-def _source(term: Mapping[str, Any]) -> str:
-    """Where a jet term came from (nothing for folders written before the measured jet)."""
-    return {"jvp": " (nested jvp)", "±η pairs": " (from the ±η pairs)"}.get(term.get("source"), "")
+def _jet_line(term: JetTerm) -> str:
+    """A jet term, mean ± SE over repeats, and where it came from."""
+    if not term.n:
+        return "n/a"
+    source = {"jvp": " (nested jvp)", "±η pairs": " (from the ±η pairs)"}.get(term.source, "")
+    return f"{_g(term.mean, '.4g')} ± {_g(term.stderr, '.2g')}{source}"
 
 
-def _jet_cross_check(jet: Mapping[str, Any] | None) -> str | None:
+def _jet_cross_check(jet: Jet) -> str | None:
     """The ±η pairs' c and d against the nested jvps', where both exist (--jet 2|3)."""
-    if not jet:
-        return None
     parts = []
-    for name, label in (("curvature", "c"), ("third_derivative", "d")):
-        ratios = list(((jet.get(name) or {}).get("pairs_over_jvp") or {}).values())
+    for sources, label in ((jet.curvature, "c"), (jet.third_derivative, "d")):
+        ratios = list(sources.pairs_over_jvp.values())
         if ratios:
             worst = max(ratios, key=lambda x: abs(x - 1))
             parts.append(
@@ -182,117 +187,97 @@ def _jet_cross_check(jet: Mapping[str, Any] | None) -> str | None:
     return "; ".join(parts) if parts else None
 
 
-def _window_line(regime: Mapping[str, Any]) -> str:
-    if regime.get("eta_min") is None:
+def _window_line(window: Window) -> str:
+    if window.eta_min is None:
         measured = "empty"
     else:
         measured = (
-            f"[{_g(regime['eta_min'], '.3g')}, {_g(regime['eta_max'], '.3g')}] "
-            f"({_plural(regime.get('n_points') or 0, 'grid point')} within "
-            f"{regime['tolerance']:.0%})"
+            f"[{_g(window.eta_min, '.3g')}, {_g(window.eta_max, '.3g')}] "
+            f"({_plural(window.n_points, 'grid point')} within {window.tolerance:.0%})"
         )
-    predicted = regime.get("eta_max_predicted")
     return (
-        f"{measured}; the jet's {regime['tolerance']:.0%} edge: {_g(predicted, '.3g')}, "
-        f"{regime.get('predicted_edge') or 'n/a'}"
-        + (f"; {regime['note']}" if regime.get("note") else "")
+        f"{measured}; the jet's {window.tolerance:.0%} edge: "
+        f"{_g(window.eta_max_predicted, '.3g')}, {window.predicted_edge or 'n/a'}"
+        + (f"; {window.note}" if window.note else "")
     )
 
 
-def _mixed_line(mixed: Mapping[str, Any] | None) -> str:
-    if not mixed:
+def _mixed_line(mixed: stats.RandomSlopeFit | None) -> str:
+    if mixed is None:
         return "n/a (needs ≥ 2 repeats with resolvable points)"
     return (
-        f"α = {_g(mixed['slope'], '.6g')} ± {_g(mixed['slope_se'], '.2g')} "
-        f"({mixed['confidence']:.0%} CI [{_g(mixed['slope_ci_low'], '.5g')}, "
-        f"{_g(mixed['slope_ci_high'], '.5g')}], {mixed['n_groups']} directions); "
-        f"slope SD across directions {_g(mixed['slope_sd'], '.3g')}; "
-        f"R² marginal {_g(mixed['r2_marginal'], '.4f')}, conditional "
-        f"{_g(mixed['r2_conditional'], '.6f')}"
+        f"α = {_g(mixed.slope, '.6g')} ± {_g(mixed.slope_se, '.2g')} "
+        f"({mixed.confidence:.0%} CI [{_g(mixed.slope_ci_low, '.5g')}, "
+        f"{_g(mixed.slope_ci_high, '.5g')}], {mixed.n_groups} directions); "
+        f"slope SD across directions {_g(mixed.slope_sd, '.3g')}; "
+        f"R² marginal {_g(mixed.r2_marginal, '.4f')}, conditional "
+        f"{_g(mixed.r2_conditional, '.6f')}"
     )
 
 
-def format_tables(analysis: Mapping[str, Any]) -> str:
-    """The "LINEARITY ANALYSIS" and "DETAILED RESULTS" blocks as plain text."""
-    s = analysis["summary"]
-    checks = s["checks"]
-    bar = "=" * 78
-    out = [bar, "LINEARITY ANALYSIS  (ΔH in nats; η = learning rate)", bar]
+def _repeats_line(repeats: list[RepeatSummary]) -> str:
+    return "; ".join(
+        f"r{rep.repeat}: s = {_g(rep.slope_reference, '.5g')}, "
+        f"c = {_g(rep.calibration, '+.1e')}, R² = {_g(rep.r_squared, '.5f')}" + _update_part(rep)
+        for rep in repeats
+    )
 
-    fo = s["first_order_slope"]
-    cv = s["curvature"]
-    d3 = s.get("third_derivative") or {}
-    r2 = s.get("r_squared_per_repeat") or {}
-    fitted = s.get("fitted_learning_rates") or []
-    reps = s.get("repeats") or []
+
+def _summary_lines(a: Analysis) -> list[str]:
+    """The LINEARITY ANALYSIS block's key: value lines."""
+    fo, facts, r2, ols = a.facts.first_order_slope, a.facts, a.repeat_r_squared, a.pooled.fits.ols
     lines = [
         (
             "resolvable points",
-            f"{len(fitted)} η × {_plural(len(reps), 'repeat')} (update directions), "
-            f"{_plural(s['n_failed'], 'failed run')}",
+            f"{len(a.fitted_learning_rates)} η × {_plural(len(a.repeats), 'repeat')} "
+            f"(update directions), {_plural(a.n_failed, 'failed run')}",
         ),
         (
             "per-repeat R²",
-            f"min {_g(r2.get('min'), '.6f')}, median {_g(r2.get('median'), '.6f')} "
+            f"min {_g(min(r2) if r2 else None, '.6f')}, "
+            f"median {_g(statistics.median(r2) if r2 else None, '.6f')} "
             "(each direction's own line)",
         ),
-        ("mixed model", _mixed_line(s.get("mixed_model"))),
+        ("mixed model", _mixed_line(a.mixed_model)),
         (
             "first-order ∇H·v",
-            f"{_g(fo['mean'], '.6g')} ± {_g(fo['stderr'], '.2g')} "
-            f"(SE over {_plural(fo['n'], 'repeat')})",
+            f"{_g(fo.mean, '.6g')} ± {_g(fo.stderr, '.2g')} (SE over {_plural(fo.n, 'repeat')})",
         ),
-        (
-            "curvature vᵀ∇²H v",
-            f"{_g(cv['mean'], '.4g')} ± {_g(cv['stderr'], '.2g')}{_source(cv)}"
-            if cv.get("n")
-            else "n/a",
-        ),
-        (
-            "third order ∇³H[v,v,v]",
-            f"{_g(d3['mean'], '.4g')} ± {_g(d3['stderr'], '.2g')}{_source(d3)}"
-            if d3.get("n")
-            else "n/a",
-        ),
-        ("first-order oracles", _oracle_line(s.get("first_order_oracles") or {})),
-        *([("jet cross-check", cross)] if (cross := _jet_cross_check(s.get("jet"))) else []),
-        ("linear window", _window_line(s["linear_regime"])),
+        ("curvature vᵀ∇²H v", _jet_line(facts.curvature)),
+        ("third order ∇³H[v,v,v]", _jet_line(facts.third_derivative)),
+        ("first-order oracles", _oracle_line(facts.oracles)),
+        *([("jet cross-check", cross)] if (cross := _jet_cross_check(facts.jet)) else []),
+        ("linear window", _window_line(a.window)),
         (
             "pooled (reported)",
-            f"OLS α = {_g(s['slope'], '.6g')}, β = {_g(s['intercept'], '.3g')}, "
-            f"R² = {_g(s['r_squared'], '.6f')} over all raw points",
+            f"OLS α = {_g(ols.slope if ols else None, '.6g')}, "
+            f"β = {_g(ols.intercept if ols else None, '.3g')}, "
+            f"R² = {_g(ols.r_squared if ols else None, '.6f')} over all raw points",
         ),
     ]
-    if reps:
-        lines.append(
-            (
-                "per repeat",
-                "; ".join(
-                    f"r{rep['repeat']}: s = {_g(rep['slope_reference'], '.5g')}, "
-                    f"c = {_g(rep['calibration'], '+.1e')}, R² = {_g(rep['r_squared'], '.5f')}"
-                    + _update_part(rep)
-                    for rep in reps
-                ),
-            )
-        )
+    if a.repeats:
+        lines.append(("per repeat", _repeats_line(a.repeats)))
     width = max(len(k) for k, _ in lines)
-    out += [f"  {k.ljust(width)}  {v}" for k, v in lines]
+    return [f"  {k.ljust(width)}  {v}" for k, v in lines]
 
-    name_w = max((len(n) for n in checks), default=0)
+
+def _check_lines(a: Analysis) -> list[str]:
+    """The checks (deciding, then reported), the verdict and the failed runs."""
+    out: list[str] = []
+    name_w = max((len(n) for n in a.checks), default=0)
     for title, deciding in (("checks (decide the verdict):", True), ("reported:", False)):
         out += ["", f"  {title}"]
-        for name, c in checks.items():
-            if bool(c.get("decides")) == deciding:
-                out.append(
-                    f"    {name.ljust(name_w)}  {_status(c['passed']).ljust(4)}  {c['detail']}"
-                )
-    out += ["", f"  VERDICT: {s['verdict'].upper()} — {s.get('verdict_reason', '')}"]
-    for f in s["failures"]:
-        out.append(
-            f"  failed run: η = {f['learning_rate']:.3g}, repeat {f['repeat']}: {f['error']}"
-        )
+        for name, c in a.checks.items():
+            if decides(c) == deciding:
+                out.append(f"    {name.ljust(name_w)}  {_status(c.passed).ljust(4)}  {c.detail}")
+    out += ["", f"  VERDICT: {a.verdict.upper()} — {a.verdict_reason}"]
+    for f in a.facts.failures:
+        out.append(f"  failed run: η = {f.learning_rate:.3g}, repeat {f.repeat}: {f.error}")
+    return out
 
-    out += ["", bar, "DETAILED RESULTS", bar]
+
+def _detail_lines(a: Analysis) -> list[str]:
+    """The DETAILED RESULTS table, one row per grid point."""
     headers = [
         "η",
         "n",
@@ -306,32 +291,42 @@ def format_tables(analysis: Mapping[str, Any]) -> str:
         "why not resolvable",
     ]
     rows = []
-    for label, p in analysis["per_learning_rate"].items():
-        eta = p["learning_rate"]
-        mean = p["mean_entropy_change"]
-        pred = p["first_order_prediction"]
-        status = p.get("status") or "?"
-        if p.get("in_window"):
-            status += " (window)"
+    for summary, point in a.grid():
+        eta, mean, pred = (
+            point.learning_rate,
+            summary.mean_entropy_change,
+            summary.first_order_prediction,
+        )
         rows.append(
             [
-                label,
-                str(p["n_samples"]),
+                eta_label(eta),
+                str(summary.n_samples),
                 _g(mean, "+.4e"),
-                _g(p["stderr_entropy_change"], ".2e"),
-                _g(None if mean is None else mean / eta, "+.5g"),
+                _g(summary.stderr_entropy_change, ".2e"),
+                _g(mean / eta, "+.5g"),
                 _g(None if pred is None else pred / eta, "+.5g"),
-                _g(p.get("nonlinearity_mean_abs"), ".2e"),
-                _g(p.get("nonlinearity_bound"), ".2e"),
-                status,
-                "" if p["resolvable"] else "; ".join(p["unresolvable_reasons"]),
+                _g(point.nonlinearity_mean_abs, ".2e"),
+                _g(point.nonlinearity_bound, ".2e"),
+                (point.status or "?") + (" (window)" if point.in_window else ""),
+                "" if point.resolvable else "; ".join(point.reasons),
             ]
         )
-    out += ["  " + line for line in _table(headers, rows, left={0, 8, 9})]
+    return ["  " + line for line in _table(headers, rows, left={0, 8, 9})]
+
+
+def format_tables(analysis: Analysis | Mapping[str, Any]) -> str:
+    """The "LINEARITY ANALYSIS" and "DETAILED RESULTS" blocks as plain text (of an
+    Analysis, or of analysis.json's content)."""
+    a = _typed(analysis)
+    bar = "=" * 78
+    out = [bar, "LINEARITY ANALYSIS  (ΔH in nats; η = learning rate)", bar]
+    out += _summary_lines(a)
+    out += _check_lines(a)
+    out += ["", bar, "DETAILED RESULTS", bar]
+    out += _detail_lines(a)
     out.append(
         "  n_r(η): the bend of ΔH_r/η from the repeat's own small-η value; bound: the "
-        f"one-sided {analysis['thresholds']['linearity'].get('confidence', 0.95):.0%} upper "
-        "bound of mean |n_r| over repeats."
+        f"one-sided {a.thresholds.confidence:.0%} upper bound of mean |n_r| over repeats."
     )
     out.append(bar)
     return "\n".join(out) + "\n"
@@ -449,94 +444,113 @@ def _padded(values: Sequence[float], pad: float = 0.15) -> tuple[float, float] |
     return lo - pad * span, hi + pad * span
 
 
-def _title_line(analysis: Mapping[str, Any]) -> str:
-    s = analysis["summary"]
-    ckpt = analysis.get("checkpoint") or {}
+def _run_labels(meta: Mapping[str, Any]) -> tuple[str, str, str]:
+    """(checkpoint name, dtype, reading) as run_meta.json states them, "?" where it does not
+    (a folder copied without it)."""
+    ckpt = meta.get("checkpoint") or {}
     name = Path(str(ckpt.get("path") or "")).name or "checkpoint ?"
-    cfg = analysis.get("config") or {}
-    dtype = cfg.get("dtype") or (analysis.get("environment") or {}).get("dtype") or "?"
-    reading = cfg.get("reading") or "?"
+    cfg = meta.get("config") or {}
+    dtype = cfg.get("dtype") or (meta.get("environment") or {}).get("dtype") or "?"
+    return name, dtype, cfg.get("reading") or "?"
+
+
+def _title_line(a: Analysis) -> str:
+    name, dtype, reading = _run_labels(a.meta)
     return (
-        f"ΔH(η) after one optimizer step — verdict: {s['verdict'].upper()}\n"
-        f"{name} · {dtype} · {reading} reading · {len(s.get('fitted_learning_rates') or [])} "
-        f"fitted η · {_plural(s['n_failed'], 'failed run')}"
+        f"ΔH(η) after one optimizer step — verdict: {a.verdict.upper()}\n"
+        f"{name} · {dtype} · {reading} reading · {len(a.fitted_learning_rates)} "
+        f"fitted η · {_plural(a.n_failed, 'failed run')}"
     )
 
 
-def plot_summary(analysis: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
-    """entropy_vs_learning_rate.png: (a) means ± SE with the fit and the jet, (b) the paired
-    nonlinearity per η against the tolerance, (c) each repeat's ΔH/η against its own first
-    order, with the measured window (shaded) and the jet's predicted edge (dotted)."""
-    s = analysis["summary"]
-    points = [p for p in analysis["per_learning_rate"].values() if p["n_samples"] > 0]
-    fig = _new_figure(9.0, 12.0)
-    fig.suptitle(_title_line(analysis), fontsize=12)
-    if not points:
-        ax = fig.subplots()
-        ax.text(0.5, 0.5, "no successful measurements", ha="center", va="center", fontsize=14)
-        ax.set_axis_off()
-        return _save(fig, Path(path))
+def _no_data(fig: Any, path: str | os.PathLike[str]) -> Path:
+    ax = fig.subplots()
+    ax.text(0.5, 0.5, "no successful measurements", ha="center", va="center", fontsize=14)
+    ax.set_axis_off()
+    return _save(fig, Path(path))
 
-    ax_a, ax_b, ax_c = fig.subplots(3, 1, sharex=True)
-    eta = np.array([p["learning_rate"] for p in points])
-    mean = np.array([p["mean_entropy_change"] for p in points])
-    se = np.array([_as_float(p["stderr_entropy_change"]) for p in points])
-    se0 = np.nan_to_num(se, nan=0.0)
-    ok = np.array([p["resolvable"] for p in points])
-    beyond = np.array([p.get("status") in ("beyond", "undecided") for p in points]) & ok
-    inside = ok & ~beyond
-    grid = np.geomspace(eta.min() / 1.6, eta.max() * 1.6, 300)
-    fo = s["first_order_slope"]
-    curv = s["curvature"]
-    d3 = (s.get("third_derivative") or {}).get("mean") or 0.0  # older folders lack it
-    if d3:
-        theory_label = "theory η·∇H·v + η²c/2 + η³d/6"
-    else:
-        theory_label = "second order η·∇H·v + η²c/2"
-    if (curv or {}).get("source") == "±η pairs":
-        theory_label += " (c, d from the ±η pairs)"
-    regime = s["linear_regime"]
 
-    # (a) means ± SE -------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Shown:
+    """The grid points with a successful run, as panels (a) and (b) draw them."""
+
+    eta: np.ndarray
+    mean: np.ndarray
+    se0: np.ndarray  # SE, 0 where undefined
+    ok: np.ndarray  # resolvable
+    beyond: np.ndarray  # resolvable, beyond the tolerance or undecided
+    inside: np.ndarray
+    grid: np.ndarray  # the x of the drawn lines
+
+
+def _shown(rows: list[tuple[stats.EtaSummary, Any]]) -> _Shown:
+    eta = np.array([e.learning_rate for e, _ in rows])
+    ok = np.array([p.resolvable for _, p in rows])
+    beyond = np.array([p.status in ("beyond", "undecided") for _, p in rows]) & ok
+    se = np.array([e.stderr_entropy_change for e, _ in rows], dtype=float)
+    return _Shown(
+        eta=eta,
+        mean=np.array([e.mean_entropy_change for e, _ in rows]),
+        se0=np.nan_to_num(se, nan=0.0),
+        ok=ok,
+        beyond=beyond,
+        inside=ok & ~beyond,
+        grid=np.geomspace(eta.min() / 1.6, eta.max() * 1.6, 300),
+    )
+
+
+def _theory_label(a: Analysis) -> str:
+    d3 = a.facts.third_derivative.mean
+    label = "theory η·∇H·v + η²c/2 + η³d/6" if _known(d3) and d3 else "second order η·∇H·v + η²c/2"
+    if a.facts.curvature.source == "±η pairs":
+        label += " (c, d from the ±η pairs)"
+    return label
+
+
+def _panel_means(ax: Any, a: Analysis, shown: _Shown) -> None:
+    """(a) the means ± SE, the pooled fit (reported) and the jet's prediction."""
+    eta, mean, se0, ok, grid = shown.eta, shown.mean, shown.se0, shown.ok, shown.grid
     mode = _y_mode(list(mean[ok]) if ok.any() else list(mean))
-    sign = _apply_y_mode(ax_a, mode, list(mean), "ΔH")
-    if s["slope"] is not None:
-        ax_a.plot(
+    sign = _apply_y_mode(ax, mode, list(mean), "ΔH")
+    ols, fo, curv = a.pooled.fits.ols, a.facts.first_order_slope.mean, a.facts.curvature.mean
+    d3 = a.facts.third_derivative.mean if _known(a.facts.third_derivative.mean) else 0.0
+    if ols is not None and _known(ols.slope):
+        ax.plot(
             grid,
-            sign * (s["slope"] * grid + s["intercept"]),
+            sign * (ols.slope * grid + ols.intercept),
             color="black",
             lw=1.3,
-            label=f"pooled OLS fit (reported): α = {s['slope']:.4g}, β = {s['intercept']:.2g}",
+            label=f"pooled OLS fit (reported): α = {ols.slope:.4g}, β = {ols.intercept:.2g}",
         )
-    if fo["mean"] is not None:
-        ax_a.plot(
+    if _known(fo):
+        ax.plot(
             grid,
-            sign * fo["mean"] * grid,
+            sign * fo * grid,
             color=_THEORY,
             ls="--",
             lw=1.3,
-            label=f"first order η·∇H·v (∇H·v = {fo['mean']:.4g})",
+            label=f"first order η·∇H·v (∇H·v = {fo:.4g})",
         )
-        if curv["mean"] is not None:
-            ax_a.plot(
+        if _known(curv):
+            ax.plot(
                 grid,
-                sign * (fo["mean"] * grid + 0.5 * curv["mean"] * grid**2 + d3 * grid**3 / 6),
+                sign * (fo * grid + 0.5 * curv * grid**2 + d3 * grid**3 / 6),
                 color=_THEORY,
                 ls=":",
                 lw=1.3,
-                label=theory_label,
+                label=_theory_label(a),
             )
     for mask, style, label in (
-        (inside, dict(fmt="o", color=_OK, ms=7), "mean ± SE (within tolerance)"),
-        (beyond, dict(fmt="D", color=_BEYOND, ms=7), "mean ± SE, beyond tolerance or undecided"),
+        (shown.inside, dict(fmt="o", color=_OK, ms=7), "mean ± SE (within tolerance)"),
         (
-            ~ok,
-            dict(fmt="o", color=_UNRES, mfc="white", ms=7),
-            "unresolvable (not fitted)",
+            shown.beyond,
+            dict(fmt="D", color=_BEYOND, ms=7),
+            "mean ± SE, beyond tolerance or undecided",
         ),
+        (~ok, dict(fmt="o", color=_UNRES, mfc="white", ms=7), "unresolvable (not fitted)"),
     ):
         if mask.any():
-            ax_a.errorbar(
+            ax.errorbar(
                 eta[mask], sign * mean[mask], yerr=se0[mask], capsize=3, label=label, **style
             )
     if mode != "symlog":  # keep the data in view; a fitted line may dive towards 0
@@ -544,196 +558,229 @@ def plot_summary(analysis: Mapping[str, Any], path: str | os.PathLike[str]) -> P
         positive = shown_a > 0
         if positive.any():
             lows = np.where(shown_a - se0 > 0, shown_a - se0, shown_a)[positive]
-            ax_a.set_ylim(lows.min() / 3, (shown_a + se0)[positive].max() * 3)
-    ax_a.set_title("(a) mean entropy change per learning rate")
+            ax.set_ylim(lows.min() / 3, (shown_a + se0)[positive].max() * 3)
+    ax.set_title("(a) mean entropy change per learning rate")
 
-    # (b) the deciding statistic: mean |n_r(η)| over repeats and its upper bound ----------
-    tol = regime["tolerance"]
-    ax_b.axhspan(0, tol, color="#2e8b57", alpha=0.12, label=f"within tolerance ({tol:.0%})")
-    bounds = [
-        (p["learning_rate"], p.get("nonlinearity_mean_abs"), p.get("nonlinearity_bound"))
-        for p in points
+
+def _panel_bounds(ax: Any, rows: list[tuple[stats.EtaSummary, Any]], tol: float) -> None:
+    """(b) the deciding statistic: mean |n_r(η)| over repeats and its upper bound."""
+    ax.axhspan(0, tol, color="#2e8b57", alpha=0.12, label=f"within tolerance ({tol:.0%})")
+    shown = [
+        (p.learning_rate, p.nonlinearity_mean_abs, p.nonlinearity_bound)
+        for _, p in rows
+        if _known(p.nonlinearity_mean_abs)
     ]
-    shown_b = [(e, m, b) for e, m, b in bounds if m is not None]
-    if shown_b:
-        xs = [e for e, _, _ in shown_b]
+    if shown:
+        xs = [e for e, _, _ in shown]
         bottom = tol * 1e-6  # smaller bends are drawn at the axis floor
-        means = [max(m, bottom) for _, m, _ in shown_b]
-        tops = [max(b if b is not None and math.isfinite(b) else m, bottom) for _, m, b in shown_b]
-        ax_b.vlines(xs, means, tops, color=_OK, lw=2, label="upper confidence bound")
-        ax_b.plot(xs, means, "o", color=_OK, ms=7, label="mean |n_r(η)| over repeats")
-        ax_b.set_yscale("log")
-        ax_b.set_ylim(bottom / 3, max(max(tops), tol) * 3)
+        means = [max(m, bottom) for _, m, _ in shown]
+        tops = [max(b if _known(b) else m, bottom) for _, m, b in shown]
+        ax.vlines(xs, means, tops, color=_OK, lw=2, label="upper confidence bound")
+        ax.plot(xs, means, "o", color=_OK, ms=7, label="mean |n_r(η)| over repeats")
+        ax.set_yscale("log")
+        ax.set_ylim(bottom / 3, max(max(tops), tol) * 3)
     else:
-        ax_b.text(0.5, 0.5, "no resolvable point", transform=ax_b.transAxes, ha="center")
-    ax_b.axhline(tol, color="#2e8b57", lw=1.0)
-    ax_b.set_ylabel("|ΔH_r/η bend| (relative)")
-    ax_b.set_title("(b) nonlinearity per η: paired over repeats (decides the verdict)")
-    ax_b.legend(fontsize=8, loc="best")
+        ax.text(0.5, 0.5, "no resolvable point", transform=ax.transAxes, ha="center")
+    ax.axhline(tol, color="#2e8b57", lw=1.0)
+    ax.set_ylabel("|ΔH_r/η bend| (relative)")
+    ax.set_title("(b) nonlinearity per η: paired over repeats (decides the verdict)")
+    ax.legend(fontsize=8, loc="best")
 
-    # (c) each repeat's f_r(η) = ΔH_r/(η·∇H·v_r) − 1 with the band and the window -------
-    lo, hi = regime.get("eta_min"), regime.get("eta_max")
+
+def _window_marks(axes: tuple[Any, Any, Any], window: Window, grid: np.ndarray) -> None:
+    """The measured window (shaded) and the jet's predicted edge (dotted) on every panel."""
+    lo, hi = window.eta_min, window.eta_max
     if lo is not None and hi is not None:
-        for ax in (ax_a, ax_b, ax_c):
+        for ax in axes:
             ax.axvspan(
                 lo / 1.3,
                 hi * 1.3,
                 color="#2e8b57",
                 alpha=0.08,
-                label=f"measured window [{lo:.2g}, {hi:.2g}]" if ax is ax_c else None,
+                label=f"measured window [{lo:.2g}, {hi:.2g}]" if ax is axes[2] else None,
             )
-    predicted = regime.get("eta_max_predicted")
-    if predicted is not None and math.isfinite(predicted) and grid.min() < predicted < grid.max():
-        for ax in (ax_a, ax_b, ax_c):
+    predicted = window.eta_max_predicted
+    if _known(predicted) and grid.min() < predicted < grid.max():  # type: ignore[operator]
+        for ax in axes:
             ax.axvline(
                 predicted,
                 color=_THEORY,
                 ls=":",
                 lw=1.2,
                 label=f"jet's predicted edge {predicted:.2g} (not measured)"
-                if ax is ax_c
+                if ax is axes[2]
                 else None,
             )
-    ax_c.axhspan(-tol, tol, color="#2e8b57", alpha=0.12, label=f"±{tol:.0%}")
-    ax_c.axhline(0.0, color="black", lw=0.8)
+
+
+def _per_repeat_curves(
+    a: Analysis, rows: list[tuple[stats.EtaSummary, Any]]
+) -> dict[int, list[tuple[float, float, bool]]]:
+    """Per repeat, (η, f_r(η) or else n_r(η), resolvable) over the drawn grid points."""
+    out: dict[int, list[tuple[float, float, bool]]] = {}
+    for summary, _ in rows:
+        for rp in a.points:
+            if rp.learning_rate != summary.learning_rate:
+                continue
+            value = rp.relative_to_first_order
+            if not _known(value):
+                value = rp.nonlinearity
+            if _known(value):
+                out.setdefault(rp.repeat, []).append((rp.learning_rate, value, rp.resolvable))  # type: ignore[arg-type]
+    return out
+
+
+def _panel_repeats(ax: Any, a: Analysis, rows: list[tuple[stats.EtaSummary, Any]]) -> None:
+    """(c) each repeat's f_r(η) = ΔH_r/(η·∇H·v_r) − 1 against the tolerance band."""
     from matplotlib import colormaps
 
-    per_repeat: dict[int, list[tuple[float, float, bool]]] = {}
-    for p in points:
-        for rp in p.get("repeats") or []:
-            value = rp.get("relative_to_first_order")
-            if value is None:
-                value = rp.get("nonlinearity")
-            if value is not None:
-                per_repeat.setdefault(int(rp["repeat"]), []).append(
-                    (p["learning_rate"], value, bool(rp["resolvable"]))
-                )
+    tol = a.window.tolerance
+    ax.axhspan(-tol, tol, color="#2e8b57", alpha=0.12, label=f"±{tol:.0%}")
+    ax.axhline(0.0, color="black", lw=0.8)
+    per_repeat = _per_repeat_curves(a, rows)
     cmap = colormaps["tab10"]
-    values_c: list[float] = []
-    for i, (rep, rows_c) in enumerate(sorted(per_repeat.items())):
-        xs = [e for e, _, _ in rows_c]
-        ys = [v for _, v, _ in rows_c]
-        values_c += [v for _, v, ok_c in rows_c if ok_c]
-        ax_c.plot(xs, ys, lw=0.8, color=cmap(i % 10), label=f"repeat {rep}")
-        ax_c.plot(
-            [e for e, _, ok_c in rows_c if ok_c],
-            [v for _, v, ok_c in rows_c if ok_c],
+    values: list[float] = []
+    for i, (rep, curve) in enumerate(sorted(per_repeat.items())):
+        values += [v for _, v, ok in curve if ok]
+        ax.plot(
+            [e for e, _, _ in curve],
+            [v for _, v, _ in curve],
+            lw=0.8,
+            color=cmap(i % 10),
+            label=f"repeat {rep}",
+        )
+        ax.plot(
+            [e for e, _, ok in curve if ok],
+            [v for _, v, ok in curve if ok],
             "o",
             ms=5,
             color=cmap(i % 10),
         )
-        ax_c.plot(
-            [e for e, _, ok_c in rows_c if not ok_c],
-            [v for _, v, ok_c in rows_c if not ok_c],
+        ax.plot(
+            [e for e, _, ok in curve if not ok],
+            [v for _, v, ok in curve if not ok],
             "o",
             ms=5,
             mfc="white",
             color=_UNRES,
         )
-    if any(not ok_c for r in per_repeat.values() for _, _, ok_c in r):
-        ax_c.plot([], [], "o", mfc="white", color=_UNRES, label="unresolvable (not judged)")
-    big = max([abs(v) for v in values_c] + [tol])
-    ax_c.set_yscale("symlog", linthresh=tol / 10)
-    ax_c.set_ylim(-3 * big, 3 * big)
+    if any(not ok for curve in per_repeat.values() for _, _, ok in curve):
+        ax.plot([], [], "o", mfc="white", color=_UNRES, label="unresolvable (not judged)")
+    big = max([abs(v) for v in values] + [tol])
+    ax.set_yscale("symlog", linthresh=tol / 10)
+    ax.set_ylim(-3 * big, 3 * big)
+
+
+def plot_summary(analysis: Analysis | Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
+    """entropy_vs_learning_rate.png: (a) means ± SE with the fit and the jet, (b) the paired
+    nonlinearity per η against the tolerance, (c) each repeat's ΔH/η against its own first
+    order, with the measured window (shaded) and the jet's predicted edge (dotted)."""
+    a = _typed(analysis)
+    rows = [(e, p) for e, p in a.grid() if e.n_samples > 0]
+    fig = _new_figure(9.0, 12.0)
+    fig.suptitle(_title_line(a), fontsize=12)
+    if not rows:
+        return _no_data(fig, path)
+    ax_a, ax_b, ax_c = fig.subplots(3, 1, sharex=True)
+    shown = _shown(rows)
+    _panel_means(ax_a, a, shown)
+    _panel_bounds(ax_b, rows, a.window.tolerance)
+    _window_marks((ax_a, ax_b, ax_c), a.window, shown.grid)
+    _panel_repeats(ax_c, a, rows)
     ax_a.legend(fontsize=8, loc="best")
     ax_c.set_ylabel("ΔH_r/(η·s_r) − 1")
     ax_c.set_title("(c) each repeat's ΔH/η against its own first-order slope")
     ax_c.legend(fontsize=8, loc="best", ncol=2)
-
     ax_c.set_xscale("log")
-    ax_c.set_xlim(grid.min(), grid.max())
+    ax_c.set_xlim(shown.grid.min(), shown.grid.max())
     ax_c.set_xlabel("learning rate η")
     for ax in (ax_a, ax_b, ax_c):
         ax.grid(True, which="major", alpha=0.3)
     return _save(fig, Path(path))
 
 
-def plot_raw_measurements(
-    records: Iterable[Mapping[str, Any]],
-    analysis: Mapping[str, Any],
-    path: str | os.PathLike[str],
-) -> Path:
-    """raw_measurements.png: every (η, repeat) ΔH and ΔH/η, coloured by repeat."""
-    rows = sorted((r for r in records if _is_measured(r)), key=_key)
-    n_failed = analysis["summary"]["n_failed"]
-    fig = _new_figure(9.0, 9.0)
-    fig.suptitle(
-        f"Raw measurements: {len(rows)} successful runs"
-        + (f", {n_failed} failed (not shown)" if n_failed else ""),
-        fontsize=12,
-    )
-    if not rows:
-        ax = fig.subplots()
-        ax.text(0.5, 0.5, "no successful measurements", ha="center", va="center", fontsize=14)
-        ax.set_axis_off()
-        return _save(fig, Path(path))
-
+def _raw_colors(repeats: list[int]) -> tuple[dict[int, Any], dict[int, float]]:
+    """Each repeat's colour, and its multiplicative x offset (repeats do not hide each other)."""
     from matplotlib import colormaps
 
-    ax_a, ax_b = fig.subplots(2, 1, sharex=True)
-    repeats = sorted({int(r["repeat"]) for r in rows})
     cmap = colormaps["tab10" if len(repeats) <= 10 else "viridis"]
     color = {
         rep: cmap(i if len(repeats) <= 10 else i / max(len(repeats) - 1, 1))
         for i, rep in enumerate(repeats)
     }
-    spread = 0.05  # multiplicative x offset per repeat so repeats do not hide each other
+    spread = 0.05
     offset = {rep: 1 + spread * (i - (len(repeats) - 1) / 2) for i, rep in enumerate(repeats)}
-    unresolvable = [
-        p["learning_rate"] for p in analysis["per_learning_rate"].values() if not p["resolvable"]
-    ]
-    etas = [float(r["learning_rate"]) for r in rows]
-    changes = [float(r["entropy_change"]) for r in rows]
-    unres_set = set(unresolvable)
+    return color, offset
 
-    mode = _y_mode(changes)  # every raw value must stay visible: symlog if signs differ
-    sign = _apply_y_mode(ax_a, mode, changes, "ΔH")
-    ratios_ok = [c / e for e, c in zip(etas, changes) if e not in unres_set]
-    slopes = [float(r["first_order_slope"]) for r in rows if _finite(r.get("first_order_slope"))]
-    limits = _padded(ratios_ok + slopes)
-    if limits:
-        ax_b.set_ylim(*limits)
 
-    off_scale = 0
-    for rep in repeats:
-        mine = [r for r in rows if int(r["repeat"]) == rep]
-        x = [float(r["learning_rate"]) * offset[rep] for r in mine]
-        y = [float(r["entropy_change"]) for r in mine]
-        seed = mine[0].get("seed")
-        label = f"repeat {rep}" + (f" (seed {seed})" if seed is not None else "")
-        ax_a.plot(x, [sign * v for v in y], marker="o", ms=5, lw=0.8, color=color[rep], label=label)
-        ratio = [v / float(r["learning_rate"]) for v, r in zip(y, mine)]
-        off_scale += _clip_to_ylim(ax_b, x, ratio, marker="o", ms=5, color=color[rep])
-        fo = [float(r["first_order_slope"]) for r in mine if _finite(r.get("first_order_slope"))]
-        if fo:
-            ax_b.axhline(float(np.mean(fo)), color=color[rep], ls="--", lw=1.0)
+def _raw_legends(
+    ax_a: Any, ax_b: Any, unresolvable: list[float], slopes: list[float], off_scale: int
+) -> None:
     for e in unresolvable:
         for ax in (ax_a, ax_b):
             ax.axvspan(e / 1.25, e * 1.25, color=_UNRES, alpha=0.18, lw=0)
     if unresolvable:
         ax_a.plot(
-            [],
-            [],
-            marker="s",
-            ls="none",
-            color=_UNRES,
-            alpha=0.4,
-            ms=10,
+            [], [], marker="s", ls="none", color=_UNRES, alpha=0.4, ms=10,
             label="unresolvable η (not fitted)",
-        )
+        )  # fmt: skip
     if slopes:
         ax_b.plot([], [], ls="--", color="black", label="∇H·v of each repeat (same colour)")
     if off_scale:
         ax_b.plot([], [], marker="^", ls="none", color="black", label="▲▼ off scale (at the edge)")
     if slopes or off_scale:
         ax_b.legend(fontsize=8, loc="best")
+
+
+def plot_raw_measurements(
+    records: Iterable[PointRecord | Mapping[str, Any]],
+    analysis: Analysis | Mapping[str, Any],
+    path: str | os.PathLike[str],
+) -> Path:
+    """raw_measurements.png: every (η, repeat) ΔH and ΔH/η, coloured by repeat."""
+    a = _typed(analysis)
+    rows = [r for r in as_records(records) if r.measured]
+    fig = _new_figure(9.0, 9.0)
+    fig.suptitle(
+        f"Raw measurements: {len(rows)} successful runs"
+        + (f", {a.n_failed} failed (not shown)" if a.n_failed else ""),
+        fontsize=12,
+    )
+    if not rows:
+        return _no_data(fig, path)
+    ax_a, ax_b = fig.subplots(2, 1, sharex=True)
+    repeats = sorted({int(r.repeat) for r in rows})
+    color, offset = _raw_colors(repeats)
+    unresolvable = [p.learning_rate for p in a.per_eta if not p.resolvable]
+    etas = [float(r.learning_rate) for r in rows]
+    changes = [float(r.entropy_change) for r in rows]  # type: ignore[arg-type]
+    mode = _y_mode(changes)  # every raw value must stay visible: symlog if signs differ
+    sign = _apply_y_mode(ax_a, mode, changes, "ΔH")
+    ratios_ok = [c / e for e, c in zip(etas, changes) if e not in set(unresolvable)]
+    slopes = [float(r.first_order_slope) for r in rows if finite(r.first_order_slope)]  # type: ignore[arg-type]
+    limits = _padded(ratios_ok + slopes)
+    if limits:
+        ax_b.set_ylim(*limits)
+    off_scale = 0
+    for rep in repeats:
+        mine = [r for r in rows if int(r.repeat) == rep]
+        x = [float(r.learning_rate) * offset[rep] for r in mine]
+        y = [float(r.entropy_change) for r in mine]  # type: ignore[arg-type]
+        seed = mine[0].seed
+        label = f"repeat {rep}" + (f" (seed {seed})" if seed is not None else "")
+        ax_a.plot(x, [sign * v for v in y], marker="o", ms=5, lw=0.8, color=color[rep], label=label)
+        ratio = [v / float(r.learning_rate) for v, r in zip(y, mine)]
+        off_scale += _clip_to_ylim(ax_b, x, ratio, marker="o", ms=5, color=color[rep])
+        fo = [float(r.first_order_slope) for r in mine if finite(r.first_order_slope)]  # type: ignore[arg-type]
+        if fo:
+            ax_b.axhline(float(np.mean(fo)), color=color[rep], ls="--", lw=1.0)
+    _raw_legends(ax_a, ax_b, unresolvable, slopes, off_scale)
     ax_a.set_title("(a) ΔH of every run (x slightly offset per repeat)")
     ax_a.legend(fontsize=8, loc="best", ncol=2 if len(repeats) > 5 else 1)
     ax_b.set_ylabel("ΔH/η (nats per unit η)")
     ax_b.set_title("(b) ΔH/η of every run against its first-order slope")
     ax_b.set_xscale("log")
-    lo, hi = min(etas), max(etas)
-    ax_b.set_xlim(lo / 1.6, hi * 1.6)
+    ax_b.set_xlim(min(etas) / 1.6, max(etas) * 1.6)
     ax_b.set_xlabel("learning rate η")
     for ax in (ax_a, ax_b):
         ax.grid(True, which="major", alpha=0.3)
@@ -750,8 +797,9 @@ def write_report(
     thresholds: stats.Thresholds | None = None,
     floor: FloorThresholds | None = None,
     dtype: str | None = None,
-) -> dict[str, Any]:
-    """Rebuild analysis.json and both plots from the folder's records and run_meta.json.
+) -> Analysis:
+    """Rebuild analysis.json and both plots from the folder's records and run_meta.json;
+    returns the analysis (``to_dict()`` is the analysis.json written).
 
     Thresholds not given come from run_meta.json["thresholds"] (what the sweep used),
     else the defaults.  Needs no checkpoint and no model.
@@ -765,12 +813,12 @@ def write_report(
         )
     meta = results.read_meta()
     stored_thresholds, stored_floor = thresholds_from_meta(meta)
-    analysis = build_analysis(
+    analysis = analyze(
         records, meta, thresholds or stored_thresholds, floor or stored_floor, dtype=dtype
     )
-    atomic_write_json(results.path / ANALYSIS_FILE, analysis)
+    atomic_write_json(results.path / ANALYSIS_FILE, analysis.to_dict())
     plot_summary(analysis, results.path / MAIN_PLOT)
-    plot_raw_measurements(records, analysis, results.path / RAW_PLOT)
+    plot_raw_measurements(analysis.records, analysis, results.path / RAW_PLOT)
     return analysis
 
 
@@ -875,6 +923,40 @@ def format_track_tables(track: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _track_window_panel(ax_w: Any, entries: list[Mapping[str, Any]]) -> None:
+    """The window's edges and the jet's predicted edge against the step, with the trainer's
+    lr through them (steps whose lr leaves the window circled)."""
+    for key, style, label in (
+        ("eta_min", "v-", "window low edge"),
+        ("eta_max", "^-", "window high edge"),
+    ):
+        pts = [(e["step"], e["window"][key]) for e in entries if finite(e["window"][key])]
+        if pts:
+            ax_w.plot(*zip(*pts), style, label=label)
+    pred = [(e["step"], e["eta_max_predicted"]) for e in entries if finite(e["eta_max_predicted"])]
+    if pred:
+        ax_w.plot(*zip(*pred), ":", color="gray", label="predicted edge (jet)")
+    lr = [
+        (e["step"], e["lr"]["next_step"])
+        for e in entries
+        if finite(e["lr"]["next_step"]) and e["lr"]["next_step"] > 0
+    ]
+    if lr:
+        ax_w.plot(*zip(*lr), "k*-", ms=9, label="trainer's lr (next step)")
+    out = [
+        (e["step"], e["lr"]["next_step"])
+        for e in entries
+        if e["lr_in_window"] in ("above", "below", "no window")
+    ]
+    if out:
+        ax_w.plot(
+            *zip(*out), "o", mfc="none", mec="red", ms=16, mew=2, label="lr outside the window"
+        )
+    ax_w.set_yscale("log")
+    ax_w.set_ylabel("η")
+    ax_w.legend(fontsize=8)
+
+
 def plot_track(track: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
     """Against the training step: H₀ ± SE (and the trainer's logged entropy), α with its CI
     band and each direction's slope, the window's edges with the trainer's lr through them
@@ -896,44 +978,16 @@ def plot_track(track: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
     alpha = [e["alpha"].get("value") for e in entries]
     low = [e["alpha"].get("ci_low") for e in entries]
     high = [e["alpha"].get("ci_high") for e in entries]
-    if all(_finite(v) for v in low + high):
+    if all(finite(v) for v in low + high):
         ax_a.fill_between(steps, low, high, alpha=0.25, label="95% CI")
     ax_a.plot(steps, alpha, "o-", label="α (mixed model)")
     for e in entries:
-        slopes = [d["slope"] for d in e["directions"] if _finite(d["slope"])]
+        slopes = [d["slope"] for d in e["directions"] if finite(d["slope"])]
         ax_a.plot([e["step"]] * len(slopes), slopes, "x", color="gray", ms=4)
     ax_a.axhline(0, color="black", lw=0.5)
     ax_a.set_ylabel("α = dH/dη")
     ax_a.legend(fontsize=8)
-    for key, style, label in (
-        ("eta_min", "v-", "window low edge"),
-        ("eta_max", "^-", "window high edge"),
-    ):
-        pts = [(e["step"], e["window"][key]) for e in entries if _finite(e["window"][key])]
-        if pts:
-            ax_w.plot(*zip(*pts), style, label=label)
-    pred = [(e["step"], e["eta_max_predicted"]) for e in entries if _finite(e["eta_max_predicted"])]
-    if pred:
-        ax_w.plot(*zip(*pred), ":", color="gray", label="predicted edge (jet)")
-    lr = [
-        (e["step"], e["lr"]["next_step"])
-        for e in entries
-        if _finite(e["lr"]["next_step"]) and e["lr"]["next_step"] > 0
-    ]
-    if lr:
-        ax_w.plot(*zip(*lr), "k*-", ms=9, label="trainer's lr (next step)")
-    out = [
-        (e["step"], e["lr"]["next_step"])
-        for e in entries
-        if e["lr_in_window"] in ("above", "below", "no window")
-    ]
-    if out:
-        ax_w.plot(
-            *zip(*out), "o", mfc="none", mec="red", ms=16, mew=2, label="lr outside the window"
-        )
-    ax_w.set_yscale("log")
-    ax_w.set_ylabel("η")
-    ax_w.legend(fontsize=8)
+    _track_window_panel(ax_w, entries)
     intervals = track["history"]["intervals"]
     mid = [(h["from_step"] + h["to_step"]) / 2 for h in intervals]
     ax_d.errorbar(

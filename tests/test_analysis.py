@@ -261,7 +261,7 @@ def test_a_bare_raw_results_gives_the_folder_analysis(tmp_path):
     bare = tmp_path / "bare"
     bare.mkdir()
     (bare / "raw_results.json").write_text((full / "raw_results.json").read_text())
-    a, b = write_report(full), write_report(bare)
+    a, b = write_report(full).to_dict(), write_report(bare).to_dict()
     assert a["summary"] == b["summary"] and a["per_learning_rate"] == b["per_learning_rate"]
 
 
@@ -270,7 +270,7 @@ def test_a_schema_one_record_without_dtype_is_refused_not_assumed_fp32(tmp_path)
     (tmp_path / "raw_results.json").write_text(json.dumps(old))
     with pytest.raises(ValueError, match="pass --dtype"):
         write_report(tmp_path)
-    assert write_report(tmp_path, dtype="fp64")["summary"]["verdict"] == "linear"
+    assert write_report(tmp_path, dtype="fp64").verdict == "linear"
     # In fp32 the same numbers are below the precision floor at η = 1e-8: dtype matters.
     fp32 = build_analysis(old, {}, dtype="fp32")["per_learning_rate"]
     assert fp32["1e-08"]["resolvable"] is False

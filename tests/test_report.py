@@ -227,7 +227,7 @@ def test_linear_data_is_linear():
     row = analysis["per_learning_rate"]["1e-05"]
     assert row["resolvable"] and row["in_window"] and row["n_samples"] == 4
     assert len(row["repeats"]) == 4 and row["status"] == "within"
-    assert analysis["schema_version"] == 2
+    assert analysis["schema_version"] == 3
     assert analysis["thresholds"]["linearity"]["r2_min"] == 0.95
     json.dumps(analysis, allow_nan=False)
 
@@ -260,7 +260,8 @@ def test_noisy_symmetric_small_eta_is_unresolvable_and_excluded():
 
 
 def test_failed_records_are_counted(reported):
-    _, analysis = reported
+    _, typed = reported
+    analysis = typed.to_dict()
     s = analysis["summary"]
     assert s["n_failed"] == 1
     assert s["failures"] == [
@@ -310,8 +311,26 @@ def test_format_tables(reported):
     assert "LINEARITY ANALYSIS" in text and "DETAILED RESULTS" in text
     assert "VERDICT: LINEAR" in text
     assert "failed run: η = 1e-06, repeat 2" in text
-    for label in analysis["per_learning_rate"]:
+    for label in analysis.to_dict()["per_learning_rate"]:
         assert any(line.strip().startswith(label) for line in text.splitlines())
+    # analysis.json's content (the pytest plugin's path) prints the same tables
+    assert report.format_tables(analysis.to_dict()) == text
+
+
+def test_analysis_json_reads_back_to_the_same_file(reported):
+    """from_dict(to_dict(a)).to_dict() == to_dict(a), and the typed objects come back."""
+    from entropy_lab.analysis import Analysis
+
+    _, analysis = reported
+    d = json.loads(json.dumps(analysis.to_dict(), allow_nan=False))
+    back = Analysis.from_dict(d)
+    assert json.dumps(back.to_dict()) == json.dumps(d)
+    assert back.point(1e-5) == analysis.point(1e-5)
+    assert back.repeats[0].measured_jet == analysis.repeats[0].measured_jet
+    assert back.window == analysis.window and back.facts.failures == analysis.facts.failures
+    assert back.records == [] and analysis.records  # analysis.json holds no records
+    with pytest.raises(ValueError, match="schema"):
+        Analysis.from_dict({**d, "schema_version": 2})
 
 
 def test_report_on_unresolvable_and_mixed_sign_data(tmp_path):
@@ -320,14 +339,14 @@ def test_report_on_unresolvable_and_mixed_sign_data(tmp_path):
     make_folder(tmp_path, records, synthetic_meta("fp32"))
     analysis = report.write_report(tmp_path)
     assert (tmp_path / report.MAIN_PLOT).read_bytes().startswith(PNG_MAGIC)
-    assert analysis["summary"]["verdict"] in {"nonlinear", "inconclusive"}
-    assert analysis["summary"]["linear_regime"]["note"].startswith("empty")
+    assert analysis.verdict in {"nonlinear", "inconclusive"}
+    assert analysis.window.note.startswith("empty")
     report.format_tables(analysis)
 
     only = tmp_path / "single"
     make_folder(only, synthetic_records(etas=[1e-5], repeats=2))
     single = report.write_report(only)
-    assert single["summary"]["verdict"] == "inconclusive"
+    assert single.verdict == "inconclusive"
     assert "N/A" in report.format_tables(single)
 
 
@@ -340,9 +359,9 @@ def test_folder_copied_without_meta_still_reports(tmp_path, monkeypatch):
     """The records say their dtype: the same verdict and window without run_meta.json."""
     _no_plots(monkeypatch)
     folder = make_folder(tmp_path, synthetic_records(repeats=3))
-    full = report.write_report(folder.path)
+    full = report.write_report(folder.path).to_dict()
     os.remove(tmp_path / "run_meta.json")
-    analysis = report.write_report(folder.path)
+    analysis = report.write_report(folder.path).to_dict()
     assert analysis["config"] == {} and analysis["summary"]["verdict"] == "linear"
     assert analysis["per_learning_rate"] == full["per_learning_rate"]
 
