@@ -377,19 +377,6 @@ class ExperimentConfig:
         out["training_config"]["lr"] = "η (each value of learning_rates)"
         return out
 
-    def objective(self):
-        """The loss the update takes (entropy_lab.update.Objective)."""
-        from entropy_lab.update import Objective
-
-        return Objective(
-            loss_type=self.loss_type,
-            clip_eps=self.clip_eps,
-            clip_eps_high=self.clip_eps_high,
-            kl_beta=self.kl_beta,
-            kl_bias_correction=self.kl_bias_correction,
-            entropy_coef=self.entropy_coef,
-        )
-
     def measurement_key(self) -> dict[str, Any]:
         """The settings that change a measurement at a given η (for caches and resume)."""
         out = dataclasses.asdict(self)

@@ -43,7 +43,14 @@ from entropy_lab.theory import (
     directional_derivatives,
     entropy_gradient,
 )
-from entropy_lab.update import Gradient, GroupCounts, PolicyUpdate, UpdateBatch, group_advantages
+from entropy_lab.update import (
+    Gradient,
+    GroupCounts,
+    Objective,
+    PolicyUpdate,
+    UpdateBatch,
+    group_advantages,
+)
 
 if TYPE_CHECKING:
     from entropy_lab.config import TrainingSetup
@@ -342,7 +349,7 @@ def prepare(configured: Configured) -> Setup:
         grad_clip=cfg.grad_clip,
         microbatch_size=cfg.microbatch_size,
         chunk_tokens=cfg.eval_chunk_tokens,
-        objective=cfg.objective(),
+        objective=_objective(cfg),
         gradient_mode=cfg.gradient_mode,
     )
     policy.eval()
@@ -377,6 +384,19 @@ def prepare(configured: Configured) -> Setup:
         entropy_grad,
         costs,
         SequenceSums(*(t.detach().cpu() for t in (sums.entropy, sums.logprob, sums.tokens))),
+    )
+
+
+def _objective(cfg: ExperimentConfig) -> Objective:
+    """The loss the update takes, from the trainer's settings (built here, where the config
+    meets the update: the config imports no later module)."""
+    return Objective(
+        loss_type=cfg.loss_type,
+        clip_eps=cfg.clip_eps,
+        clip_eps_high=cfg.clip_eps_high,
+        kl_beta=cfg.kl_beta,
+        kl_bias_correction=cfg.kl_bias_correction,
+        entropy_coef=cfg.entropy_coef,
     )
 
 
