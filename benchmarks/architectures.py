@@ -25,6 +25,7 @@ import torch
 
 from entropy_lab import checkpoint, precision
 from entropy_lab.checkpoint import load_checkpoint
+from entropy_lab.config import Measurement
 from entropy_lab.entropy import EntropyScorer, routers_of
 from entropy_lab.protocol import direction, measure_point, open_experiment
 from entropy_lab.theory import check_forward_ad
@@ -42,12 +43,9 @@ def _setup(path, dtype: str, eval_size: int, task: str | None):
     return open_experiment(
         path,
         [1e-9],
+        measurement=Measurement(num_repeats=2, eval_size=eval_size, jet=1, identity_check=False),
         dtype=dtype,
         settings=flags,
-        num_repeats=2,
-        eval_size=eval_size,
-        jet=1,
-        identity_check=False,
     )
 
 

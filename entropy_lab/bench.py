@@ -918,19 +918,19 @@ def bad_measurements(results: dict[str, Any]) -> dict[str, float]:
 
 def run_bench_command(args) -> dict[str, Any]:
     """``entropy-lab bench``: load the checkpoint, prepare E, run every section, report."""
-    from entropy_lab.config import QUICK_LEARNING_RATES, parse_learning_rates
-    from entropy_lab.protocol import open_experiment, set_threads
+    from entropy_lab.config import QUICK_LEARNING_RATES, Measurement, parse_learning_rates
+    from entropy_lab.protocol import open_experiment
 
     # The same defaults as `entropy-lab quick`.
     setup = open_experiment(
         args.checkpoint,
         parse_learning_rates(args.learning_rates or QUICK_LEARNING_RATES),
+        measurement=Measurement(eval_size=args.eval_size),
         base_model=args.base_model,
         dtype=args.dtype,
         device=args.device,
         settings={"buffer_size": args.buffer_size},
-        on_config=lambda cfg, ck, _: set_threads(args.threads, ck.metadata["total_parameters"]),
-        eval_size=args.eval_size,
+        threads=args.threads,
     )
     memory = None
     if not args.no_memory:

@@ -155,20 +155,20 @@ def _add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="also time `entropy-lab quick`")
 
 
-def checkpoint_defaults(
-    checkpoint: str | None, dtype: str | None, eval_size: int | None, verbose: bool = False
-) -> tuple[str | Path, str, int]:
-    """(checkpoint, dtype, B_E) with the defaults filled in. Without --checkpoint: the tiny
-    one, built on first use, in faithful fp64 (its fp32 window is narrow) with B_E = 256;
-    with one: fp32 and B_E = 64."""
-    from entropy_lab.tiny import TINY_EVAL_SIZE, ensure_tiny_checkpoint
+def measurement_of(args: argparse.Namespace):
+    """The measurement's own settings from the sweep's flags."""
+    from entropy_lab.config import Measurement
 
-    tiny = checkpoint is None
-    path = ensure_tiny_checkpoint(verbose=verbose) if tiny else checkpoint
-    return (
-        path,
-        dtype or ("fp64" if tiny else "fp32"),
-        eval_size or (TINY_EVAL_SIZE if tiny else 64),
+    return Measurement(
+        num_repeats=args.num_repeats,
+        seed=args.seed,
+        eval_size=args.eval_size,
+        eval_chunk_tokens=args.eval_chunk_tokens,
+        steps=args.steps,
+        reading=args.reading,
+        first_order=not args.no_first_order,
+        faithful_fp64=not args.no_faithful,
+        jet=jet_of(args),
     )
 
 
@@ -185,70 +185,92 @@ def run_sweep_command(
     (``results_dir``), a loaded checkpoint whose base to reuse, a callback that sees the
     setup, and how to resume the whole track."""
     from entropy_lab import distributed
-    from entropy_lab.config import check_num_repeats, parse_learning_rates
-    from entropy_lab.protocol import open_experiment, run_sweep, set_threads
-    from entropy_lab.report import default_thresholds, format_tables, write_report
-    from entropy_lab.store import new_results_dir, run_meta
+    from entropy_lab.report import format_tables, write_report
 
     started = time.perf_counter()
+    setup, folder = _open_sweep(args, quick, results_dir, reuse)
+    if on_setup is not None:
+        on_setup(setup)
+    main_rank = distributed.is_main()
+    if main_rank:
+        _write_start(folder, setup, args)
+    _measure(setup, folder, args, resume_command)
+    if not main_rank:
+        return None
+    # What each phase cost this run (a resumed run counts only what it did itself).
+    folder.write_meta({**folder.read_meta(), "costs": setup.costs.to_dict()})
+    analysis = write_report(folder.path)
+    print(format_tables(analysis))
+    print(setup.costs.table())
+    print(f"\nresults: {folder.path}  ({time.perf_counter() - started:.1f} s)")
+    return folder.path
+
+
+def _open_sweep(args: argparse.Namespace, quick: bool, results_dir, reuse) -> tuple[Any, Any]:
+    """(setup, results folder): the config and checkpoint, then (rank 0) the setup table and
+    the folder, then E. The folder is None on other ranks."""
+    from entropy_lab import distributed
+    from entropy_lab.config import check_num_repeats, parse_learning_rates
+    from entropy_lab.protocol import configure, prepare
+    from entropy_lab.store import new_results_dir
+
     etas = parse_learning_rates(args.learning_rates)
     check_num_repeats(args.num_repeats)  # before the (slow) checkpoint load
     if args.checkpoint is None and not quick:
         raise EntropyLabError("sweep needs --checkpoint DIR (or use `entropy-lab quick`)")
+    configured = configure(
+        args.checkpoint,
+        etas,
+        measurement=measurement_of(args),
+        base_config=args.base_config,
+        base_model=args.base_model,
+        dtype=args.dtype,
+        device=args.device,
+        settings=setting_values(args),
+        reference_model=args.reference_model,
+        threads=args.threads,
+        reuse=reuse,
+    )
     # Data-parallel (torchrun): every rank measures, rank 0 alone writes and prints.
-    main_rank = distributed.is_main()
-    opened: dict[str, Any] = {}
-
-    def on_config(cfg, checkpoint, training) -> None:
-        set_threads(args.threads, checkpoint.metadata["total_parameters"])
-        args.dtype = cfg.dtype
-        if main_rank:
-            print(training.table(), flush=True)  # before sampling: what the step will be
-            opened["folder"] = _open_folder(
-                args, cfg, checkpoint.metadata, results_dir or new_results_dir
-            )
-
-    try:
-        setup = open_experiment(
-            args.checkpoint,
-            etas,
-            base_config=args.base_config,
-            base_model=args.base_model,
-            dtype=args.dtype,
-            device=args.device,
-            settings=setting_values(args),
-            reference_model=args.reference_model,
-            on_config=on_config,
-            num_repeats=args.num_repeats,
-            seed=args.seed,
-            eval_size=args.eval_size,
-            eval_chunk_tokens=args.eval_chunk_tokens,
-            steps=args.steps,
-            reading=args.reading,
-            first_order=not args.no_first_order,
-            faithful_fp64=not args.no_faithful,
-            jet=jet_of(args),
-            reuse=reuse,
+    folder = None
+    if distributed.is_main():
+        print(configured.training.table(), flush=True)  # before sampling: what the step will be
+        folder = _open_folder(
+            args, configured.cfg, configured.checkpoint.metadata, results_dir or new_results_dir
         )
+    try:
+        return prepare(configured), folder
     except BaseException:
-        folder = opened.get("folder")
         if folder is not None and not args.resume and not any(folder.path.iterdir()):
             folder.path.rmdir()  # a run that never started leaves no empty results folder
         raise
-    folder = opened.get("folder")
-    cfg = setup.cfg
-    if on_setup is not None:
-        on_setup(setup)
-    if main_rank:
-        # `report` re-applies exactly these thresholds, so it reproduces analysis.json.
-        meta = run_meta(setup, args.device, args.dtype, default_thresholds(r2_min=args.r2_min))
-        meta["environment"]["world_size"] = distributed.world_size()
-        folder.write_meta(meta)
-        folder.write_config(cfg.effective())
-        eval_batch = setup.eval_batch.to("cpu").to_dict()
-        if args.resume:
-            _check_same_eval_batch(folder, eval_batch)
-        folder.write_eval_batch(eval_batch)
+
+
+def _write_start(folder, setup, args: argparse.Namespace) -> None:
+    """run_meta.json, config.json and eval_batch.json, before the first point."""
+    from entropy_lab import distributed
+    from entropy_lab.report import default_thresholds
+    from entropy_lab.store import run_meta
+
+    # `report` re-applies exactly these thresholds, so it reproduces analysis.json.
+    meta = run_meta(setup, args.device, setup.cfg.dtype, default_thresholds(r2_min=args.r2_min))
+    meta["environment"]["world_size"] = distributed.world_size()
+    folder.write_meta(meta)
+    folder.write_config(setup.cfg.effective())
+    eval_batch = setup.eval_batch.to("cpu").to_dict()
+    if args.resume:
+        _check_same_eval_batch(folder, eval_batch)
+    folder.write_eval_batch(eval_batch)
+
+
+def _measure(setup, folder, args: argparse.Namespace, resume_command: str | None) -> None:
+    """Every (η, repeat) not already in the folder, each record written as it comes; an
+    interrupt or an error keeps the finished points and says how to resume."""
+    from entropy_lab import distributed
+    from entropy_lab.protocol import run_sweep
+    from entropy_lab.report import write_report
+
+    main_rank = distributed.is_main()
     done = distributed.broadcast_from_main(folder.done_pairs() if main_rank else None)
     if done and main_rank:
         print(f"resuming {folder.path}: {len(done)} finished points kept", file=sys.stderr)
@@ -280,15 +302,6 @@ def run_sweep_command(
             f"{exc} (finished points are kept: fix that, then "
             f"{resume_command or f'--resume {folder.path}'})"
         ) from exc
-    if not main_rank:
-        return None
-    # What each phase cost this run (a resumed run counts only what it did itself).
-    folder.write_meta({**folder.read_meta(), "costs": setup.costs.to_dict()})
-    analysis = write_report(folder.path)
-    print(format_tables(analysis))
-    print(setup.costs.table())
-    print(f"\nresults: {folder.path}  ({time.perf_counter() - started:.1f} s)")
-    return folder.path
 
 
 def _check_same_eval_batch(folder, eval_batch: dict[str, Any]) -> None:

@@ -8,6 +8,7 @@ results folder records.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 import pickle
 import warnings
@@ -210,6 +211,39 @@ JET_OPTION: dict[str, Any] = {
 }
 
 
+class Reading(enum.Enum):
+    """Which entropy defines ΔH (``--reading``): the policy's (E reweighted by π_θ/π_θ₀) or
+    the conditional one on E's fixed tokens. Each record type reads its own field for it
+    (``EntropyReadings.of``, ``DirectionalDerivatives.of``)."""
+
+    POLICY = "policy"
+    CONDITIONAL = "conditional"
+
+
+@dataclasses.dataclass(frozen=True)
+class Measurement:
+    """The measurement's own settings (not the trainer's, not the load's); None = the
+    ExperimentConfig default, except ``eval_size``: None = 256 on the built-in tiny
+    checkpoint, else 64 (protocol.configure)."""
+
+    num_repeats: int | None = None
+    seed: int | None = None
+    eval_size: int | None = None
+    eval_chunk_tokens: int | None = None
+    steps: int | None = None
+    reading: str | None = None
+    first_order: bool | None = None
+    jet: int | None = None
+    identity_check: bool | None = None
+    symmetric_check: bool | None = None
+    rounding_check: bool | None = None
+    faithful_fp64: bool = True
+
+    def given(self) -> dict[str, Any]:
+        """The settings given (not None), as ExperimentConfig fields."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
 @dataclasses.dataclass
 class ExperimentConfig:
     """Everything one sweep needs besides the checkpoint itself."""
@@ -279,7 +313,7 @@ class ExperimentConfig:
             raise ConfigError(f"--jet must be 1, 2 or 3, got {self.jet!r}")
         if self.dtype not in ("fp32", "fp64", "bf16"):
             raise ConfigError(f"--dtype must be fp32, fp64 or bf16, got {self.dtype!r}")
-        if self.reading not in ("policy", "conditional"):
+        if self.reading not in {r.value for r in Reading}:
             raise ConfigError(f"reading must be 'policy' or 'conditional', got {self.reading!r}")
         for name in ("eval_size", "eval_chunk_tokens", "steps"):
             if int(getattr(self, name)) < 1:
@@ -304,6 +338,17 @@ class ExperimentConfig:
         return cls(
             learning_rates=learning_rates, training_config=dict(training_config or {}), **values
         )
+
+    @property
+    def entropy_reading(self) -> Reading:
+        """``reading`` as the typed accessor of the entropy that defines ΔH."""
+        return Reading(self.reading)
+
+    @property
+    def multi_step(self) -> bool:
+        """k > 1 optimizer steps leave the line θ₀ + η·v: the oracles along it (the jvp, the
+        ±η pair, the rounding check) are off, and later steps clip against θ₀'s log-probs."""
+        return self.steps > 1
 
     @property
     def reference_adapter(self) -> str | None:
@@ -331,19 +376,6 @@ class ExperimentConfig:
         )
         out["training_config"]["lr"] = "η (each value of learning_rates)"
         return out
-
-    def objective(self):
-        """The loss the update takes (entropy_lab.update.Objective)."""
-        from entropy_lab.update import Objective
-
-        return Objective(
-            loss_type=self.loss_type,
-            clip_eps=self.clip_eps,
-            clip_eps_high=self.clip_eps_high,
-            kl_beta=self.kl_beta,
-            kl_bias_correction=self.kl_bias_correction,
-            entropy_coef=self.entropy_coef,
-        )
 
     def measurement_key(self) -> dict[str, Any]:
         """The settings that change a measurement at a given η (for caches and resume)."""

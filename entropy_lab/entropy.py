@@ -22,6 +22,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import nn
 
 from entropy_lab import distributed
+from entropy_lab.config import Reading
 from entropy_lab.modes import eval_mode
 from entropy_lab.rollout import SequenceBatch
 
@@ -40,6 +41,10 @@ class EntropyReadings:
     conditional: float
     policy: float
     ess: float  # effective sample size of the importance weights (= B_E at θ₀)
+
+    def of(self, reading: Reading) -> float:
+        """The entropy that defines ΔH under ``reading``."""
+        return self.policy if reading is Reading.POLICY else self.conditional
 
 
 class ModelLogits:

@@ -1,7 +1,10 @@
 """The measurement protocol (DESIGN §2), top to bottom.
 
+configure(): checkpoint → training setup → loaded model → experiment config (cheap; the CLI
+             prints the setup table and opens its results folder after it).
 prepare():  task → disjoint prompts → evaluation batch E sampled once at θ₀ → H(θ₀) cached,
-             and ∇H(θ₀) by one backward pass (the rounding check).
+             and ∇H(θ₀) by one backward pass (the rounding check). open_experiment() is
+             prepare(configure(...)).
 direction(): per repeat r, update batch U_r sampled at θ₀ with seed r → Dr-GRPO gradient →
              update vector v_r → theory along v_r.
 measure_point(): per η, from (θ₀, S₀): real AdamW step(s) at lr = η → H(θ₁) on E → ΔH;
@@ -25,7 +28,7 @@ import torch
 
 from entropy_lab import distributed
 from entropy_lab.checkpoint import LoadedCheckpoint
-from entropy_lab.config import RL_PRACTICE_REFERENCE, ExperimentConfig
+from entropy_lab.config import RL_PRACTICE_REFERENCE, ExperimentConfig, Measurement, Reading
 from entropy_lab.entropy import EntropyReadings, EntropyScorer, SequenceSums, readings
 from entropy_lab.errors import CheckpointError, ConfigError, EntropyLabError, release_after_oom
 from entropy_lab.records import EPS, PointRecord
@@ -40,7 +43,14 @@ from entropy_lab.theory import (
     directional_derivatives,
     entropy_gradient,
 )
-from entropy_lab.update import Gradient, GroupCounts, PolicyUpdate, UpdateBatch, group_advantages
+from entropy_lab.update import (
+    Gradient,
+    GroupCounts,
+    Objective,
+    PolicyUpdate,
+    UpdateBatch,
+    group_advantages,
+)
 
 if TYPE_CHECKING:
     from entropy_lab.config import TrainingSetup
@@ -103,10 +113,12 @@ class PhaseCosts:
 
 @dataclass
 class Setup:
-    """Everything fixed for a whole sweep."""
+    """Everything fixed for a whole sweep, built once by ``prepare``."""
 
     cfg: ExperimentConfig
     checkpoint: LoadedCheckpoint
+    training: TrainingSetup  # where each setting came from
+    kl_reference: torch.nn.Module | None  # a full fine-tune's KL reference model
     task: Task
     update_pool: list[Problem]
     eval_batch: SequenceBatch
@@ -114,56 +126,99 @@ class Setup:
     updater: PolicyUpdate
     reference_logprob: torch.Tensor  # log π_θ₀(seq_i) for E
     baseline: EntropyReadings  # H(θ₀)
-    training: TrainingSetup | None = None  # where each setting came from (open_experiment)
-    kl_reference: torch.nn.Module | None = None  # a full fine-tune's KL reference model
-    entropy_grad: dict[str, torch.Tensor] | None = None  # ∇H(θ₀) of the reading (rounding)
-    costs: PhaseCosts = dataclasses.field(default_factory=PhaseCosts)
+    entropy_grad: dict[str, torch.Tensor] | None  # ∇H(θ₀) of the reading (rounding)
+    costs: PhaseCosts
     # Per-sequence sums of E at θ₀: H₀'s standard error, and ΔH paired across checkpoints.
-    eval_sums: SequenceSums | None = None
+    eval_sums: SequenceSums
+
+
+@dataclass(frozen=True)
+class Configured:
+    """The cheap half of opening an experiment (``configure``): the config, the loaded
+    checkpoint, where each setting came from and the KL reference. A caller prints the
+    setup table or opens its results folder here, before ``prepare`` samples."""
+
+    cfg: ExperimentConfig
+    checkpoint: LoadedCheckpoint
+    training: TrainingSetup
+    kl_reference: torch.nn.Module | None
 
 
 def open_experiment(
     checkpoint: str | Any | None = None,
     learning_rates: Iterable[float] | str = (1e-6,),
     *,
+    measurement: Measurement | None = None,
     base_config: str | None = None,
     base_model: str | None = None,
     dtype: str | None = None,
     device: str = "cpu",
     settings: dict[str, Any] | None = None,
     reference_model: str | None = None,
-    on_config: Callable[[ExperimentConfig, LoadedCheckpoint, TrainingSetup], None] | None = None,
+    threads: int | None = None,
     reuse: LoadedCheckpoint | None = None,
-    **measurement: Any,
 ) -> Setup:
-    """The one way in: checkpoint → training setup → experiment config → batches.
+    """The one way in, for a caller with nothing to do between the two steps:
+    ``prepare(configure(...))``."""
+    return prepare(
+        configure(
+            checkpoint,
+            learning_rates,
+            measurement=measurement,
+            base_config=base_config,
+            base_model=base_model,
+            dtype=dtype,
+            device=device,
+            settings=settings,
+            reference_model=reference_model,
+            threads=threads,
+            reuse=reuse,
+        )
+    )
 
-    ``checkpoint`` None means the built-in tiny one (built on first use). ``settings`` are the
-    flag values of config.SETTINGS (None = not given); ``measurement`` the measurement's own
-    settings (num_repeats, seed, eval_size, steps, reading, …). ``on_config`` sees the config
-    before the (slow) batches are sampled: the CLI prints the setup table and opens its
-    results folder there. ``reuse`` is a checkpoint loaded before (``track``): when this one
-    is an adapter of the same base, its weights and optimizer state are swapped into it.
+
+def configure(
+    checkpoint: str | Any | None = None,
+    learning_rates: Iterable[float] | str = (1e-6,),
+    *,
+    measurement: Measurement | None = None,
+    base_config: str | None = None,
+    base_model: str | None = None,
+    dtype: str | None = None,
+    device: str = "cpu",
+    settings: dict[str, Any] | None = None,
+    reference_model: str | None = None,
+    threads: int | None = None,
+    reuse: LoadedCheckpoint | None = None,
+) -> Configured:
+    """Checkpoint → training setup → loaded model and CPU threads → experiment config.
+
+    ``checkpoint`` None means the built-in tiny one (built on first use), in faithful fp64
+    with B_E = 256; a given one defaults to fp32 and B_E = 64. ``settings`` are the flag
+    values of config.SETTINGS (None = not given). ``threads``: torch's CPU threads (None =
+    ``set_threads``' choice). ``measurement`` None: every default. ``reuse`` is a checkpoint loaded before (``track``): when this
+    one is an adapter of the same base, its weights and optimizer state are swapped into it.
     """
     from entropy_lab.checkpoint import generation_config_of, load_checkpoint, resolve_layout
     from entropy_lab.config import resolve_training_setup
     from entropy_lab.quantization import Quantization
     from entropy_lab.tiny import TINY_EVAL_SIZE, ensure_tiny_checkpoint, is_tiny_checkpoint
 
-    builtin = checkpoint is None  # quick's defaults: faithful fp64, B_E = 256
+    measurement = measurement or Measurement()
+    builtin = checkpoint is None
     if builtin:
         checkpoint = ensure_tiny_checkpoint(verbose=True)
     layout = resolve_layout(checkpoint)
-    tiny = is_tiny_checkpoint(layout.root)  # a copy too: the setup's defaults apply
     dtype = dtype or ("fp64" if builtin else "fp32")
-    if measurement.get("eval_size") is None:
-        measurement["eval_size"] = TINY_EVAL_SIZE if builtin else 64
+    if measurement.eval_size is None:
+        default = TINY_EVAL_SIZE if builtin else 64
+        measurement = dataclasses.replace(measurement, eval_size=default)
     training = resolve_training_setup(
         layout.root,
-        tiny=tiny,
+        tiny=is_tiny_checkpoint(layout.root),  # a copy too: the setup's defaults apply
         base_config=base_config,
         flags=settings,
-        steps=measurement.get("steps") or 1,
+        steps=measurement.steps or 1,
         generation_config=generation_config_of(layout, base_model),
     )
     loaded = load_checkpoint(
@@ -171,11 +226,12 @@ def open_experiment(
         dtype=dtype,
         device=device,
         base_model=base_model,
-        faithful_fp64=measurement.get("faithful_fp64", True),
+        faithful_fp64=measurement.faithful_fp64,
         training_config_path=training.training_config_path,
         quantization=Quantization.of(training.values),
         reuse=reuse,
     )
+    set_threads(threads, loaded.metadata["total_parameters"])
     cfg = ExperimentConfig.from_setup(
         training,
         learning_rates,
@@ -183,21 +239,21 @@ def open_experiment(
         dtype=dtype,
         device=device,
         reference_model=reference_model,
-        **measurement,
+        **measurement.given(),
     )
-    kl_reference = None
-    if cfg.kl_beta and cfg.kl_reference == RL_PRACTICE_REFERENCE:
+    return Configured(cfg, loaded, training, _kl_reference_of(cfg, loaded))
+
+
+def _kl_reference_of(cfg: ExperimentConfig, loaded: LoadedCheckpoint):
+    """The KL reference model the loss needs (None without a KL term or for a LoRA policy)."""
+    if not cfg.kl_beta:
+        return None
+    if cfg.kl_reference == RL_PRACTICE_REFERENCE:
         raise ConfigError(
             "kl_beta > 0 with RL_Practice's KL reference (an NF4 copy of the base with the "
             "starting adapter) is not reproduced by this measurement"
         )
-    if cfg.kl_beta:
-        kl_reference = _kl_reference(loaded, reference_model, dtype, device)
-    if on_config is not None:
-        on_config(cfg, loaded, training)
-    setup = prepare(cfg, loaded)
-    setup.training, setup.kl_reference = training, kl_reference
-    return setup
+    return _kl_reference(loaded, cfg.reference_model, cfg.dtype, cfg.device)
 
 
 def _kl_reference(loaded: LoadedCheckpoint, reference_model: str | None, dtype, device):
@@ -257,30 +313,13 @@ class Direction:
     momentum_share: float | None = None
 
 
-def prepare(cfg: ExperimentConfig, checkpoint: LoadedCheckpoint) -> Setup:
-    from entropy_lab.tasks import load_rewards
-
+def prepare(configured: Configured) -> Setup:
+    """The slow half: task → disjoint prompts → E sampled once at θ₀ → H(θ₀) cached, and
+    ∇H(θ₀) by one backward pass (the rounding check)."""
+    cfg, checkpoint = configured.cfg, configured.checkpoint
     policy, tokenizer = checkpoint.policy, checkpoint.tokenizer
-    task = load_task(
-        cfg.prompts,
-        cfg.prompt_template,
-        tokenizer=tokenizer,
-        rewards=load_rewards(cfg.reward, cfg.reward_weights),
-        split=cfg.prompts_split,
-    )
-    eval_problems, pool = task.split(cfg.eval_size, seed=cfg.seed)
-    if len(eval_problems) < cfg.eval_size or len(pool) < cfg.buffer_size:
-        raise ConfigError(
-            f"prompts {cfg.prompts!r} have {len(task.problems)} records; the sweep needs at least "
-            f"eval_size + buffer_size = {cfg.eval_size + cfg.buffer_size} (lower --eval-size "
-            "or buffer_size, or give a larger prompt file)"
-        )
-    if distributed.world_size() > min(cfg.eval_size, cfg.buffer_size):
-        raise ConfigError(
-            f"{distributed.world_size()} processes need eval_size and buffer_size >= "
-            f"{distributed.world_size()} (got {cfg.eval_size} and {cfg.buffer_size})"
-        )
-    if cfg.first_order and cfg.steps == 1:  # before sampling: a jvp the sweep could not take
+    task, eval_problems, pool = _split_prompts(cfg, tokenizer)
+    if cfg.first_order and not cfg.multi_step:  # before sampling: a jvp the sweep could not take
         check_forward_ad(policy, jet_order(cfg))
     device = next(policy.parameters()).device
     costs = PhaseCosts()
@@ -310,7 +349,7 @@ def prepare(cfg: ExperimentConfig, checkpoint: LoadedCheckpoint) -> Setup:
         grad_clip=cfg.grad_clip,
         microbatch_size=cfg.microbatch_size,
         chunk_tokens=cfg.eval_chunk_tokens,
-        objective=cfg.objective(),
+        objective=_objective(cfg),
         gradient_mode=cfg.gradient_mode,
     )
     policy.eval()
@@ -327,12 +366,14 @@ def prepare(cfg: ExperimentConfig, checkpoint: LoadedCheckpoint) -> Setup:
             f"policy {baseline.policy}): the logits overflow in {cfg.dtype}; try --dtype fp32"
         )
     entropy_grad = None
-    if cfg.rounding_check and cfg.steps == 1:
+    if cfg.rounding_check and not cfg.multi_step:
         with costs.phase("∇H at θ₀ (rounding check)"):
             entropy_grad = _entropy_grad(cfg, scorer, eval_batch, updater, baseline)
     return Setup(
         cfg,
         checkpoint,
+        configured.training,
+        configured.kl_reference,
         task,
         pool,
         eval_batch,
@@ -340,12 +381,50 @@ def prepare(cfg: ExperimentConfig, checkpoint: LoadedCheckpoint) -> Setup:
         updater,
         sums.logprob.detach(),
         baseline,
-        entropy_grad=entropy_grad,
-        costs=costs,
-        eval_sums=SequenceSums(
-            *(t.detach().cpu() for t in (sums.entropy, sums.logprob, sums.tokens))
-        ),
+        entropy_grad,
+        costs,
+        SequenceSums(*(t.detach().cpu() for t in (sums.entropy, sums.logprob, sums.tokens))),
     )
+
+
+def _objective(cfg: ExperimentConfig) -> Objective:
+    """The loss the update takes, from the trainer's settings (built here, where the config
+    meets the update: the config imports no later module)."""
+    return Objective(
+        loss_type=cfg.loss_type,
+        clip_eps=cfg.clip_eps,
+        clip_eps_high=cfg.clip_eps_high,
+        kl_beta=cfg.kl_beta,
+        kl_bias_correction=cfg.kl_bias_correction,
+        entropy_coef=cfg.entropy_coef,
+    )
+
+
+def _split_prompts(cfg: ExperimentConfig, tokenizer) -> tuple[Task, list[Problem], list[Problem]]:
+    """The task, E's prompts and the disjoint pool U is drawn from; enough of each, and for
+    every process, or an error before anything is sampled."""
+    from entropy_lab.tasks import load_rewards
+
+    task = load_task(
+        cfg.prompts,
+        cfg.prompt_template,
+        tokenizer=tokenizer,
+        rewards=load_rewards(cfg.reward, cfg.reward_weights),
+        split=cfg.prompts_split,
+    )
+    eval_problems, pool = task.split(cfg.eval_size, seed=cfg.seed)
+    if len(eval_problems) < cfg.eval_size or len(pool) < cfg.buffer_size:
+        raise ConfigError(
+            f"prompts {cfg.prompts!r} have {len(task.problems)} records; the sweep needs at least "
+            f"eval_size + buffer_size = {cfg.eval_size + cfg.buffer_size} (lower --eval-size "
+            "or buffer_size, or give a larger prompt file)"
+        )
+    if distributed.world_size() > min(cfg.eval_size, cfg.buffer_size):
+        raise ConfigError(
+            f"{distributed.world_size()} processes need eval_size and buffer_size >= "
+            f"{distributed.world_size()} (got {cfg.eval_size} and {cfg.buffer_size})"
+        )
+    return task, eval_problems, pool
 
 
 def _entropy_grad(cfg, scorer, eval_batch, updater, baseline) -> dict[str, torch.Tensor]:
@@ -355,7 +434,7 @@ def _entropy_grad(cfg, scorer, eval_batch, updater, baseline) -> dict[str, torch
             scorer,
             eval_batch,
             updater.params,
-            getattr(baseline, _reading_key(cfg)),
+            baseline.of(cfg.entropy_reading),
             cfg.reading,
         ),
         updater,
@@ -428,7 +507,7 @@ def sample_update_batch(setup: Setup, repeat: int) -> UpdateBatch:
         dropout_seed=seed if cfg.gradient_mode == "train" else None,
         groups=counts,
     )
-    if cfg.steps > 1:  # later steps use the clipped ratio against θ₀'s log-probs
+    if cfg.multi_step:  # later steps use the clipped ratio against θ₀'s log-probs
         update.old_logprob = setup.updater.token_logprobs(seqs)
     if cfg.kl_beta:  # the reference's log-probs, once per U (they do not depend on θ)
         update.ref_logprob = setup.updater.reference_logprobs(
@@ -556,7 +635,7 @@ def direction(setup: Setup, repeat: int) -> Direction:
         vector = setup.updater.update_vector(gradient)
         momentum = setup.updater.update_vector(gradient.zero())
     derivatives = identity = forecasts = None
-    if cfg.first_order and cfg.steps == 1:
+    if cfg.first_order and not cfg.multi_step:
         with costs.phase(f"jvp to order {jet_order(cfg)}"):
             derivatives = jet_along(setup, vector)
         if cfg.identity_check:
@@ -683,12 +762,8 @@ def _record_head(setup: Setup, d: Direction | FailedDirection, eta: float) -> Po
         reading=setup.cfg.reading,
         dtype=setup.cfg.dtype,
         eps=EPS[setup.cfg.dtype],
-        entropy_before=getattr(setup.baseline, _reading_key(setup.cfg)),
+        entropy_before=setup.baseline.of(setup.cfg.entropy_reading),
     )
-
-
-def _reading_key(cfg: ExperimentConfig) -> str:
-    return "policy" if cfg.reading == "policy" else "conditional"
 
 
 def _failed_direction_record(setup: Setup, d: FailedDirection, eta: float) -> PointRecord:
@@ -712,7 +787,7 @@ def _entropy_after(setup: Setup, d: Direction, eta: float) -> _After:
     ∇H·(θ₁ − θ₀ − η·v) (one step only: later steps leave the line θ₀ + η·v)."""
     try:
         setup.updater.steps(eta, d.gradient, d.update, setup.cfg.steps)
-        one_step = setup.entropy_grad is not None and setup.cfg.steps == 1
+        one_step = setup.entropy_grad is not None and not setup.cfg.multi_step
         quantized, rounding = setup.updater.rounding(
             eta, d.vector, setup.entropy_grad if one_step else None
         )
@@ -722,11 +797,10 @@ def _entropy_after(setup: Setup, d: Direction, eta: float) -> _After:
         setup.updater.restore()
 
 
-def _jet_fields(d: Direction, eta: float, key: str) -> dict[str, Any]:
+def _jet_fields(d: Direction, eta: float, reading: Reading) -> dict[str, Any]:
     """The theory along v_r, per unit η, and its predictions at η."""
-    slope = getattr(d.derivatives, f"slope_{key}")
-    curvature = getattr(d.derivatives, f"curvature_{key}")
-    third = getattr(d.derivatives, f"third_{key}")
+    jet = d.derivatives.of(reading)
+    slope, curvature, third = jet.slope, jet.curvature, jet.third
     second = eta * slope + 0.5 * eta**2 * curvature if curvature is not None else None
     return dict(
         first_order_slope=slope,
@@ -750,8 +824,8 @@ def measure_point(setup: Setup, d: Direction | FailedDirection, eta: float) -> P
         return _failed_direction_record(setup, d, eta)
     started = time.perf_counter()
     cfg = setup.cfg
-    key = _reading_key(cfg)
-    before = setup.baseline
+    reading, baseline = cfg.entropy_reading, setup.baseline
+    before = baseline.of(reading)
     record = _record_head(setup, d, eta)
     record.update_norm = d.update_norm
     record.grad_norm = d.gradient.grad_norm
@@ -760,7 +834,7 @@ def measure_point(setup: Setup, d: Direction | FailedDirection, eta: float) -> P
     if d.update.groups is not None:
         record.groups_kept, record.groups_dropped = d.update.groups.kept, d.update.groups.dropped
     if d.derivatives is not None:
-        for name, value in _jet_fields(d, eta, key).items():
+        for name, value in _jet_fields(d, eta, reading).items():
             setattr(record, name, value)
     try:
         with setup.costs.phase("step + score E at +η"):
@@ -771,17 +845,17 @@ def measure_point(setup: Setup, d: Direction | FailedDirection, eta: float) -> P
                 setup.scorer,
             )
         record.routing_changed_fraction = setup.scorer.routing_changed_fraction()
-        change = getattr(after.readings, key) - getattr(before, key)
+        change = after.readings.of(reading) - before
         if not math.isfinite(change):
             raise FloatingPointError(f"non-finite entropy after the step ({change})")
         record.quantized_fraction = after.quantized_fraction
         record.rounding_effect = after.rounding_effect
-        record.entropy_after = getattr(after.readings, key)
+        record.entropy_after = after.readings.of(reading)
         record.entropy_change = change
-        record.entropy_change_conditional = after.readings.conditional - before.conditional
-        record.entropy_change_policy = after.readings.policy - before.policy
+        record.entropy_change_conditional = after.readings.conditional - baseline.conditional
+        record.entropy_change_policy = after.readings.policy - baseline.policy
         record.ess = after.readings.ess
-        if cfg.symmetric_check and cfg.steps == 1:
+        if cfg.symmetric_check and not cfg.multi_step:
             with setup.costs.phase("step + score E at −η"):
                 mirrored = with_oom_retry(
                     f"the step at η={-eta!r}",
@@ -789,7 +863,7 @@ def measure_point(setup: Setup, d: Direction | FailedDirection, eta: float) -> P
                     setup.updater,
                     setup.scorer,
                 )
-            record.entropy_change_negative = getattr(mirrored.readings, key) - getattr(before, key)
+            record.entropy_change_negative = mirrored.readings.of(reading) - before
         record.success = True
     except (FloatingPointError, RuntimeError) as exc:
         if distributed.active() and not isinstance(exc, FloatingPointError):

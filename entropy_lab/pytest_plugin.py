@@ -302,12 +302,16 @@ class MeasurementStore:
     # Lazy: loading the checkpoint only when something must really be measured.
     def _ensure_setup(self):
         if self._setup is None:
-            from entropy_lab.protocol import open_experiment, set_threads
+            from entropy_lab.config import Measurement
+            from entropy_lab.protocol import open_experiment
 
             s = self.settings
             self._setup = open_experiment(
                 s.checkpoint,
                 s.learning_rates,
+                measurement=Measurement(
+                    num_repeats=s.num_repeats, eval_size=s.eval_size, jet=s.jet
+                ),
                 base_config=s.base_config,
                 base_model=s.base_model,
                 dtype=s.dtype,
@@ -317,10 +321,6 @@ class MeasurementStore:
                 settings=dict(s.setup_flags)
                 | ({"buffer_size": s.buffer_size} if s.buffer_size else {}),
                 reference_model=s.reference_model,
-                on_config=lambda cfg, ck, _: set_threads(None, ck.metadata["total_parameters"]),
-                num_repeats=s.num_repeats,
-                eval_size=s.eval_size,
-                jet=s.jet,
             )
             self._write_meta(self._setup)
         return self._setup

@@ -29,6 +29,7 @@ import torch.autograd.forward_ad as fwAD
 from torch.func import functional_call, jvp
 
 from entropy_lab import distributed
+from entropy_lab.config import Reading
 from entropy_lab.entropy import (
     EntropyScorer,
     SequenceSums,
@@ -51,6 +52,23 @@ class DirectionalDerivatives:
     curvature_policy: float | None
     third_conditional: float | None = None  # ∇³H_cond[v, v, v]
     third_policy: float | None = None
+
+    def of(self, reading: Reading) -> ReadingJet:
+        """The derivatives of the entropy that defines ΔH under ``reading``."""
+        if reading is Reading.POLICY:
+            return ReadingJet(self.slope_policy, self.curvature_policy, self.third_policy)
+        return ReadingJet(
+            self.slope_conditional, self.curvature_conditional, self.third_conditional
+        )
+
+
+@dataclass(frozen=True)
+class ReadingJet:
+    """One reading's derivatives along v at η = 0 (per unit η); None = not computed."""
+
+    slope: float  # ∇H·v
+    curvature: float | None  # vᵀ∇²H v
+    third: float | None  # ∇³H[v, v, v]
 
 
 class _SiLU(torch.nn.Module):

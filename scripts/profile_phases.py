@@ -59,14 +59,16 @@ def format_row(row: dict[str, Any]) -> str:
 def profile(
     checkpoint: str | None, device: str, dtype: str | None, etas: list[float], **kw
 ) -> dict:
-    """The sweep's own phases, opened as the sweep opens them (open_experiment: the same
+    """The sweep's own phases, opened as the sweep opens them (configure + prepare: the same
     training setup, seed, oracles: the jet's order and the covariance identity included)."""
+    from entropy_lab.config import Measurement
     from entropy_lab.protocol import (
         Direction,
         _crude_forecasts,
+        configure,
         jet_along,
         measure_point,
-        open_experiment,
+        prepare,
         repeat_seed,
         sample_update_batch,
     )
@@ -74,27 +76,19 @@ def profile(
 
     timer = PhaseTimer(device)
     settings = {k: kw.pop(k) for k in ("buffer_size", "num_generations") if k in kw}
-    loaded: dict[str, Any] = {}
     started = time.perf_counter()
-
-    def on_config(cfg, ck, training) -> None:  # the load ends here; prepare starts
-        from entropy_lab.protocol import set_threads
-
-        set_threads(None, ck.metadata["total_parameters"])
-        loaded["seconds"] = time.perf_counter() - started
-        loaded["checkpoint"] = ck
-        print(training.table())
-
     with timer.phase("load + prepare (E)") as row:
-        setup = open_experiment(
+        configured = configure(
             checkpoint,
             etas,
+            measurement=Measurement(**kw),
             dtype=dtype,
             device=device,
             settings=settings,
-            on_config=on_config,
-            **kw,
         )
+        load_s = time.perf_counter() - started  # the load ends here; prepare starts
+        print(configured.training.table())
+        setup = prepare(configured)
         row["tokens"] = setup.eval_batch.num_response_tokens
     cfg = setup.cfg
     repeat = 0
@@ -140,7 +134,7 @@ def profile(
         "buffer_size": cfg.buffer_size,
         "num_generations": cfg.num_generations,
         "max_new_tokens": cfg.max_new_tokens,
-        "load_s": loaded.get("seconds"),
+        "load_s": load_s,
         "trainable_parameters": ck.metadata["trainable_parameters"],
         "total_parameters": ck.metadata["total_parameters"],
         "phases": timer.rows,

@@ -21,18 +21,16 @@ def tiny_checkpoint():
 def make_setup(path, dtype="fp32", eval_size=64, **settings):
     """``open_experiment`` with training-setup flags and measurement settings mixed, as tests
     write them (``buffer_size=8, first_order=False``)."""
-    from entropy_lab.config import SETTING_NAMES
+    from entropy_lab.config import SETTING_NAMES, Measurement
     from entropy_lab.protocol import open_experiment
 
     flags = {k: settings.pop(k) for k in list(settings) if k in SETTING_NAMES}
     return open_experiment(
         path,
         [1e-6],
+        measurement=Measurement(**{"num_repeats": 2, "eval_size": eval_size, **settings}),
         dtype=dtype,
         settings=flags,
-        num_repeats=2,
-        eval_size=eval_size,
-        **settings,
     )
 
 

@@ -22,6 +22,7 @@ from entropy_lab import checkpoint, entropy, precision, theory
 from entropy_lab.analysis import routing_reason
 from entropy_lab.checkpoint import load_checkpoint, verify_model_function
 from entropy_lab.cli import main
+from entropy_lab.config import Measurement
 from entropy_lab.errors import CheckpointError, EntropyLabError
 from entropy_lab.protocol import direction, measure_point, open_experiment, run_sweep
 from entropy_lab.rollout import sample_responses
@@ -56,9 +57,9 @@ def arch_setup(path: Path, dtype: str, **measurement):
     return open_experiment(
         path,
         [1e-9],
+        measurement=Measurement(**{"num_repeats": 2, "eval_size": 8, **measurement}),
         dtype=dtype,
         settings=flags,
-        **{"num_repeats": 2, "eval_size": 8, **measurement},
     )
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from entropy_lab import cli
+from entropy_lab import cli, protocol
+from entropy_lab.errors import EntropyLabError
 
 pytestmark = pytest.mark.cpu
 
@@ -95,6 +96,38 @@ def test_report_applies_the_stored_thresholds(quick_run, tmp_path):
     analysis = json.loads((copy / "analysis.json").read_text())
     assert analysis["summary"]["checks"]["r_squared"]["threshold"] == 0.999999999
     assert analysis["summary"]["checks"]["r_squared"]["passed"] is False
+
+
+def test_setup_table_folder_and_threads_come_before_e_is_sampled(
+    tiny_checkpoint, tmp_path, monkeypatch, capsys
+):
+    """configure → the setup table, the results folder → prepare (the slow part): when E's
+    sampling starts, the table is printed, the folder is open, the CPU threads are the
+    flag's and the config is the flags'; a run refused there leaves no empty folder."""
+    import torch
+
+    out = tmp_path / "out"
+    seen = {}
+
+    def refuse(configured):
+        seen["folders"] = list(out.glob("entropy_lr_experiment_*"))
+        seen["printed"] = capsys.readouterr().out
+        seen["threads"] = torch.get_num_threads()
+        seen["cfg"] = configured.cfg
+        raise EntropyLabError("refused before sampling")
+
+    monkeypatch.setattr(protocol, "prepare", refuse)
+    argv = ["sweep", "--checkpoint", str(tiny_checkpoint), "--output-dir", str(out), *SMALL]
+    try:
+        rc = cli.main([*argv, "--threads", "2", "--reading", "conditional", "--jet", "2"])
+    finally:
+        torch.set_num_threads(1)
+    assert rc == 2 and "refused before sampling" in capsys.readouterr().err
+    assert len(seen["folders"]) == 1 and seen["printed"].startswith("TRAINING SETUP")
+    assert seen["threads"] == 2
+    cfg = seen["cfg"]
+    assert (cfg.reading, cfg.jet, cfg.eval_size, cfg.buffer_size) == ("conditional", 2, 32, 8)
+    assert not list(out.glob("entropy_lr_experiment_*"))
 
 
 def test_the_jet_flag_and_the_older_flags_that_capped_it():

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from entropy_lab.analysis import analyze
-from entropy_lab.protocol import direction, measure_point
+from entropy_lab.config import Reading
+from entropy_lab.protocol import PhaseCosts, direction, measure_point
 from entropy_lab.theory import covariance_identity_slope
 
 pytestmark = pytest.mark.cpu
@@ -275,9 +276,18 @@ def test_k_steps_between_the_measurements(tiny_checkpoint):
     one = make_setup(tiny_checkpoint, dtype="fp64", eval_size=32)
     two = make_setup(tiny_checkpoint, dtype="fp64", eval_size=32, steps=2)
     d1, d2 = direction(one, 0), direction(two, 0)
-    assert d2.derivatives is None  # the first-order oracle is for one step
-    k1 = {eta: measure_point(one, d1, eta).entropy_change for eta in (1e-8, 1e-7)}
-    k2 = {eta: measure_point(two, d2, eta).entropy_change for eta in (1e-8, 1e-7)}
+    r1 = {eta: measure_point(one, d1, eta) for eta in (1e-8, 1e-7)}
+    r2 = {eta: measure_point(two, d2, eta) for eta in (1e-8, 1e-7)}
+    # The oracles along θ₀ + η·v are for one step (cfg.multi_step): the jvp, ∇H (rounding)
+    # and the ±η pair; k > 1 clips later steps against θ₀'s log-probs.
+    assert (one.cfg.multi_step, two.cfg.multi_step) == (False, True)
+    assert d1.derivatives is not None and d2.derivatives is None
+    assert one.entropy_grad is not None and two.entropy_grad is None
+    assert r1[1e-7].entropy_change_negative is not None
+    assert r2[1e-7].entropy_change_negative is None and r2[1e-7].rounding_effect is None
+    assert d1.update.old_logprob is None and d2.update.old_logprob is not None
+    k1 = {eta: r.entropy_change for eta, r in r1.items()}
+    k2 = {eta: r.entropy_change for eta, r in r2.items()}
     # Still linear in η, and the second Adam step (moments updated, ratio ρ ≈ 1) moves H
     # about as far again as the first: a k = 2 that silently stepped once gives ≈ 1.
     assert abs(k2[1e-7] / k2[1e-8] - 10) <= 0.05
@@ -446,3 +456,23 @@ def test_eval_mode_switches_exactly_as_eval_then_train_did(monkeypatch):
     with eval_mode(model):
         pass
     assert calls == []
+
+
+@pytest.mark.parametrize("reading", list(Reading), ids=lambda r: r.value)
+def test_each_reading_is_read_from_its_own_fields(setup64, dir64, reading):
+    """--reading picks the entropy that defines ΔH, H₀ and the jet: each from that reading's
+    own fields of the readings and of the derivatives along v (a swapped accessor fails)."""
+    cfg = dataclasses.replace(setup64.cfg, reading=reading.value)
+    record = measure_point(dataclasses.replace(setup64, cfg=cfg, costs=PhaseCosts()), dir64, 1e-5)
+    jet, h0 = dir64.derivatives, setup64.baseline
+    policy = reading is Reading.POLICY
+    assert record.reading == reading.value
+    assert record.entropy_before == (h0.policy if policy else h0.conditional)
+    assert record.entropy_change == (
+        record.entropy_change_policy if policy else record.entropy_change_conditional
+    )
+    assert record.entropy_change_policy != record.entropy_change_conditional
+    assert record.first_order_slope == (jet.slope_policy if policy else jet.slope_conditional)
+    assert record.curvature == (jet.curvature_policy if policy else jet.curvature_conditional)
+    assert record.third_derivative == (jet.third_policy if policy else jet.third_conditional)
+    assert jet.curvature_policy != jet.curvature_conditional
