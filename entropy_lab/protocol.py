@@ -144,37 +144,10 @@ class Configured:
     kl_reference: torch.nn.Module | None
 
 
-def open_experiment(
-    checkpoint: str | Any | None = None,
-    learning_rates: Iterable[float] | str = (1e-6,),
-    *,
-    measurement: Measurement | None = None,
-    base_config: str | None = None,
-    base_model: str | None = None,
-    dtype: str | None = None,
-    device: str = "cpu",
-    settings: dict[str, Any] | None = None,
-    reference_model: str | None = None,
-    threads: int | None = None,
-    reuse: LoadedCheckpoint | None = None,
-) -> Setup:
+def open_experiment(*args: Any, **kwargs: Any) -> Setup:
     """The one way in, for a caller with nothing to do between the two steps:
-    ``prepare(configure(...))``."""
-    return prepare(
-        configure(
-            checkpoint,
-            learning_rates,
-            measurement=measurement,
-            base_config=base_config,
-            base_model=base_model,
-            dtype=dtype,
-            device=device,
-            settings=settings,
-            reference_model=reference_model,
-            threads=threads,
-            reuse=reuse,
-        )
-    )
+    ``prepare(configure(...))``, with configure's arguments."""
+    return prepare(configure(*args, **kwargs))
 
 
 def configure(
