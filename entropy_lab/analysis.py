@@ -270,12 +270,9 @@ class RepeatMean(stats._ToDict):
 
 
 @dataclass(frozen=True)
-class JetTerm(stats._ToDict):
+class JetTerm(RepeatMean):
     """summary.curvature / third_derivative: the source the analysis used."""
 
-    mean: float
-    stderr: float
-    n: int
     source: str | None  # "jvp", "±η pairs" or None (neither)
 
 
@@ -297,12 +294,9 @@ class Jet(stats._ToDict):
 
 
 @dataclass(frozen=True)
-class Oracle(stats._ToDict):
+class Oracle(RepeatMean):
     """A conditional-reading slope over repeats and its ratio to the jvp, paired by repeat."""
 
-    mean: float
-    stderr: float
-    n: int
     ratio_to_jvp: float | None
 
 

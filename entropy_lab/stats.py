@@ -1124,6 +1124,10 @@ class Check(_ToDict):
     passed: bool | None
     detail: str
 
+    @classmethod
+    def undecided(cls, name: str, threshold: float | str, why: str) -> Check:
+        return cls(name, threshold, None, None, why)
+
 
 @dataclass(frozen=True)
 class PooledPoints:
@@ -1316,11 +1320,9 @@ def r_squared_check(
     """OLS R² of every raw point > r2_min: the original criterion, kept for comparison."""
     ols = fits.ols
     if ols is None or math.isnan(ols.r_squared):
-        return Check(
+        return Check.undecided(
             "r_squared",
             th.r2_min,
-            None,
-            None,
             f"no OLS fit ({points.etas.size} usable η, need ≥ 2)",
         )
     ok = ols.r_squared > th.r2_min
@@ -1341,22 +1343,18 @@ def standardized_residual_check(
     """Every per-η mean within max_standardized_residual of its SE from the weighted line."""
     name, limit = "standardized_residual", th.max_standardized_residual
     if fits.weighted is None:
-        return Check(name, limit, None, None, "no line fitted")
+        return Check.undecided(name, limit, "no line fitted")
     if not points.se_defined:
-        return Check(
+        return Check.undecided(
             name,
             limit,
-            None,
-            None,
             "SE undefined: fewer than 2 successful repeats at η = "
             + ", ".join(f"{e:.3g}" for e in points.few_repeats),
         )
     if not points.se_positive:
-        return Check(
+        return Check.undecided(
             name,
             limit,
-            None,
-            None,
             "SE = 0 (identical repeats) at η = "
             + ", ".join(f"{e:.3g}" for e in points.zero_stderr)
             + "; WLS impossible, OLS on means used as fallback; residuals cannot be "
@@ -1383,7 +1381,7 @@ def relative_residual_check(
     name, limit, origin = "relative_residual", th.max_relative_residual, fits.origin
     rel = residuals.relative
     if origin is None or origin.slope == 0 or not np.any(np.isfinite(rel)):
-        return Check(name, limit, None, None, "no usable fit through the origin")
+        return Check.undecided(name, limit, "no usable fit through the origin")
     i = _argmax_abs(rel)
     worst = float(abs(rel[i]))
     ok = worst <= limit
@@ -1412,7 +1410,7 @@ def lack_of_fit_check(
             why = f"only {lof.df_lack_of_fit + 2} distinct η (need ≥ 3)"
         else:
             why = "zero pure error (all repeats identical)"
-        return Check(name, alpha, None, None, f"F test undefined: {why}")
+        return Check.undecided(name, alpha, f"F test undefined: {why}")
     ok = lof.p_value > alpha
     return Check(
         name,
@@ -1430,11 +1428,9 @@ def intercept_check(
     """ΔH(0) = 0: the weighted line's intercept test, p > intercept_alpha."""
     name, alpha, weighted = "intercept", th.intercept_alpha, fits.weighted
     if weighted is None or math.isnan(weighted.intercept_p):
-        return Check(
+        return Check.undecided(
             name,
             alpha,
-            None,
-            None,
             "intercept test undefined"
             + (
                 ""
@@ -1465,11 +1461,11 @@ def loglog_check(
     """The log-log slope's CI inside [1 − loglog_margin, 1 + loglog_margin]."""
     name, margin, loglog = "loglog_slope", th.loglog_margin, fits.loglog
     if loglog is None:
-        return Check(name, margin, None, None, "no usable η")
+        return Check.undecided(name, margin, "no usable η")
     if not loglog.same_sign:
         return Check(name, margin, None, False, loglog.note)
     if math.isnan(loglog.slope):
-        return Check(name, margin, None, None, loglog.note)
+        return Check.undecided(name, margin, loglog.note)
     ok = loglog.within_margin
     return Check(
         name,
