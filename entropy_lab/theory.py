@@ -410,19 +410,25 @@ def covariance_identity_slope(
                     (zero,),
                     (one,),
                 )
-                total += float(-_logit_covariance(z.double(), z_dot.double()).sum())
+                total += float(-_logit_covariance(z, z_dot).sum())
                 tokens += z.shape[0]
     return distributed.sum_over_ranks(total) / distributed.sum_over_ranks(tokens)
 
 
 def _logit_covariance(z: torch.Tensor, z_dot: torch.Tensor) -> torch.Tensor:
-    """Per row, Cov_{a∼softmax(z)}(log π(a), ż(a)); truncated entries (−inf) carry no mass."""
-    logp = torch.log_softmax(z, dim=-1)
-    p = logp.exp()
-    finite = torch.isfinite(logp)
-    logp0 = torch.where(finite, logp, torch.zeros_like(logp))
-    zd = torch.where(finite, z_dot, torch.zeros_like(z_dot))
-    return (p * logp0 * zd).sum(-1) - (p * logp0).sum(-1) * (p * zd).sum(-1)
+    """Per row, Cov_{a∼softmax(z)}(log π(a), ż(a)), fp64; truncated entries (−inf) carry no mass.
+
+    log π = y − log s with y = z − max z and s = Σ exp y: the constant log s drops out of a
+    covariance, so Cov(log π, ż) = Cov(y, ż) = (Σ e·y·ż − Σ e·y · Σ e·ż / s) / s with one exp
+    (e = exp y) and z's fp64 cast inside the subtraction (no fp64 copy of z, no log_softmax).
+    """
+    y = z - z.amax(-1, keepdim=True).to(torch.float64)
+    e = y.exp()
+    finite = torch.isfinite(y)
+    ey = e * torch.where(finite, y, 0.0)  # e = 0 where y = −inf, but 0·(−inf) is NaN
+    zd = torch.where(finite, z_dot.to(torch.float64), 0.0)
+    s = e.sum(-1)
+    return ((ey * zd).sum(-1) - ey.sum(-1) * (e * zd).sum(-1) / s) / s
 
 
 @dataclass(frozen=True)

@@ -150,3 +150,24 @@ def test_forward_and_reverse_derivatives_match_the_plain_formula():
     (g_ours,) = torch.autograd.grad(ours(x).sum(), x)
     (g_plain,) = torch.autograd.grad(plain(x).sum(), x)
     assert float((g_ours - g_plain).abs().max()) < 1e-11 * float(g_plain.abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_logit_covariance_matches_its_definition(dtype):
+    """Cui et al.'s Cov_π(log π, ż), shifted frame and one exp, against Σ p·(log p − E log p)·
+    (ż − E ż) from log_softmax in fp64, with a top-k-truncated row (−inf logits)."""
+    from entropy_lab.theory import _logit_covariance
+
+    g = torch.Generator().manual_seed(3)
+    z = 4 * torch.randn(6, 3000, generator=g, dtype=dtype)
+    z_dot = torch.randn(6, 3000, generator=g, dtype=dtype)
+    z[0, 50:] = -float("inf")
+    logp = torch.log_softmax(z.double(), -1)
+    p = logp.exp()
+    kept = torch.isfinite(logp)
+    centred_logp = torch.where(kept, logp - (p * logp.nan_to_num(neginf=0)).sum(-1, True), 0)
+    centred_dot = z_dot.double() - (p * z_dot.double()).sum(-1, True)
+    expected = (p * centred_logp * centred_dot).sum(-1)
+    got = _logit_covariance(z, z_dot)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, expected, rtol=RTOL * 100, atol=0)
