@@ -200,6 +200,29 @@ def test_no_reward_variance_is_refused_before_measuring(rlp_setup, tmp_path, mon
         sample_update_batch(rlp_setup, repeat=0)
 
 
+def test_a_first_round_without_variance_is_refilled_not_refused(rlp_setup, tmp_path, monkeypatch):
+    """RL_Practice refills its buffer: on a real RLRunner run of the tiny base (README) 24 of
+    1144 groups were kept, so U's first prompts often all fail the filters. Planted: no
+    variance in the first round's rewards, variance in every later round's; the sweep refills
+    as the trainer does (it used to refuse: 'no reward variance')."""
+    path = tmp_path / "late_variance.py"
+    path.write_text(
+        "CALLS = []\n"
+        "def score(completions, **kwargs):\n"
+        "    CALLS.append(len(completions))\n"
+        "    if len(CALLS) == 1:\n"
+        "        return [0.0] * len(completions)\n"
+        "    return [float(i % 2) for i in range(len(completions))]\n"
+    )
+    monkeypatch.setattr(rlp_setup.task, "reward_functions", load_rewards(f"{path}:score"))
+    update = sample_update_batch(rlp_setup, repeat=0)
+    g, buffer = rlp_setup.cfg.num_generations, rlp_setup.cfg.buffer_size
+    # round 0's groups all dropped; the refill (drawn for the acceptance rate seen so far)
+    # fills U with its first groups
+    assert update.groups.kept == buffer and update.groups.drawn > buffer
+    assert torch.equal(update.rewards, torch.arange(buffer * g, dtype=torch.float64) % 2)
+
+
 def test_unfillable_buffer_is_a_clear_error(rlp_setup, tmp_path, monkeypatch):
     # planted: variance only for prompts whose answer is 7 (a few of the pool)
     body = "    return [float(a == '7' and c.strip() == '7') for c, a in zip(completions, kwargs['answer'])]\n"
