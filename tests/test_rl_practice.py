@@ -127,6 +127,27 @@ def _oracle_entropy(base_dir, adapter_dir, batch, temperature) -> float:
     return float(entropy[mask].sum() / mask.sum())
 
 
+@pytest.mark.parametrize(
+    ("kind", "total", "step", "factor"),
+    [
+        ("const", 64, 1, "0.333"),  # the reference config: warmup int(3.2) = 3
+        ("const", 64, 2, "0.667"),
+        ("const", 64, 3, "1"),
+        ("cosine", 70, 2, "0.667"),  # warmup int(3.5) = 3 (round(3.5) = 4 gave 0.75)
+        ("cosine", 40, 4, "0.993"),  # the real RLRunner run of the README: scheduler.pt 0.99318
+    ],
+)
+def test_schedule_note_is_rl_practices_scheduler_at_the_saved_step(kind, total, step, factor):
+    """The sweep's note states the lr factor RL_Practice's scheduler.pt holds after step N
+    (what track reads as the next step's lr), with its warmup int(0.05·total_steps)."""
+    from entropy_lab.config import _schedule_note, rl_practice_schedule
+
+    cfg = {"lr": 1.0, "lr_scheduler": kind, "total_steps": total}
+    note = _schedule_note(cfg, "config.yaml", step)
+    assert f"factor {factor} after step {step} of {total}" in note
+    assert f"{rl_practice_schedule(cfg, step + 1)[step + 1]:.3g}" == factor
+
+
 def test_quantized_base_is_the_trainers_4bit_policy(rlp_setup, rl_practice_run):
     meta = rlp_setup.checkpoint.metadata
     assert meta["base_quantization"].startswith("bitsandbytes 4-bit FP4, double quant")
