@@ -1000,7 +1000,7 @@ def _schedule_note(cfg: Mapping[str, Any], label: str, step: int | None) -> str:
     total = cfg.get("total_steps")
     if not isinstance(total, (int, float)) or step is None or total <= 0:
         return f"{label}: lr_scheduler = {kind} (lr = η is set exactly; no factor applied)"
-    scheduler = _rl_practice_scheduler(cfg, _one_parameter_adamw(1.0))
+    scheduler = rl_practice_scheduler(cfg, one_parameter_adamw(1.0))
     if scheduler is None:
         return (
             f"{label}: lr_scheduler = {kind}: no scheduler in RL_Practice's trainer (constant lr)"
@@ -1013,13 +1013,14 @@ def _schedule_note(cfg: Mapping[str, Any], label: str, step: int | None) -> str:
     )
 
 
-def _one_parameter_adamw(lr: float):
+def one_parameter_adamw(lr: float):
+    """A stand-in optimizer to rebuild a trainer's scheduler on (schedules ignore params)."""
     import torch
 
     return torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr)
 
 
-def _rl_practice_scheduler(cfg: Mapping[str, Any], optimizer: Any) -> Any:
+def rl_practice_scheduler(cfg: Mapping[str, Any], optimizer: Any) -> Any:
     """RL_Practice's scheduler as its DRGRPO builds it (warmup int(0.05·total_steps),
     transformers' constant or cosine schedule), or None (no scheduler: the constant lr)."""
     from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
@@ -1037,8 +1038,8 @@ def rl_practice_schedule(cfg: Mapping[str, Any], steps: int) -> dict[int, float]
     """lr of RL_Practice's optimizer steps 1..steps: its scheduler (DG:66-87) rebuilt with
     transformers' own functions on a one-parameter AdamW; no scheduler → the constant lr."""
     base_lr = float(cfg["lr"])
-    optimizer = _one_parameter_adamw(base_lr)
-    scheduler = _rl_practice_scheduler(cfg, optimizer)
+    optimizer = one_parameter_adamw(base_lr)
+    scheduler = rl_practice_scheduler(cfg, optimizer)
     if scheduler is None:
         return {s: base_lr for s in range(1, steps + 1)}
     used = {}

@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from entropy_lab.checkpoint import load_checkpoint, resolve_layout
+from entropy_lab.cli import main
 from entropy_lab.config import ExperimentConfig, resolve_training_setup
 from entropy_lab.errors import CheckpointError, ConfigError
 from entropy_lab.protocol import keep_group, sample_update_batch
@@ -251,6 +252,39 @@ def test_unfillable_buffer_is_a_clear_error(rlp_setup, tmp_path, monkeypatch):
     monkeypatch.setattr(rlp_setup.task, "reward_functions", rare)
     with pytest.raises(ConfigError, match="the update buffer cannot be filled: .* dropped by"):
         sample_update_batch(rlp_setup, repeat=1)
+
+
+def test_track_on_the_rl_practice_layout(tiny_checkpoint, tmp_path):
+    """The run folder as RLRunner writes it (tiny.write_rl_practice_run; the README reports a
+    real RLRunner run): steps in order, step_final dropped, the lr of step N+1 from its
+    schedule and scheduler.pt, the logged entropy of step N+1 from logs/train_log.jsonl.
+    Every step holds the same adapter, so H₀ is the same at each: ΔH₀ = 0 exactly."""
+    from entropy_lab.tiny import write_rl_practice_run
+
+    run = write_rl_practice_run(tiny_checkpoint, tmp_path / "run_x", steps=(1, 2))
+    flags = [
+        "--dtype", "fp64", "--learning-rates", "1e-5,1e-4", "--num-repeats", "2",
+        "--eval-size", "4", "--buffer-size", "4", "--no-first-order", "--no-progress",
+        "--threads", "1",
+    ]  # fmt: skip
+    assert main(["track", str(run), *flags, "--output-dir", str(tmp_path / "out")]) == 0
+    (folder,) = (tmp_path / "out").glob("entropy_track_*")
+    data = json.loads((folder / "track.json").read_text())
+    assert [e["step"] for e in data["checkpoints"]] == [1, 2]
+    assert len(data["skipped"]) == 1 and "step_final" in data["skipped"][0]
+    assert data["costs"]["base_loads"] == 1 and data["costs"]["adapter_swaps"] == 1
+    log = [json.loads(line) for line in (run / "logs" / "train_log.jsonl").read_text().splitlines()]
+    for e in data["checkpoints"]:
+        scheduler = run / "training_state" / f"step_{e['step']}" / "scheduler.pt"
+        state = torch.load(scheduler, weights_only=True)
+        assert e["lr"]["next_step"] == state["_last_lr"][0] == 3e-4  # constant, no warmup
+        assert e["alpha_times_lr"] == e["alpha"]["value"] * 3e-4
+        after = [r["entropy"] for r in log if r["step"] == e["step"] + 1]
+        assert e["logged_entropy"]["value"] == (after[0] if after else None)
+    (interval,) = data["history"]["intervals"]
+    assert interval["observed"]["value"] == 0.0 and interval["logged_entropy_change"] is None
+    assert "RL_Practice's logged 'entropy'" in data["history"]["logged_entropy"]
+    assert (folder / "track.png").is_file()
 
 
 # ----------------------------------------------------------------------------- modes
