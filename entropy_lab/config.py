@@ -993,25 +993,61 @@ def _rl_practice_layer(cfg: Mapping[str, Any], label: str, implied: bool, step: 
 
 
 def _schedule_note(cfg: Mapping[str, Any], label: str, step: int | None) -> str:
-    """The lr factor RL_Practice's scheduler (5 % linear warmup) had at the saved step;
-    reported, not applied: the measured step runs at lr = η exactly."""
+    """The lr factor RL_Practice's scheduler held at the saved step (its scheduler.pt: the
+    factor of step N+1, the step the measurement stands for); reported, not applied: the
+    measured step runs at lr = η exactly."""
     kind = cfg.get("lr_scheduler")
     total = cfg.get("total_steps")
     if not isinstance(total, (int, float)) or step is None or total <= 0:
         return f"{label}: lr_scheduler = {kind} (lr = η is set exactly; no factor applied)"
-    warmup = max(1, round(0.05 * total))
-    if step < warmup:
-        factor = (step + 1) / warmup
-    elif kind == "cosine":
-        factor = 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-    elif kind == "linear":
-        factor = max(0.0, (total - step) / max(1, total - warmup))
-    else:
-        factor = 1.0
+    scheduler = rl_practice_scheduler(cfg, one_parameter_adamw(1.0))
+    if scheduler is None:
+        return (
+            f"{label}: lr_scheduler = {kind}: no scheduler in RL_Practice's trainer (constant lr)"
+        )
+    factor = float(scheduler.lr_lambdas[0](step))
     return (
-        f"{label}: lr_scheduler = {kind} with 5 % warmup: factor {factor:.3g} at step {step} of "
-        f"{total} (reported, not applied: the measured step runs at lr = η exactly)"
+        f"{label}: lr_scheduler = {kind} with warmup int(0.05·{total}) = "
+        f"{int(0.05 * total)} steps: factor {factor:.3g} after step {step} of {total} "
+        "(reported, not applied: the measured step runs at lr = η exactly)"
     )
+
+
+def one_parameter_adamw(lr: float):
+    """A stand-in optimizer to rebuild a trainer's scheduler on (schedules ignore params)."""
+    import torch
+
+    return torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+
+
+def rl_practice_scheduler(cfg: Mapping[str, Any], optimizer: Any) -> Any:
+    """RL_Practice's scheduler as its DRGRPO builds it (warmup int(0.05·total_steps),
+    transformers' constant or cosine schedule), or None (no scheduler: the constant lr)."""
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+    kind, total = cfg.get("lr_scheduler"), int(cfg.get("total_steps") or 0)
+    warmup = int(0.05 * total)
+    if kind in ("const", "constant"):
+        return get_constant_schedule_with_warmup(optimizer, warmup)
+    if kind == "cosine":
+        return get_cosine_schedule_with_warmup(optimizer, warmup, total)
+    return None
+
+
+def rl_practice_schedule(cfg: Mapping[str, Any], steps: int) -> dict[int, float]:
+    """lr of RL_Practice's optimizer steps 1..steps: its scheduler (DG:66-87) rebuilt with
+    transformers' own functions on a one-parameter AdamW; no scheduler → the constant lr."""
+    base_lr = float(cfg["lr"])
+    optimizer = one_parameter_adamw(base_lr)
+    scheduler = rl_practice_scheduler(cfg, optimizer)
+    if scheduler is None:
+        return {s: base_lr for s in range(1, steps + 1)}
+    used = {}
+    for s in range(1, steps + 1):
+        used[s] = float(scheduler.get_last_lr()[0])  # the lr this step runs at
+        optimizer.step()
+        scheduler.step()
+    return used
 
 
 def _trl_layer(args: Mapping[str, Any], label: str):

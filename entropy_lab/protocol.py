@@ -437,6 +437,7 @@ class _Round:
     rewards: torch.Tensor
     keep: list[bool]
     varied: int  # groups (all ranks) whose rewards are not all equal
+    kept_varied: int  # of those, the groups that enter U
 
 
 def sample_update_batch(setup: Setup, repeat: int) -> UpdateBatch:
@@ -449,6 +450,7 @@ def sample_update_batch(setup: Setup, repeat: int) -> UpdateBatch:
     remaining = list(setup.update_pool)
     rounds: list[_Round] = []
     counts = GroupCounts()
+    varied = 0  # groups drawn (all rounds) whose rewards are not all equal
     while counts.kept < cfg.buffer_size:
         need = cfg.buffer_size - counts.kept
         # Round 0 draws buffer_size prompts (the seed's own draw, so a run without filters is
@@ -459,15 +461,22 @@ def sample_update_batch(setup: Setup, repeat: int) -> UpdateBatch:
             else min(len(remaining), -(-need * counts.drawn // max(counts.kept, 1)))
         )
         if counts.drawn >= MAX_FILL_DRAWS * cfg.buffer_size or draw < need:
+            if repeat == 0 and varied == 0:
+                raise ConfigError(_no_reward_variance(cfg, counts.drawn))
             raise ConfigError(_unfilled_buffer(cfg, counts))
         prompts = rng.sample(remaining, draw)
         chosen = {id(p) for p in prompts}
         remaining = [p for p in remaining if id(p) not in chosen]
         rounds.append(_sample_round(setup, prompts, seed + 7919 * len(rounds), need))
-        if repeat == 0 and len(rounds) == 1 and rounds[0].varied == 0:
-            raise ConfigError(_no_reward_variance(cfg, draw))
+        varied += rounds[-1].varied
         kept = sum(rounds[-1].keep)
         counts = GroupCounts(counts.drawn + draw, counts.kept + kept, counts.dropped + draw - kept)
+    # The pre-check on the first repeat, once U is filled: a round without reward variance is
+    # no refusal while the filters still draw fresh prompts (RL_Practice refills its buffer;
+    # at a low acceptance rate its first prompts often all fail), only a U whose kept groups
+    # all have equal rewards, whose RL gradient is exactly 0.
+    if repeat == 0 and not any(r.kept_varied for r in rounds):
+        raise ConfigError(_no_reward_variance(cfg, counts.drawn))
     seqs, rewards = _kept_groups(rounds, cfg.num_generations)
     update = UpdateBatch(
         seqs,
@@ -517,7 +526,8 @@ def _sample_round(setup: Setup, prompts: list[Problem], seed: int, need: int) ->
         of.update(part)
     keep = [of[i][0] for i in range(len(prompts))]
     keep = [k and sum(keep[: i + 1]) <= need for i, k in enumerate(keep)]
-    return _Round(seqs, rewards, keep, sum(of[i][1] for i in range(len(prompts))))
+    varied = [of[i][1] for i in range(len(prompts))]
+    return _Round(seqs, rewards, keep, sum(varied), sum(k and v for k, v in zip(keep, varied)))
 
 
 def keep_group(rewards: torch.Tensor, cfg: ExperimentConfig) -> bool:
@@ -553,10 +563,10 @@ def _no_reward_variance(cfg: ExperimentConfig, prompts: int) -> str:
     """The pre-check (U of the first repeat): with no reward variance in any group every
     advantage is 0, the RL gradient is exactly 0 and the step would be AdamW momentum alone."""
     return (
-        f"no reward variance: under reward {cfg.reward!r} each of the {prompts} groups of the "
-        f"first update batch ({cfg.num_generations} responses per prompt) got equal rewards, "
-        "so every advantage and the RL gradient are 0 and the step would be the optimizer's "
-        "momentum alone; check --reward against the prompts and the model's answers"
+        f"no reward variance: under reward {cfg.reward!r} no group of the first update batch "
+        f"({prompts} prompts drawn, {cfg.num_generations} responses per prompt) got unequal "
+        "rewards, so every advantage and the RL gradient are 0 and the step would be the "
+        "optimizer's momentum alone; check --reward against the prompts and the model's answers"
     )
 
 

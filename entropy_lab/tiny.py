@@ -590,7 +590,10 @@ def write_rl_practice_run(step_dir: str | Path, out: str | Path, steps: tuple[in
     and ``step_final`` (copies of ``step_dir``), a ``step_latest`` symlink to step_final, the
     names file as one list per param group, training_info.json with ``model_config``, and
     the adapter still naming the path it was trained from (which does not resolve from the
-    step: the base comes from ``backbone``). A layout fixture, not a training run."""
+    step: the base comes from ``backbone``). Each step's scheduler.pt is RL_Practice's
+    scheduler after that many steps and ``logs/train_log.jsonl`` has a row per step, as its
+    trainer writes them (the rows' numbers are placeholders: every step folder holds the same
+    adapter). A layout fixture, not a training run."""
     step_dir, run = Path(step_dir), Path(out)  # not marked tiny: RL_Practice's own rules apply
     state = run / "training_state"
     state.mkdir(parents=True)
@@ -614,8 +617,7 @@ def write_rl_practice_run(step_dir: str | Path, out: str | Path, steps: tuple[in
         target = state / name
         target.mkdir()
         shutil.copytree(step_dir / "model", target / "model")
-        for file in ("optimizer.pt", "scheduler.pt"):
-            shutil.copy2(step_dir / file, target / file)
+        shutil.copy2(step_dir / "optimizer.pt", target / "optimizer.pt")
         (target / "optimizer_param_names.json").write_text(json.dumps([names]))
         number = steps[-1] if name == "step_final" else int(name.split("_")[1])
         record = {
@@ -627,5 +629,21 @@ def write_rl_practice_run(step_dir: str | Path, out: str | Path, steps: tuple[in
             "distributed_info": {"world_size": 1, "rank": 0, "local_rank": 0},
         }
         (target / "training_info.json").write_text(json.dumps(record, indent=1))
+        torch.save(_rl_practice_scheduler_state(cfg, number), target / "scheduler.pt")
     (state / "step_latest").symlink_to("step_final")
+    (run / "logs").mkdir()
+    rows = [{"step": s, "loss": 0.0, "entropy": 1.0 + s / 100} for s in range(1, steps[-1] + 1)]
+    (run / "logs" / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return run
+
+
+def _rl_practice_scheduler_state(cfg: dict[str, Any], steps: int) -> dict[str, Any]:
+    """scheduler.pt as RL_Practice saves it after ``steps`` optimizer steps."""
+    from entropy_lab.config import one_parameter_adamw, rl_practice_scheduler
+
+    optimizer = one_parameter_adamw(float(cfg["lr"]))
+    scheduler = rl_practice_scheduler(cfg, optimizer)
+    for _ in range(steps):
+        optimizer.step()
+        scheduler.step()
+    return scheduler.state_dict()

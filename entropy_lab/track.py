@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from entropy_lab.checkpoint import resolve_layout, saved_step, step_folders
+from entropy_lab.config import rl_practice_schedule
 from entropy_lab.errors import CheckpointError, EntropyLabError
 
 TRACK_SCHEMA_VERSION = 1
@@ -167,29 +168,6 @@ def trainer_learning_rates(checkpoints: list[RunCheckpoint]) -> TrainerLearningR
                 f"run's trainer_state.json logged {logged!r} for that step"
             )
     return TrainerLearningRates(used, "trainer_state.json log_history; scheduler.pt _last_lr")
-
-
-def rl_practice_schedule(cfg: Mapping[str, Any], steps: int) -> dict[int, float]:
-    """lr of RL_Practice's optimizer steps 1..steps: its scheduler (DG:66-87) rebuilt with
-    transformers' own functions on a one-parameter AdamW; no scheduler → the constant lr."""
-    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
-
-    base_lr = float(cfg["lr"])
-    kind, total = cfg.get("lr_scheduler"), int(cfg.get("total_steps") or 0)
-    warmup = int(0.05 * total)
-    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=base_lr)
-    if kind in ("const", "constant"):
-        scheduler = get_constant_schedule_with_warmup(optimizer, warmup)
-    elif kind == "cosine":
-        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total)
-    else:
-        return {s: base_lr for s in range(1, steps + 1)}
-    used = {}
-    for s in range(1, steps + 1):
-        used[s] = float(scheduler.get_last_lr()[0])  # the lr this step runs at
-        optimizer.step()
-        scheduler.step()
-    return used
 
 
 def _rl_practice_rates(checkpoints: list[RunCheckpoint]) -> TrainerLearningRates:

@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from entropy_lab.checkpoint import load_checkpoint, resolve_layout
+from entropy_lab.cli import main
 from entropy_lab.config import ExperimentConfig, resolve_training_setup
 from entropy_lab.errors import CheckpointError, ConfigError
 from entropy_lab.protocol import keep_group, sample_update_batch
@@ -127,6 +128,27 @@ def _oracle_entropy(base_dir, adapter_dir, batch, temperature) -> float:
     return float(entropy[mask].sum() / mask.sum())
 
 
+@pytest.mark.parametrize(
+    ("kind", "total", "step", "factor"),
+    [
+        ("const", 64, 1, "0.333"),  # the reference config: warmup int(3.2) = 3
+        ("const", 64, 2, "0.667"),
+        ("const", 64, 3, "1"),
+        ("cosine", 70, 2, "0.667"),  # warmup int(3.5) = 3 (round(3.5) = 4 gave 0.75)
+        ("cosine", 40, 4, "0.993"),  # the real RLRunner run of the README: scheduler.pt 0.99318
+    ],
+)
+def test_schedule_note_is_rl_practices_scheduler_at_the_saved_step(kind, total, step, factor):
+    """The sweep's note states the lr factor RL_Practice's scheduler.pt holds after step N
+    (what track reads as the next step's lr), with its warmup int(0.05·total_steps)."""
+    from entropy_lab.config import _schedule_note, rl_practice_schedule
+
+    cfg = {"lr": 1.0, "lr_scheduler": kind, "total_steps": total}
+    note = _schedule_note(cfg, "config.yaml", step)
+    assert f"factor {factor} after step {step} of {total}" in note
+    assert f"{rl_practice_schedule(cfg, step + 1)[step + 1]:.3g}" == factor
+
+
 def test_quantized_base_is_the_trainers_4bit_policy(rlp_setup, rl_practice_run):
     meta = rlp_setup.checkpoint.metadata
     assert meta["base_quantization"].startswith("bitsandbytes 4-bit FP4, double quant")
@@ -200,6 +222,29 @@ def test_no_reward_variance_is_refused_before_measuring(rlp_setup, tmp_path, mon
         sample_update_batch(rlp_setup, repeat=0)
 
 
+def test_a_first_round_without_variance_is_refilled_not_refused(rlp_setup, tmp_path, monkeypatch):
+    """RL_Practice refills its buffer: on a real RLRunner run of the tiny base (README) 24 of
+    1144 groups were kept, so U's first prompts often all fail the filters. Planted: no
+    variance in the first round's rewards, variance in every later round's; the sweep refills
+    as the trainer does (it used to refuse: 'no reward variance')."""
+    path = tmp_path / "late_variance.py"
+    path.write_text(
+        "CALLS = []\n"
+        "def score(completions, **kwargs):\n"
+        "    CALLS.append(len(completions))\n"
+        "    if len(CALLS) == 1:\n"
+        "        return [0.0] * len(completions)\n"
+        "    return [float(i % 2) for i in range(len(completions))]\n"
+    )
+    monkeypatch.setattr(rlp_setup.task, "reward_functions", load_rewards(f"{path}:score"))
+    update = sample_update_batch(rlp_setup, repeat=0)
+    g, buffer = rlp_setup.cfg.num_generations, rlp_setup.cfg.buffer_size
+    # round 0's groups all dropped; the refill (drawn for the acceptance rate seen so far)
+    # fills U with its first groups
+    assert update.groups.kept == buffer and update.groups.drawn > buffer
+    assert torch.equal(update.rewards, torch.arange(buffer * g, dtype=torch.float64) % 2)
+
+
 def test_unfillable_buffer_is_a_clear_error(rlp_setup, tmp_path, monkeypatch):
     # planted: variance only for prompts whose answer is 7 (a few of the pool)
     body = "    return [float(a == '7' and c.strip() == '7') for c, a in zip(completions, kwargs['answer'])]\n"
@@ -207,6 +252,39 @@ def test_unfillable_buffer_is_a_clear_error(rlp_setup, tmp_path, monkeypatch):
     monkeypatch.setattr(rlp_setup.task, "reward_functions", rare)
     with pytest.raises(ConfigError, match="the update buffer cannot be filled: .* dropped by"):
         sample_update_batch(rlp_setup, repeat=1)
+
+
+def test_track_on_the_rl_practice_layout(tiny_checkpoint, tmp_path):
+    """The run folder as RLRunner writes it (tiny.write_rl_practice_run; the README reports a
+    real RLRunner run): steps in order, step_final dropped, the lr of step N+1 from its
+    schedule and scheduler.pt, the logged entropy of step N+1 from logs/train_log.jsonl.
+    Every step holds the same adapter, so H₀ is the same at each: ΔH₀ = 0 exactly."""
+    from entropy_lab.tiny import write_rl_practice_run
+
+    run = write_rl_practice_run(tiny_checkpoint, tmp_path / "run_x", steps=(1, 2))
+    flags = [
+        "--dtype", "fp64", "--learning-rates", "1e-5,1e-4", "--num-repeats", "2",
+        "--eval-size", "4", "--buffer-size", "4", "--no-first-order", "--no-progress",
+        "--threads", "1",
+    ]  # fmt: skip
+    assert main(["track", str(run), *flags, "--output-dir", str(tmp_path / "out")]) == 0
+    (folder,) = (tmp_path / "out").glob("entropy_track_*")
+    data = json.loads((folder / "track.json").read_text())
+    assert [e["step"] for e in data["checkpoints"]] == [1, 2]
+    assert len(data["skipped"]) == 1 and "step_final" in data["skipped"][0]
+    assert data["costs"]["base_loads"] == 1 and data["costs"]["adapter_swaps"] == 1
+    log = [json.loads(line) for line in (run / "logs" / "train_log.jsonl").read_text().splitlines()]
+    for e in data["checkpoints"]:
+        scheduler = run / "training_state" / f"step_{e['step']}" / "scheduler.pt"
+        state = torch.load(scheduler, weights_only=True)
+        assert e["lr"]["next_step"] == state["_last_lr"][0] == 3e-4  # constant, no warmup
+        assert e["alpha_times_lr"] == e["alpha"]["value"] * 3e-4
+        after = [r["entropy"] for r in log if r["step"] == e["step"] + 1]
+        assert e["logged_entropy"]["value"] == (after[0] if after else None)
+    (interval,) = data["history"]["intervals"]
+    assert interval["observed"]["value"] == 0.0 and interval["logged_entropy_change"] is None
+    assert "RL_Practice's logged 'entropy'" in data["history"]["logged_entropy"]
+    assert (folder / "track.png").is_file()
 
 
 # ----------------------------------------------------------------------------- modes
