@@ -296,3 +296,40 @@ def test_an_adapter_missing_a_tensor_is_refused_when_swapped(trl_run, tmp_path):
     swapped = load_checkpoint(trl_run / "run" / "checkpoint-2", dtype="fp32", reuse=first)
     assert swapped.metadata["base_load"].startswith("shared with checkpoint-1")
     assert swapped.metadata["saved_step"] == 2
+
+
+def test_a_swapped_adapter_is_verified_as_a_fresh_load(trl_run, monkeypatch):
+    """Faithful fp64: the swap's adapter tensors are the file's, and its precision audit and H
+    against the stock fp32 model are a fresh load's; a tensor altered after the swap, or a
+    base whose faithful patch came off, is refused."""
+    import peft.utils
+
+    from entropy_lab.checkpoint import load_checkpoint
+
+    run = trl_run / "run"
+    fresh = load_checkpoint(run / "checkpoint-2", dtype="fp64")
+    first = load_checkpoint(run / "checkpoint-1", dtype="fp64")
+    swapped = load_checkpoint(run / "checkpoint-2", dtype="fp64", reuse=first)
+    assert swapped.metadata["base_load"].startswith("shared with checkpoint-1")
+    mine, theirs = swapped.metadata["faithful"], fresh.metadata["faithful"]
+    assert mine["entropy_vs_stock_fp32"] == theirs["entropy_vs_stock_fp32"] > 0
+    assert mine["precision_audit"] == theirs["precision_audit"]
+    assert mine["patched"] == theirs["patched"] > 0
+
+    real = peft.utils.set_peft_model_state_dict
+
+    def altered(model, weights, *args, **kwargs):  # planted: one tensor off after the copy
+        result = real(model, weights, *args, **kwargs)
+        lora = next(p for n, p in model.named_parameters() if "lora_B" in n)
+        with torch.no_grad():
+            lora[0, 0] += 1e-9
+        return result
+
+    monkeypatch.setattr(peft.utils, "set_peft_model_state_dict", altered)
+    with pytest.raises(CheckpointError, match="lora_B.weight differs from the adapter file's"):
+        load_checkpoint(run / "checkpoint-3", dtype="fp64", reuse=swapped)
+    monkeypatch.setattr(peft.utils, "set_peft_model_state_dict", real)
+    patched = next(iter(swapped.faithful_report.patched))  # planted: a patch came off the base
+    del swapped.policy.get_submodule(patched).forward
+    with pytest.raises(CheckpointError, match="faithful fp64 refused .* precision audit"):
+        load_checkpoint(run / "checkpoint-3", dtype="fp64", reuse=swapped)
