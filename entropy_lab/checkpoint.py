@@ -393,7 +393,11 @@ def _check_adapter_tensors(
     tensor in the policy's dtype, as loading casts it): the same names, the same values."""
     from peft.utils import get_peft_model_state_dict
 
-    held = get_peft_model_state_dict(policy)
+    # save_embedding_layers "auto" would look the base up (on the hub, if not a folder): the
+    # file itself says whether it carries the embedding layers
+    held = get_peft_model_state_dict(policy, save_embedding_layers=False)
+    if set(weights) - set(held):
+        held = get_peft_model_state_dict(policy, save_embedding_layers=True)
     for name in sorted(set(held) ^ set(weights)):
         where = "the adapter file" if name in held else "the policy"
         raise CheckpointError(f"{layout.model_dir}: adapter tensor {name} is missing from {where}")
