@@ -36,6 +36,8 @@ from entropy_lab.config import (
 from entropy_lab.entropy import probe_batch
 from entropy_lab.errors import CheckpointError
 from entropy_lab.precision import (
+    FAITHFUL_ATTENTION,
+    FaithfulReport,
     PrecisionRecorder,
     attention_for,
     describe_below_fp64,
@@ -62,6 +64,8 @@ class LoadedCheckpoint:
     training_config: dict[str, Any]
     metadata: dict[str, Any] = field(default_factory=dict)
     load_seconds: float | None = None  # wall time of this load (a swap: of the swap)
+    # What make_faithful patched on the loaded base (a swap re-runs the checks on it).
+    faithful_report: FaithfulReport | None = None
 
 
 @dataclass(frozen=True)
@@ -235,7 +239,7 @@ def load_checkpoint(
     share_key = _shared_base_key(layout, base_name, dtype, device, faithful_fp64, quantization)
     if reuse is not None and share_key is not None:
         if reuse.metadata.get("shared_base_key") == share_key:
-            swapped = _swap_adapter(reuse, layout, training_config_path, precision)
+            swapped = _swap_adapter(reuse, layout, training_config_path, precision, quantization)
             swapped.load_seconds = time.perf_counter() - started
             return swapped
     try:
@@ -274,9 +278,11 @@ def load_checkpoint(
         for p in policy.parameters():
             p.requires_grad_(True)
     policy.to(device=device, dtype=torch_dt)
+    if layout.is_adapter:
+        _check_adapter_tensors(policy, layout, _adapter_weights(layout))
     _check_finite_weights(policy, layout)
     policy.eval()  # no dropout, LoRA dropout included
-    load_checks = verify_model_function(policy, dtype, faithful=dtype == "fp64" and faithful_fp64)
+    load_checks, faithful_report = _verify(policy, dtype, dtype == "fp64" and faithful_fp64)
     if quantization.active:
         quantized.update(
             verify_against_bitsandbytes(
@@ -307,7 +313,7 @@ def load_checkpoint(
             "re-save it with tokenizer.save_pretrained"
         ) from exc
 
-    loaded = LoadedCheckpoint(policy, tokenizer, None, {})
+    loaded = LoadedCheckpoint(policy, tokenizer, None, {}, faithful_report=faithful_report)
     loaded.metadata = {
         "base_model": base_name,
         "base_model_source": base_source,
@@ -368,24 +374,58 @@ def _shared_base_key(layout, base_name, dtype, device, faithful, quantization) -
     return json.dumps(key, sort_keys=True, default=str)
 
 
-def _swap_adapter(
-    reuse: LoadedCheckpoint, layout: CheckpointLayout, training_config_path, precision
-) -> LoadedCheckpoint:
-    """This checkpoint's adapter weights copied into ``reuse``'s policy (same base and
-    adapter shape), checked like a fresh load: every adapter tensor found, all finite, the
-    scorer's logits the model's own. The faithful fp64 patches live on the base's modules,
-    which are unchanged, so their report is the first load's; so is the bitsandbytes check of a
-    quantized base (it verified the base's quantization, which is shared)."""
-    from peft.utils import load_peft_weights, set_peft_model_state_dict
+def _adapter_weights(layout: CheckpointLayout) -> dict[str, torch.Tensor]:
+    from peft.utils import load_peft_weights
 
-    policy = reuse.policy
     try:
-        weights = load_peft_weights(str(layout.model_dir), device="cpu")
+        return load_peft_weights(str(layout.model_dir), device="cpu")
     except _LOAD_ERRORS as exc:
         raise CheckpointError(
             f"cannot load the adapter in {layout.model_dir} ({_first_line(exc)}): its files "
             "are corrupt or incomplete; re-save the adapter"
         ) from exc
+
+
+def _check_adapter_tensors(
+    policy: nn.Module, layout: CheckpointLayout, weights: dict[str, torch.Tensor]
+) -> None:
+    """The policy's adapter tensors are the adapter file's, tensor by tensor (each file
+    tensor in the policy's dtype, as loading casts it): the same names, the same values."""
+    from peft.utils import get_peft_model_state_dict
+
+    # save_embedding_layers "auto" would look the base up (on the hub, if not a folder): the
+    # file itself says whether it carries the embedding layers
+    held = get_peft_model_state_dict(policy, save_embedding_layers=False)
+    if set(weights) - set(held):
+        held = get_peft_model_state_dict(policy, save_embedding_layers=True)
+    for name in sorted(set(held) ^ set(weights)):
+        where = "the adapter file" if name in held else "the policy"
+        raise CheckpointError(f"{layout.model_dir}: adapter tensor {name} is missing from {where}")
+    for name in sorted(weights):
+        mine, saved = held[name].detach(), weights[name]
+        if mine.shape != saved.shape or not torch.equal(mine.cpu(), saved.to(dtype=mine.dtype)):
+            raise CheckpointError(
+                f"{layout.model_dir}: the policy's adapter tensor {name} differs from the "
+                "adapter file's (the adapter was not loaded as saved)"
+            )
+
+
+def _swap_adapter(
+    reuse: LoadedCheckpoint,
+    layout: CheckpointLayout,
+    training_config_path,
+    precision,
+    quantization: Quantization,
+) -> LoadedCheckpoint:
+    """This checkpoint's adapter weights copied into ``reuse``'s policy (same base and
+    adapter shape), checked as a fresh load checks it: every adapter tensor the file's, all
+    finite, the scorer's logits the model's own; faithful fp64's audit and its H against the
+    stock fp32 model (a copy with the base's patches taken off); a quantized base held to
+    bitsandbytes' 4-bit model with this adapter."""
+    from peft.utils import set_peft_model_state_dict
+
+    policy = reuse.policy
+    weights = _adapter_weights(layout)
     result = set_peft_model_state_dict(policy, weights)
     if result.unexpected_keys:
         raise CheckpointError(
@@ -397,14 +437,29 @@ def _swap_adapter(
     kept = [n for n, p in policy.named_parameters() if p.requires_grad and n in missing]
     if kept:
         raise CheckpointError(f"{layout.model_dir}: the adapter has no tensor for {kept[0]}")
+    _check_adapter_tensors(policy, layout, weights)
     _check_finite_weights(policy, layout)
     policy.eval()
-    checks = verify_model_function(policy, reuse.metadata["dtype"], faithful=False)
+    dtype = reuse.metadata["dtype"]
+    checks, _ = _verify(policy, dtype, reuse.faithful_report is not None, reuse.faithful_report)
     metadata = {k: v for k, v in reuse.metadata.items()}
     metadata.update(checks)
+    if quantization.active:
+        metadata.update(
+            verify_against_bitsandbytes(
+                policy,
+                reuse.metadata["base_model"],
+                str(layout.model_dir),
+                quantization,
+                probe_batch(policy),
+                reuse.metadata["quantized_layers"],
+            )
+        )
     metadata["base_load"] = f"shared with {Path(reuse.metadata['path']).name} (adapter swapped)"
     metadata.update(precision)
-    loaded = LoadedCheckpoint(policy, reuse.tokenizer, None, {}, metadata)
+    loaded = LoadedCheckpoint(
+        policy, reuse.tokenizer, None, {}, metadata, faithful_report=reuse.faithful_report
+    )
     return _with_state(loaded, layout, training_config_path)
 
 
@@ -416,6 +471,26 @@ FAITHFUL_TOLERANCE = 1e-6  # faithful fp64 H against the stock fp32 model's, rel
 
 
 def verify_model_function(policy: nn.Module, dtype: str, faithful: bool) -> dict[str, Any]:
+    """``_verify``'s checks of a freshly loaded policy (what they found, for the metadata)."""
+    return _verify(policy, dtype, faithful)[0]
+
+
+def _stock_copy(policy: nn.Module, patched: FaithfulReport) -> nn.Module:
+    """A copy of a policy ``make_faithful`` patched, computing as the stock model: the
+    patched forwards (instance attributes) removed, the eager attention it was loaded with."""
+    stock = copy.deepcopy(policy)
+    for name in patched.patched:
+        stock.get_submodule(name).__dict__.pop("forward", None)
+    for module in stock.modules():
+        config = getattr(module, "config", None)
+        if getattr(config, "_attn_implementation", None) == FAITHFUL_ATTENTION:
+            config._attn_implementation = "eager"
+    return stock
+
+
+def _verify(
+    policy: nn.Module, dtype: str, faithful: bool, patched: FaithfulReport | None = None
+) -> tuple[dict[str, Any], FaithfulReport | None]:
     """Checks, on a few probe sequences, that entropy_lab computes the model's own function.
 
     1. The scorer's logits (trunk, then ``ModelLogits``: projection and final transform)
@@ -424,16 +499,22 @@ def verify_model_function(policy: nn.Module, dtype: str, faithful: bool) -> dict
     2. Faithful fp64 (``faithful``): every norm / router / rotary embedding patched, no op
        below fp64 in one forward and one first-order jvp (the precision audit), and H equal
        to the stock fp32 model's; else faithful mode is refused with the reason.
-    Returns what was checked and measured, for the run's metadata.
+    ``patched``: what make_faithful did to this policy's base before (an adapter swapped in):
+    not patched again; the stock model is a copy with those patches taken off.
+    Returns what was checked and measured, for the run's metadata, and make_faithful's report.
     """
     from entropy_lab.entropy import decoder_and_head
 
     lm = _causal_lm(policy)
     architecture = type(lm).__name__
     out: dict[str, Any] = {"architecture": architecture}
-    stock32 = copy.deepcopy(policy).float() if faithful else None
+    report = patched
+    stock32 = None
     if faithful:
-        report = make_faithful(policy)
+        stock32 = (
+            copy.deepcopy(policy) if patched is None else _stock_copy(policy, patched)
+        ).float()
+        report = make_faithful(policy) if patched is None else patched
         out["faithful"] = report.summary()
         if not report.complete:
             _refuse_faithful(architecture, report.reason())
@@ -455,7 +536,7 @@ def verify_model_function(policy: nn.Module, dtype: str, faithful: bool) -> dict
                 f"{difference:.1e} (relative, > {FAITHFUL_TOLERANCE:g})",
             )
     out["logits_transform"] = decoder_and_head(policy)[1].steps
-    return out
+    return out, report if faithful else None
 
 
 def _causal_lm(policy: nn.Module) -> nn.Module:

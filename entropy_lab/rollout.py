@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import warnings
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -120,6 +121,32 @@ class SequenceBatch:
         )
 
 
+# Token ids of prompt texts per tokenizer object (while it lives): a track samples the same E
+# prompts at every checkpoint with the one tokenizer its adapter swaps share, so each prompt
+# is tokenized once per track. The text carries the chat template (applied when the task was
+# loaded); the tokenizer's size is in the key so added tokens invalidate the entry.
+_PROMPT_IDS: weakref.WeakKeyDictionary[object, dict[tuple[int, str], list[int]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def prompt_token_ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Each text's token ids (no special tokens added), tokenized once per tokenizer; the
+    lists are shared with later calls: read them, do not change them."""
+    try:
+        cache = _PROMPT_IDS.setdefault(tokenizer, {})
+    except TypeError:  # a tokenizer that cannot be weakly referenced: no cache
+        cache = {}
+    size = len(tokenizer) if hasattr(tokenizer, "__len__") else -1
+    out = []
+    for text in texts:
+        ids = cache.get((size, text))
+        if ids is None:
+            ids = cache[(size, text)] = tokenizer(text, add_special_tokens=False)["input_ids"]
+        out.append(ids)
+    return out
+
+
 def _cache_kwarg(model: torch.nn.Module) -> str:
     # transformers 5 renamed past_key_values to cache.
     params = inspect.signature(model.forward).parameters
@@ -196,14 +223,14 @@ def sample_responses(
     if hasattr(model, "get_base_model"):  # PEFT: LoRA layers live inside the base model
         model = model.get_base_model()
     device = next(model.parameters()).device
-    prompt_ids = [tokenizer(p.prompt, add_special_tokens=False)["input_ids"] for p in problems]
+    prompt_ids = prompt_token_ids(tokenizer, [p.prompt for p in problems])
     if rows is None:
         rows = range(len(problems) * num_samples)
     rows = list(rows)
     uniforms = row_uniforms(seed, rows, max_new_tokens)
     eos_id = tokenizer.eos_token_id
     # RL_Practice's StopAfterAnswer: nothing is sampled after the tag's tokens.
-    stop = tokenizer(stop_after, add_special_tokens=False)["input_ids"] if stop_after else []
+    stop = prompt_token_ids(tokenizer, [stop_after])[0] if stop_after else []
     sequences: list[tuple[int, list[int], list[int]]] = []
     start = 0
     # The trainer's mode ("train": LoRA dropout in generate too, as TRL samples), dropout

@@ -590,7 +590,10 @@ def run_track_command(args: Any, run_sweep_command: Callable[..., Any]) -> Path:
         "seconds": {},
     }
     reuse = None
-    for cp in tqdm(run.checkpoints, disable=args.no_progress, unit="checkpoint"):
+    # Progress over checkpoints here; within each, the sweep's own bar over its points.
+    bar = tqdm(run.checkpoints, disable=args.no_progress, unit="checkpoint", desc="track")
+    for cp in bar:
+        bar.set_postfix_str(cp.label)
         sub = folder / cp.label
         if _finished(sub, cp, args):
             costs["kept"].append(cp.step)
@@ -609,7 +612,7 @@ def run_track_command(args: Any, run_sweep_command: Callable[..., Any]) -> Path:
             sub.mkdir(parents=True, exist_ok=True)
             return sub
 
-        print(f"\n=== {cp.label}: {cp.path}", flush=True)
+        tqdm.write(f"\n=== {cp.label}: {cp.path}")  # above the bars, not through them
         run_sweep_command(
             sweep_args,
             quick=False,

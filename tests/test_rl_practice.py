@@ -170,6 +170,26 @@ def test_quantized_base_is_the_trainers_4bit_policy(rlp_setup, rl_practice_run):
     assert abs(unquantized / expected - 1) > 100 * 1e-5
 
 
+def test_a_swapped_adapter_on_the_quantized_base_is_held_to_bitsandbytes(rl_practice_run):
+    """An adapter swapped into the 4-bit base is checked against bitsandbytes' own 4-bit model
+    with that adapter, as a fresh load is; a changed weight of the shared base is refused."""
+    from entropy_lab.quantization import Quantization, quantized_linears
+
+    state = rl_practice_run / "training_state"
+    settings = resolve_training_setup(state / "step_2", generation_config={}).values
+    quantization = Quantization.of(settings)
+    first = load_checkpoint(state / "step_2", quantization=quantization)
+    swapped = load_checkpoint(state / "step_4", quantization=quantization, reuse=first)
+    meta = swapped.metadata
+    assert meta["base_load"].startswith("shared with step_2") and meta["saved_step"] == 4
+    assert meta["quantized_weights_equal"] and meta["quantized_logits_difference"] <= 1e-5
+    _, layer = quantized_linears(swapped.policy)[0]
+    with torch.no_grad():
+        layer.weight[0, 0] += 1e-3  # planted: the shared base is no longer bitsandbytes'
+    with pytest.raises(CheckpointError, match="dequantized weight differs from bitsandbytes'"):
+        load_checkpoint(state / "step_final", quantization=quantization, reuse=swapped)
+
+
 def test_quantization_mismatch_is_refused(tiny_checkpoint, monkeypatch):
     import entropy_lab.quantization as quantization
 

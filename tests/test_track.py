@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 
 import pytest
 import torch
@@ -49,21 +50,33 @@ def _data_flags(trl_run):
     return ["--prompts", str(trl_run / "prompts.jsonl"), "--reward", f"{trl_run}/rewards.py:exact"]
 
 
+TOKENIZED: Counter[str] = Counter()  # texts the track's tokenizer calls took, how often
+
+
 @pytest.fixture(scope="module")
 def tracked(trl_run, tmp_path_factory):
-    """One uninterrupted track of the whole run, counting base-model loads."""
+    """One uninterrupted track of the whole run, counting base-model loads and the texts its
+    tokenizer calls tokenize (into TOKENIZED)."""
     from transformers import AutoModelForCausalLM
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
     out = tmp_path_factory.mktemp("track_out")
     loads = []
     real = AutoModelForCausalLM.from_pretrained.__func__
+    real_call = PreTrainedTokenizerBase.__call__
 
     def counted(cls, source, *args, **kwargs):
         loads.append(str(source))
         return real(cls, source, *args, **kwargs)
 
+    def tokenize(self, text=None, *args, **kwargs):
+        TOKENIZED.update([text] if isinstance(text, str) else text or [])
+        return real_call(self, text, *args, **kwargs)
+
+    TOKENIZED.clear()
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(counted))
+        mp.setattr(PreTrainedTokenizerBase, "__call__", tokenize)
         argv = ["track", str(trl_run / "run"), *_data_flags(trl_run), *FLAGS]
         assert main([*argv, "--output-dir", str(out)]) == 0
     (folder,) = out.glob("entropy_track_*")
@@ -85,6 +98,52 @@ def test_track_measures_every_checkpoint_in_step_order_loading_the_base_once(tra
         assert e["alpha"]["ci_low"] < e["alpha"]["value"] < e["alpha"]["ci_high"]
     assert (folder / "track.png").stat().st_size > 10_000
     assert [h["from_step"] for h in data["history"]["intervals"]] == [1, 2, 3]
+
+
+def test_e_prompts_are_tokenized_once_per_track(tracked, trl_run):
+    """Common random numbers: the same E prompts at all four checkpoints, each tokenized once
+    (the adapter swaps share the tokenizer); U's prompts likewise."""
+    from transformers import AutoTokenizer
+
+    folder, _, _ = tracked
+    tokenizer = AutoTokenizer.from_pretrained(trl_run / "run" / "checkpoint-1")
+    rows = json.loads((folder / "step_1" / track.H0_SEQUENCES).read_text())["prompt_tokens"]
+    e_prompts = {tokenizer.decode(r) for r in rows}
+    assert len(e_prompts) == 8 and all(TOKENIZED[p] == 1 for p in e_prompts), TOKENIZED
+    assert max(TOKENIZED.values()) == 1
+
+
+def test_prompt_token_ids_are_cached_per_tokenizer():
+    """The cache the track relies on: a text tokenized once per tokenizer and vocabulary; a
+    cleared cache (planted: no cache), another tokenizer or an added token tokenize again."""
+    from entropy_lab import rollout
+    from entropy_lab.tiny import build_tokenizer
+
+    calls = Counter()
+
+    class Counting(type(build_tokenizer())):
+        def __call__(self, text, *args, **kwargs):
+            calls[id(self), text] += 1
+            return super().__call__(text, *args, **kwargs)
+
+    def counting_tokenizer():
+        t = build_tokenizer()
+        t.__class__ = Counting
+        return t
+
+    one, other = counting_tokenizer(), counting_tokenizer()
+    texts = ["1+2=", "3+4="]
+    first = rollout.prompt_token_ids(one, texts)
+    assert rollout.prompt_token_ids(one, texts) == first == [[22, 16, 23, 34], [24, 16, 25, 34]]
+    assert [calls[id(one), t] for t in texts] == [1, 1]
+    rollout._PROMPT_IDS.pop(one)  # planted: the cache gone, the count sees each call
+    rollout.prompt_token_ids(one, texts)
+    assert [calls[id(one), t] for t in texts] == [2, 2]
+    rollout.prompt_token_ids(other, texts[:1])
+    assert calls[id(other), texts[0]] == 1
+    one.add_tokens(["1+"])  # the vocabulary changed: the old ids no longer hold
+    assert rollout.prompt_token_ids(one, texts[:1]) != first[:1]
+    assert calls[id(one), texts[0]] == 3
 
 
 def test_track_alpha_equals_a_standalone_sweep_of_the_checkpoint(tracked, trl_run, tmp_path):
@@ -296,3 +355,40 @@ def test_an_adapter_missing_a_tensor_is_refused_when_swapped(trl_run, tmp_path):
     swapped = load_checkpoint(trl_run / "run" / "checkpoint-2", dtype="fp32", reuse=first)
     assert swapped.metadata["base_load"].startswith("shared with checkpoint-1")
     assert swapped.metadata["saved_step"] == 2
+
+
+def test_a_swapped_adapter_is_verified_as_a_fresh_load(trl_run, monkeypatch):
+    """Faithful fp64: the swap's adapter tensors are the file's, and its precision audit and H
+    against the stock fp32 model are a fresh load's; a tensor altered after the swap, or a
+    base whose faithful patch came off, is refused."""
+    import peft.utils
+
+    from entropy_lab.checkpoint import load_checkpoint
+
+    run = trl_run / "run"
+    fresh = load_checkpoint(run / "checkpoint-2", dtype="fp64")
+    first = load_checkpoint(run / "checkpoint-1", dtype="fp64")
+    swapped = load_checkpoint(run / "checkpoint-2", dtype="fp64", reuse=first)
+    assert swapped.metadata["base_load"].startswith("shared with checkpoint-1")
+    mine, theirs = swapped.metadata["faithful"], fresh.metadata["faithful"]
+    assert mine["entropy_vs_stock_fp32"] == theirs["entropy_vs_stock_fp32"] > 0
+    assert mine["precision_audit"] == theirs["precision_audit"]
+    assert mine["patched"] == theirs["patched"] > 0
+
+    real = peft.utils.set_peft_model_state_dict
+
+    def altered(model, weights, *args, **kwargs):  # planted: one tensor off after the copy
+        result = real(model, weights, *args, **kwargs)
+        lora = next(p for n, p in model.named_parameters() if "lora_B" in n)
+        with torch.no_grad():
+            lora[0, 0] += 1e-9
+        return result
+
+    monkeypatch.setattr(peft.utils, "set_peft_model_state_dict", altered)
+    with pytest.raises(CheckpointError, match="lora_B.weight differs from the adapter file's"):
+        load_checkpoint(run / "checkpoint-3", dtype="fp64", reuse=swapped)
+    monkeypatch.setattr(peft.utils, "set_peft_model_state_dict", real)
+    patched = next(iter(swapped.faithful_report.patched))  # planted: a patch came off the base
+    del swapped.policy.get_submodule(patched).forward
+    with pytest.raises(CheckpointError, match="faithful fp64 refused .* precision audit"):
+        load_checkpoint(run / "checkpoint-3", dtype="fp64", reuse=swapped)
