@@ -4,15 +4,22 @@ Registered from the root conftest.py. Measurements are computed once per η per 
 even under pytest-xdist: a file lock per η in a store shared by all workers (under the
 run's base temp dir), keyed by checkpoint digest and measurement settings. Any test still
 runs alone: it measures what it needs on demand.
+
+``--checkpoint=RUN`` with a run folder (what ``entropy-lab track`` accepts: an RL_Practice run
+or its ``training_state/``, a TRL ``output_dir``) parametrizes the suite per checkpoint
+(``test_linear_window_covers_grid[step_10]``), one store per checkpoint. The tests read the
+analysis as the typed ``Analysis`` and the records as ``PointRecord``; dicts only at files.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
 import math
 import os
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +32,9 @@ from entropy_lab.errors import EntropyLabError
 GPU_DEFAULT_GRID = "1e-8,1e-7,1e-6,1e-5,1e-4"
 CPU_DEFAULT_GRID = "1e-8,1e-7,1e-6,1e-5"  # inside the tiny model's faithful-fp64 window
 CPU_EVAL_SIZE = 256
-JSON_SCHEMA_VERSION = 1
+JSON_SCHEMA_VERSION = 2  # 2: ``checkpoints``, one entry per checkpoint of a run folder
+CHECKPOINT_PROPERTY = "checkpoint"  # the JUnit property naming a run's checkpoint
+CHECKPOINT_FILE = "run_checkpoint.json"  # in a store folder: which checkpoint of the run
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -163,8 +172,20 @@ def _check_options(config: pytest.Config) -> None:
             from entropy_lab.checkpoint import resolve_layout
 
             resolve_layout(config.getoption("--checkpoint"))
+            run_of(config.getoption("--checkpoint"))  # a run's steps and their order
     except EntropyLabError as exc:
         raise pytest.UsageError(str(exc)) from None
+
+
+def run_of(checkpoint: str | None) -> list[Any] | None:
+    """The checkpoints of a run folder in training order (``track.run_checkpoints``, as
+    ``entropy-lab track`` reads RUN); None for one checkpoint (a folder with optimizer.pt,
+    ``step_latest`` included) or none given: the suite is then not parametrized by it."""
+    if not checkpoint or (Path(checkpoint).expanduser() / "optimizer.pt").exists():
+        return None
+    from entropy_lab.track import run_checkpoints
+
+    return run_checkpoints([checkpoint]).checkpoints
 
 
 def _fail_cleanly_on_user_errors(method):
@@ -264,6 +285,11 @@ def suite_settings(config: pytest.Config, kind: str, variant: str = "default") -
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     # Only this plugin's own suites: another project's test (or fixture) named `eta` is theirs.
     suite = metafunc.cls is not None and issubclass(metafunc.cls, LinearitySuite)
+    if suite and "entropy_checkpoint" in metafunc.fixturenames:
+        run = metafunc.config.stash[SESSION].run()
+        if run is not None:  # first, so ids read test_entropy_change[step_10-eta=1e-06]
+            ids = [cp.label for cp in run]
+            metafunc.parametrize("entropy_checkpoint", run, ids=ids, indirect=True)
     if suite and "eta" in metafunc.fixturenames:
         from entropy_lab.config import parse_learning_rates
 
@@ -278,17 +304,28 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 class MeasurementStore:
-    """Per-η records on disk, measured once under a file lock, shared by xdist workers."""
+    """Per-η records on disk, measured once under a file lock, shared by xdist workers.
 
-    def __init__(self, root: Path, settings: SuiteSettings) -> None:
+    ``run_checkpoint``: which checkpoint of a run folder this is (None: a single checkpoint);
+    ``take_base``: asked for a loaded checkpoint whose base to reuse before this store loads
+    its own (the session hands the previous checkpoint of the run on, as track does)."""
+
+    def __init__(
+        self,
+        root: Path,
+        settings: SuiteSettings,
+        run_checkpoint: Any = None,
+        take_base: Any = None,
+    ) -> None:
         self.settings = settings
         self.root = root
+        self.run_checkpoint = run_checkpoint
+        self._take_base = take_base
         self._setup = None
         self._directions: dict[int, Any] = {}
         self._key_dir: Path | None = None
         self._digest: str | None = None
         self._analysis = None
-        self._analysis_json: dict[str, Any] = {}
 
     @property
     def digest(self) -> str:
@@ -306,6 +343,7 @@ class MeasurementStore:
             from entropy_lab.protocol import open_experiment
 
             s = self.settings
+            reuse = self._take_base(self) if self._take_base else None
             self._setup = open_experiment(
                 s.checkpoint,
                 s.learning_rates,
@@ -321,13 +359,22 @@ class MeasurementStore:
                 settings=dict(s.setup_flags)
                 | ({"buffer_size": s.buffer_size} if s.buffer_size else {}),
                 reference_model=s.reference_model,
+                reuse=reuse,
             )
             self._write_meta(self._setup)
         return self._setup
 
+    def release(self) -> Any:
+        """Drop this store's model (its records stay on disk) and return the loaded
+        checkpoint, for the next checkpoint of the run to swap its adapter into."""
+        loaded = self._setup.checkpoint if self._setup is not None else None
+        self._setup = None
+        self._directions.clear()
+        return loaded
+
     @property
     def key_dir(self) -> Path:
-        """One folder per (checkpoint digest, measurement settings)."""
+        """One folder per (checkpoint digest, measurement settings), and per step of a run."""
         if self._key_dir is None:
             s = self.settings
             ident = {
@@ -343,9 +390,18 @@ class MeasurementStore:
                 "buffer_size": s.buffer_size,
                 "jet": s.jet,
             }
+            if self.run_checkpoint is not None:  # two saves of one content are two entries
+                ident["run_checkpoint"] = [self.run_checkpoint.step, str(self.run_checkpoint.path)]
             key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
             self._key_dir = self.root / key
             self._key_dir.mkdir(parents=True, exist_ok=True)
+            if self.run_checkpoint is not None:  # for the JSON report's per-checkpoint entries
+                from entropy_lab.store import atomic_write_json
+
+                cp = StoredCheckpoint(
+                    self.run_checkpoint.step, str(self.run_checkpoint.path), self.digest
+                )
+                atomic_write_json(self._key_dir / CHECKPOINT_FILE, dataclasses.asdict(cp))
         return self._key_dir
 
     @_fail_cleanly_on_user_errors
@@ -375,8 +431,14 @@ class MeasurementStore:
             out.append(measure_point(setup, self._directions[repeat], eta).to_dict())
         return out
 
-    def all_records(self) -> list[dict[str, Any]]:
-        return [r for eta in self.settings.learning_rates for r in self.records(eta)]
+    def point_records(self, eta: float) -> list[Any]:
+        """``records(eta)`` read as PointRecords (the file's dicts end here)."""
+        from entropy_lab.records import PointRecord
+
+        return [PointRecord.from_dict(r) for r in self.records(eta)]
+
+    def all_records(self) -> list[Any]:
+        return [r for eta in self.settings.learning_rates for r in self.point_records(eta)]
 
     @_fail_cleanly_on_user_errors
     def meta(self) -> dict[str, Any]:
@@ -410,14 +472,8 @@ class MeasurementStore:
             meta = self.meta()
             linearity, floor = thresholds_from_meta(meta)
             self._analysis = analyze(self.all_records(), meta, linearity, floor)
-            self._analysis_json = self._analysis.to_dict()
-            atomic_write_json(self.key_dir / "analysis.json", self._analysis_json)
+            atomic_write_json(self.key_dir / "analysis.json", self._analysis.to_dict())
         return self._analysis
-
-    def analysis_json(self) -> dict[str, Any]:
-        """``analysis().to_dict()``, built once (every aggregate test reads it)."""
-        self.analysis()
-        return self._analysis_json
 
 
 class EntropySession:
@@ -427,35 +483,60 @@ class EntropySession:
 
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
-        self.stores: dict[tuple[str, str], MeasurementStore] = {}
-        self.reports: list[dict[str, Any]] = []
+        self.stores: dict[tuple[str, str, str], MeasurementStore] = {}
+        # (the run checkpoint's label or None, the test's entry): the JSON report's tests
+        self.reports: list[tuple[str | None, dict[str, Any]]] = []
         self.roots: set[str] = set()  # store folders (xdist: reported back by each worker)
+        self._run: list[Any] | None = None
+        self._run_read = False
+        self._live: MeasurementStore | None = None  # the run checkpoint whose model is loaded
 
-    def store(self, request: pytest.FixtureRequest, base: Path) -> MeasurementStore:
-        """The suite's store; ``base`` is this process's basetemp (xdist workers share its
-        parent, so each η is measured once across them)."""
+    def run(self) -> list[Any] | None:
+        """``--checkpoint``'s run checkpoints (``run_of``), read once per process."""
+        if not self._run_read:
+            self._run = run_of(self.config.getoption("--checkpoint"))
+            self._run_read = True
+        return self._run
+
+    def store(
+        self, request: pytest.FixtureRequest, base: Path, run_checkpoint: Any = None
+    ) -> MeasurementStore:
+        """The suite's store (one per checkpoint of a run); ``base`` is this process's
+        basetemp (xdist workers share its parent, so each η is measured once across them)."""
         kind = getattr(request.cls, "suite_kind", "cpu")
         variant = getattr(request.cls, "suite_variant", "default")
-        if (kind, variant) not in self.stores:
+        key = (kind, variant, str(run_checkpoint.path) if run_checkpoint is not None else "")
+        if key not in self.stores:
             settings = suite_settings(self.config, kind, variant)
             root = (base.parent if _is_worker(self.config) else base) / "entropy_store"
             self.roots.add(str(root))
-            self.stores[kind, variant] = MeasurementStore(root, settings)
+            if run_checkpoint is None:
+                self.stores[key] = MeasurementStore(root, settings)
+            else:
+                settings = dataclasses.replace(settings, checkpoint=str(run_checkpoint.path))
+                self.stores[key] = MeasurementStore(root, settings, run_checkpoint, self._hand_base)
         if kind == "gpu" or variant != "default":
             suite_settings(self.config, kind, variant)  # re-check skips for every test
-        return self.stores[kind, variant]
+        return self.stores[key]
+
+    def _hand_base(self, store: MeasurementStore) -> Any:
+        """One checkpoint of a run in memory per process: the one loaded before gives up its
+        model, and the next swaps its adapter into that base where they share it (track's
+        way; the swap is checked like a fresh load)."""
+        previous, self._live = self._live, store
+        return previous.release() if previous is not None and previous is not store else None
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
-            self.reports.append(
-                {
-                    "nodeid": report.nodeid,
-                    "outcome": report.outcome,
-                    "duration_s": report.duration,
-                    "properties": {k: v for k, v in report.user_properties},
-                    "longrepr": str(report.longrepr)[:4000] if report.failed else None,
-                }
-            )
+            label = next((v for k, v in report.user_properties if k == CHECKPOINT_PROPERTY), None)
+            entry = {
+                "nodeid": report.nodeid,
+                "outcome": report.outcome,
+                "duration_s": report.duration,
+                "properties": {k: v for k, v in report.user_properties},
+                "longrepr": str(report.longrepr)[:4000] if report.failed else None,
+            }
+            self.reports.append((label, entry))
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_testnodedown(self, node: Any, error: Any) -> None:  # xdist: a worker is done
@@ -470,63 +551,155 @@ class EntropySession:
             self.write_json(Path(path), int(exitstatus))
 
     def write_json(self, path: Path, exit_status: int) -> None:
+        """The JSON report: every test; each analysis's summary and per-η blocks, those of a
+        run's checkpoints in ``checkpoints`` (by step), each with its own tests."""
         from entropy_lab.store import atomic_write_json
 
-        analyses = [
-            json.loads(f.read_text())
-            for root in sorted(self.roots)
-            for f in sorted(Path(root).glob("*/analysis.json"))
-        ]
+        summaries: list[Any] = []
+        per_eta: list[Any] = []
+        checkpoints: list[tuple[int, str, dict[str, Any]]] = []
+        for root in sorted(self.roots):
+            for folder in sorted(p.parent for p in Path(root).glob("*/analysis.json")):
+                summary, points = _report_blocks(json.loads((folder / "analysis.json").read_text()))
+                cp = _read_run_checkpoint(folder)
+                if cp is None:
+                    summaries.append(summary)
+                    per_eta.append(points)
+                    continue
+                label = _label(cp.step)
+                entry = {
+                    "label": label,
+                    **dataclasses.asdict(cp),
+                    "tests": [test for mine, test in self.reports if mine == label],
+                    "analysis": summary,
+                    "per_learning_rate": points,
+                }
+                checkpoints.append((cp.step, str(folder), entry))
+        checkpoints.sort(key=_step_and_folder)
         atomic_write_json(
             path,
             {
                 "schema_version": JSON_SCHEMA_VERSION,
                 "exit_status": exit_status,
-                "tests": self.reports,
-                "analysis": [a.get("summary") for a in analyses],
-                "per_learning_rate": [a.get("per_learning_rate") for a in analyses],
+                "tests": [test for _, test in self.reports],
+                "analysis": summaries,
+                "per_learning_rate": per_eta,
+                "checkpoints": [entry for _, _, entry in checkpoints],
             },
         )
+
+
+@dataclass(frozen=True)
+class StoredCheckpoint:
+    """A store folder's checkpoint of a run (CHECKPOINT_FILE), for the JSON report."""
+
+    step: int
+    path: str
+    digest: str
+
+
+def _label(step: int) -> str:
+    from entropy_lab.track import RunCheckpoint
+
+    return RunCheckpoint(step, Path()).label
+
+
+def _step_and_folder(item: tuple[int, str, dict[str, Any]]) -> tuple[int, str]:
+    return item[0], item[1]
+
+
+def _read_run_checkpoint(folder: Path) -> StoredCheckpoint | None:
+    """CHECKPOINT_FILE read back (None: the store of a single checkpoint)."""
+    from entropy_lab.jsonio import from_json
+
+    path = folder / CHECKPOINT_FILE
+    return from_json(StoredCheckpoint, json.loads(path.read_text())) if path.is_file() else None
+
+
+def _report_blocks(analysis_json: dict[str, Any]) -> tuple[Any, Any]:
+    """The JSON report's copy of one analysis.json: its summary and per-η blocks, as the
+    file has them (the report's serialiser; the tests read the typed Analysis)."""
+    return analysis_json["summary"], analysis_json["per_learning_rate"]
 
 
 SESSION = pytest.StashKey[EntropySession]()
 
 
 @pytest.fixture
-def entropy_store(request: pytest.FixtureRequest, tmp_path_factory) -> MeasurementStore:
-    return request.config.stash[SESSION].store(request, tmp_path_factory.getbasetemp())
+def entropy_checkpoint(request: pytest.FixtureRequest, record_property) -> Any:
+    """The checkpoint of the run this test measures (a ``track.RunCheckpoint``, parametrized
+    when ``--checkpoint`` is a run folder, named in the test's JUnit properties); None for a
+    single checkpoint."""
+    cp = getattr(request, "param", None)
+    if cp is not None:
+        record_property(CHECKPOINT_PROPERTY, cp.label)
+        record_property("checkpoint_step", int(cp.step))
+    return cp
+
+
+@pytest.fixture
+def entropy_store(
+    request: pytest.FixtureRequest, entropy_checkpoint: Any, tmp_path_factory
+) -> MeasurementStore:
+    base = tmp_path_factory.getbasetemp()
+    return request.config.stash[SESSION].store(request, base, entropy_checkpoint)
 
 
 # -- the suite's test bodies (subclassed per marker in tests/) ----------------------------------
 
 
-def _record_run_facts(record_property, store: MeasurementStore) -> dict[str, Any]:
-    """The run's headline numbers as JUnit properties (built-in types only, for xdist)."""
-    out = store.analysis_json()
-    summary = out["summary"]
-    env = out.get("environment", {})
-    mixed = summary.get("mixed_model") or {}
-    for key, value in (
-        ("verdict", summary.get("verdict")),
-        ("eta_min", summary["linear_regime"].get("eta_min")),
-        ("eta_max", summary["linear_regime"].get("eta_max")),
-        ("r_squared_per_repeat_min", summary["r_squared_per_repeat"].get("min")),
-        ("r_squared_per_repeat_median", summary["r_squared_per_repeat"].get("median")),
-        ("mixed_slope", mixed.get("slope")),
-        ("mixed_slope_ci_low", mixed.get("slope_ci_low")),
-        ("mixed_slope_ci_high", mixed.get("slope_ci_high")),
-        # The seed's pooled statistics, reported (they do not decide: DESIGN §4).
-        ("slope", summary.get("slope")),
-        ("r_squared", summary.get("r_squared")),
-        ("lack_of_fit_p", (summary.get("lack_of_fit") or {}).get("p_value")),
-        ("loglog_slope", (summary.get("loglog_slope") or {}).get("slope")),
-        ("checkpoint_digest", out.get("checkpoint", {}).get("digest")),
-    ):
-        record_property(key, value)
-    for key in ("torch", "transformers", "peft", "device", "dtype"):
-        if key in env:
-            record_property(key, str(env[key]))
+def _builtin(value: Any) -> Any:
+    """A JUnit property value xdist can send: bool, int, float, str or None (NaN → None)."""
+    from entropy_lab.jsonio import json_safe
+
+    value = json_safe(value)
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    return float(value) if isinstance(value, float) else str(value)
+
+
+def _versions() -> list[tuple[str, str]]:
+    """The packages' versions in this process (the one that measured, or its xdist sibling
+    in the same environment), as analysis.json's environment states them."""
+    import importlib.metadata
+
+    out = []
+    for package in ("torch", "transformers", "peft"):
+        try:
+            out.append((package, importlib.metadata.version(package)))
+        except importlib.metadata.PackageNotFoundError:
+            out.append((package, "None"))
     return out
+
+
+def _record_run_facts(record_property, store: MeasurementStore) -> Any:
+    """The run's headline numbers as JUnit properties (built-in types only, for xdist);
+    returns the typed Analysis."""
+    a = store.analysis()
+    fits, mixed, r2 = a.pooled.fits, a.mixed_model, a.repeat_r_squared
+    for key, value in (
+        ("verdict", a.verdict),
+        ("eta_min", a.window.eta_min),
+        ("eta_max", a.window.eta_max),
+        ("r_squared_per_repeat_min", min(r2) if r2 else None),
+        ("r_squared_per_repeat_median", statistics.median(r2) if r2 else None),
+        ("mixed_slope", mixed.slope if mixed else None),
+        ("mixed_slope_ci_low", mixed.slope_ci_low if mixed else None),
+        ("mixed_slope_ci_high", mixed.slope_ci_high if mixed else None),
+        # The seed's pooled statistics, reported (they do not decide: DESIGN §4).
+        ("slope", fits.ols.slope if fits.ols else None),
+        ("r_squared", fits.ols.r_squared if fits.ols else None),
+        ("lack_of_fit_p", fits.lack_of_fit.p_value if fits.lack_of_fit else None),
+        ("loglog_slope", fits.loglog.slope if fits.loglog else None),
+        ("checkpoint_digest", store.digest),
+    ):
+        record_property(key, _builtin(value))
+    for key, value in (*_versions(), ("device", store.settings.device)):
+        record_property(key, str(value))
+    record_property("dtype", str(store.settings.dtype))
+    return a
 
 
 class LinearitySuite:
@@ -539,17 +712,17 @@ class LinearitySuite:
     def test_entropy_change(self, eta: float, entropy_store: MeasurementStore, record_property):
         from entropy_lab.stats import mean_stderr
 
-        records = entropy_store.records(eta)
-        ok = [r for r in records if r.get("success")]
-        errors = [r.get("error") for r in records if not r.get("success")]
+        records = entropy_store.point_records(eta)
+        ok = [r for r in records if r.success]
+        errors = [r.error for r in records if not r.success]
         assert ok, f"every repeat at η={eta!r} failed: {errors}"
-        changes = mean_stderr([r["entropy_change"] for r in ok])
+        changes = mean_stderr([r.entropy_change for r in ok])
         record_property("learning_rate", float(eta))
         record_property("n_samples", changes.n)
         record_property("mean_entropy_change", changes.mean)
         record_property("std_entropy_change", changes.std)
         record_property("stderr_entropy_change", changes.stderr)
-        fo = mean_stderr([r.get("first_order_prediction") or math.nan for r in ok])
+        fo = mean_stderr([r.first_order_prediction or math.nan for r in ok])
         if fo.n == len(ok):
             record_property("first_order_prediction", fo.mean)
         analysis = entropy_store.analysis()
@@ -567,21 +740,21 @@ class LinearitySuite:
                 f"η={eta!r} is outside the linear window [{w.eta_min}, {w.eta_max}]: {point.status} "
                 f"(mean |n_r| {_percent(point.nonlinearity_mean_abs)}, upper bound "
                 f"{_percent(point.nonlinearity_bound)}, tolerance {w.tolerance:.0%})\n\n"
-                f"{format_tables(entropy_store.analysis_json())}",
+                f"{format_tables(analysis)}",
                 pytrace=False,
             )
 
     def _check(self, name: str, store: MeasurementStore, record_property) -> None:
         from entropy_lab.report import format_tables
 
-        out = _record_run_facts(record_property, store)
-        check = out["summary"]["checks"][name]
-        record_property(f"{name}_value", check.get("value"))
-        record_property(f"{name}_threshold", str(check.get("threshold")))
-        if check.get("passed") is not True:
-            state = "inconclusive" if check.get("passed") is None else "failed"
+        analysis = _record_run_facts(record_property, store)
+        check = analysis.checks[name]
+        record_property(f"{name}_value", _builtin(check.value))
+        record_property(f"{name}_threshold", str(check.threshold))
+        if check.passed is not True:
+            state = "inconclusive" if check.passed is None else "failed"
             pytest.fail(
-                f"{name} {state}: {check.get('detail')}\n\n{format_tables(out)}", pytrace=False
+                f"{name} {state}: {check.detail}\n\n{format_tables(analysis)}", pytrace=False
             )
 
     def test_r_squared(self, entropy_store, record_property):
@@ -598,21 +771,21 @@ class LinearitySuite:
 
     def test_linear_window_covers_grid(self, entropy_store, record_property):
         """The verdict: LINEAR over the tested grid."""
+        from entropy_lab.jsonio import eta_label
         from entropy_lab.report import format_tables
 
-        out = _record_run_facts(record_property, entropy_store)
-        summary = out["summary"]
-        if summary["verdict"] != "linear":
+        analysis = _record_run_facts(record_property, entropy_store)
+        if analysis.verdict != "linear":
             outside = [
-                f"η={label}: {row['status']}"
-                + (f" ({'; '.join(row['unresolvable_reasons'])})" if not row["resolvable"] else "")
-                for label, row in out["per_learning_rate"].items()
-                if not row.get("in_window")
+                f"η={eta_label(p.learning_rate)}: {p.status}"
+                + (f" ({'; '.join(p.reasons)})" if not p.resolvable else "")
+                for p in analysis.per_eta
+                if not p.in_window
             ]
             pytest.fail(
-                f"verdict {summary['verdict'].upper()}: {summary['verdict_reason']}\n  "
+                f"verdict {analysis.verdict.upper()}: {analysis.verdict_reason}\n  "
                 + "\n  ".join(outside)
-                + f"\n\n{format_tables(out)}",
+                + f"\n\n{format_tables(analysis)}",
                 pytrace=False,
             )
 

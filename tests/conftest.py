@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 torch.set_num_threads(1)  # tiny matmuls: one thread is faster, and xdist workers don't thrash
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_suite(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    """The linearity suite (tests/test_linearity.py, the project's pytest.ini and root
+    conftest) run in a child pytest in ``pytester``'s folder, with ``args``."""
+    pytester.makeini((ROOT / "pytest.ini").read_text())
+    pytester.makeconftest((ROOT / "conftest.py").read_text())
+    pytester.makepyfile(test_linearity=(ROOT / "tests" / "test_linearity.py").read_text())
+    return pytester.runpytest_subprocess("-p", "no:cacheprovider", *args)
 
 
 @pytest.fixture(scope="session")

@@ -3,20 +3,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
+from tests.conftest import run_suite as _run
+
 pytestmark = [pytest.mark.cpu, pytest.mark.slow]
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
-    pytester.makeini((ROOT / "pytest.ini").read_text())
-    pytester.makeconftest((ROOT / "conftest.py").read_text())
-    pytester.makepyfile(test_linearity=(ROOT / "tests" / "test_linearity.py").read_text())
-    return pytester.runpytest_subprocess("-p", "no:cacheprovider", *args)
 
 
 def test_suite_fails_far_outside_the_window(pytester, tiny_checkpoint):

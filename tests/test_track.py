@@ -40,10 +40,19 @@ def trl_run(tiny_checkpoint, tmp_path_factory):
     )
 
 
-FLAGS = [
-    "--dtype", "fp64", "--learning-rates", "1e-6,1e-5", "--num-repeats", "2",
-    "--eval-size", "8", "--buffer-size", "4", "--no-progress", "--threads", "1",
-]  # fmt: skip
+MEASUREMENT = [
+    "--dtype",
+    "fp64",
+    "--learning-rates",
+    "1e-6,1e-5",
+    "--num-repeats",
+    "2",
+    "--eval-size",
+    "8",
+    "--buffer-size",
+    "4",
+]  # fmt: skip  (the pytest plugin's options too)
+FLAGS = [*MEASUREMENT, "--no-progress", "--threads", "1"]
 
 
 def _data_flags(trl_run):
@@ -212,6 +221,65 @@ def test_history_pairs_h0_on_the_same_prompts(tracked):
         track.paired_change(seqs[0], planted)
 
 
+@pytest.mark.slow
+def test_pytest_suite_on_the_run_records_tracks_alpha_per_checkpoint(
+    tracked, trl_run, pytester, monkeypatch
+):
+    """``pytest -m gpu --checkpoint=RUN`` on the same run folder, two xdist workers: the
+    aggregate tests per checkpoint (``[step_N]``), each (checkpoint, η) measured once, and
+    the α it records per checkpoint (JUnit and the JSON report) is track's to 1e-12."""
+    from xml.etree import ElementTree
+
+    from tests.conftest import run_suite
+
+    _, data, _ = tracked
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # track's --threads 1
+    out = pytester.path
+    result = run_suite(
+        pytester,
+        *("-m", "gpu", "--device", "cpu", f"--checkpoint={trl_run / 'run'}", "-n", "2"),
+        *_data_flags(trl_run),
+        *MEASUREMENT,
+        f"--basetemp={out / 'bt'}",
+        f"--junitxml={out / 'junit.xml'}",
+        f"--entropy-json={out / 'report.json'}",
+    )
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("passed", 0) + outcomes.get("failed", 0) == STEPS * (2 + 4), outcomes
+    logs = sorted((out / "bt").glob("entropy_store/*/measure_log.jsonl"))
+    assert len(logs) == STEPS  # one store per checkpoint, each η measured once across workers
+    for log in logs:
+        assert sorted(json.loads(line)["eta"] for line in log.read_text().splitlines()) == [
+            1e-6,
+            1e-5,
+        ]
+    track_alpha = {e["step"]: e["alpha"]["value"] for e in data["checkpoints"]}
+    report = json.loads((out / "report.json").read_text())
+    entries = report["checkpoints"]
+    assert [e["step"] for e in entries] == list(range(1, STEPS + 1)) and report["analysis"] == []
+    for e, t in zip(entries, data["checkpoints"]):
+        assert e["label"] == f"step_{e['step']}" and e["digest"] == t["digest"]
+        assert {x["properties"]["checkpoint"] for x in e["tests"]} == {e["label"]}
+        assert len(e["tests"]) == 2 + 4
+        assert e["analysis"]["mixed_model"]["slope"] == pytest.approx(
+            track_alpha[e["step"]], rel=1e-12, abs=0
+        )
+    cases = {
+        c.get("name"): c for c in ElementTree.parse(out / "junit.xml").getroot().iter("testcase")
+    }
+    verdicts = {e["step"]: e["verdict"] for e in data["checkpoints"]}
+    for step, alpha in track_alpha.items():
+        case = cases[f"test_linear_window_covers_grid[step_{step}]"]
+        props = {p.get("name"): p.get("value") for p in case.iter("property")}
+        assert props["checkpoint"] == f"step_{step}" and props["verdict"] == verdicts[step]
+        assert float(props["mixed_slope"]) == pytest.approx(alpha, rel=1e-12, abs=0)
+        failed = case.find("failure") is not None
+        assert failed == (verdicts[step] != "linear")  # the verdict test is track's verdict
+    # the comparison tells the checkpoints apart: a report mislabelled by one step fails it
+    shifted = [e["analysis"]["mixed_model"]["slope"] for e in entries[1:]]
+    assert all(a != pytest.approx(track_alpha[s], rel=1e-12) for a, s in zip(shifted, track_alpha))
+
+
 def test_interrupted_track_resumes_to_the_same_track_json(tracked, trl_run, tmp_path, monkeypatch):
     _, data, _ = tracked
     steps = [str(trl_run / "run" / f"checkpoint-{s}") for s in (2, 4, 1, 3)]  # a list, any order
@@ -301,6 +369,33 @@ def test_step_final_is_dropped_only_where_it_repeats_a_step(tiny_checkpoint, tmp
     shutil.copytree(run / "training_state" / "step_1", other)
     with pytest.raises(CheckpointError, match="both saved at step 1"):
         track.run_checkpoints([run / "training_state" / "step_1", other])
+
+
+def test_each_checkpoint_of_a_run_has_its_own_store(tiny_checkpoint, tmp_path):
+    """The pytest plugin's store per checkpoint of a run: the same folder in every process
+    that asks (xdist workers), another for each step even where two saves hold the same
+    content (this fixture's steps do), where one checkpoint's key is its content alone."""
+    import dataclasses
+
+    from entropy_lab.pytest_plugin import MeasurementStore, SuiteSettings, run_of
+    from entropy_lab.tiny import write_rl_practice_run
+
+    run = write_rl_practice_run(tiny_checkpoint, tmp_path / "run", steps=(1, 2))
+    cps = run_of(str(run))
+    assert [c.label for c in cps] == ["step_1", "step_2"] and run_of(None) is None
+    for one in (cps[0].path, run / "training_state" / "step_latest"):
+        assert run_of(str(one)) is None  # a checkpoint folder: the suite as before
+    settings = SuiteSettings("gpu", "", None, None, [1e-6], 2, "cpu", "fp64", 8, 0.95)
+
+    def store(cp, of_run=True):
+        mine = dataclasses.replace(settings, checkpoint=str(cp.path))
+        return MeasurementStore(tmp_path / "store", mine, cp if of_run else None)
+
+    first, second, again = store(cps[0]), store(cps[1]), store(cps[0])
+    assert first.digest == second.digest  # two saves of one content
+    assert first.key_dir != second.key_dir and again.key_dir == first.key_dir
+    # planted: keyed by content alone (a single checkpoint's store), the two steps collide
+    assert store(cps[0], of_run=False).key_dir == store(cps[1], of_run=False).key_dir
 
 
 def test_rl_practice_lr_is_its_warmup_schedule_held_to_scheduler_pt(tmp_path):
