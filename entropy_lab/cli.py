@@ -232,15 +232,17 @@ def _open_sweep(args: argparse.Namespace, quick: bool, results_dir, reuse) -> tu
         threads=args.threads,
         reuse=reuse,
     )
-    # Before sampling: the predicted peak memory, refused on CUDA when it does not fit.
-    forecast = memory_forecast(configured, check=False)
     # Data-parallel (torchrun): every rank measures, rank 0 alone writes and prints.
     folder = None
-    if distributed.is_main():
+    main_rank = distributed.is_main()
+    if main_rank:
         print(configured.training.table(), flush=True)  # before sampling: what the step will be
+    # Before sampling: the predicted peak memory, refused on CUDA when it does not fit.
+    forecast = memory_forecast(configured, check=False)
+    if main_rank:
         print(forecast.table(), flush=True)
     check_fits(forecast, configured.cfg.device)  # before the folder: a refused run leaves none
-    if distributed.is_main():
+    if main_rank:
         folder = _open_folder(
             args, configured.cfg, configured.checkpoint.metadata, results_dir or new_results_dir
         )

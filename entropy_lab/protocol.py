@@ -1,7 +1,9 @@
 """The measurement protocol (DESIGN §2), top to bottom.
 
 configure(): checkpoint → training setup → loaded model → experiment config (cheap; the CLI
-             prints the setup table and opens its results folder after it).
+             prints the setup table and the memory forecast, then opens its results folder).
+memory_forecast(): the predicted peak memory (entropy_lab.memory); on CUDA refused when it
+             does not fit the free memory. prepare() takes the CLI's or makes its own.
 prepare():  task → disjoint prompts → evaluation batch E sampled once at θ₀ → H(θ₀) cached,
              and ∇H(θ₀) by one backward pass (the rounding check). open_experiment() is
              prepare(configure(...)).

@@ -235,3 +235,22 @@ def test_cpu_only_prints():
     table = prediction.table()
     assert "MEMORY FORECAST" in table and prediction.peak_phase in table
     assert prediction.to_dict()["peak_bytes"] == prediction.peak
+
+
+def test_the_cli_prints_the_forecast_and_a_refusal_leaves_no_folder(
+    tiny_checkpoint, tmp_path, monkeypatch, capsys
+):
+    """Before sampling: the table after the setup table; a refused run (here the check made
+    to refuse, as on a CUDA device without room) exits 2 with the advice, no results folder."""
+    from entropy_lab import cli, memory
+
+    def refuse(prediction, device, free_memory=None):
+        check_fits(prediction, "cuda", free_memory=lambda dev: (0, 2**30))
+
+    monkeypatch.setattr(memory, "check_fits", refuse)
+    args = ["quick", "--output-dir", str(tmp_path), "--eval-size", "32", "--buffer-size", "8"]
+    assert cli.main(args) == 2
+    captured = capsys.readouterr()
+    assert "MEMORY FORECAST" in captured.out and "setting" in captured.out
+    assert "free" in captured.err and "--dtype fp32" in captured.err
+    assert not list(tmp_path.iterdir())
