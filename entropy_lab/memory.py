@@ -22,8 +22,9 @@ instead of an out-of-memory error halfway; on CPU the forecast is printed only.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -147,13 +148,16 @@ class MemoryTerm:
     phase: str  # "held" (throughout) or the phase whose transient it is
 
 
+# The terms that exist before the run starts (on CUDA, already out of the free memory).
+LOADED = ("weights as loaded", "AdamW state as loaded")
+
+
 @dataclass(frozen=True)
 class MemoryForecast:
     """Named terms; the peak is every held term plus the largest phase's terms."""
 
     terms: tuple[MemoryTerm, ...]
     peak_phase: str
-    loaded_names: tuple[str, ...] = field(default=("weights as loaded", "AdamW state as loaded"))
 
     def phase_total(self, phase: str) -> int:
         return sum(t.bytes for t in self.terms if t.phase == phase)
@@ -169,7 +173,7 @@ class MemoryForecast:
     @property
     def loaded(self) -> int:
         """What exists before the run starts (weights and optimizer state as loaded)."""
-        return sum(t.bytes for t in self.terms if t.name in self.loaded_names)
+        return sum(t.bytes for t in self.terms if t.name in LOADED)
 
     @property
     def phases(self) -> dict[str, int]:
@@ -177,8 +181,7 @@ class MemoryForecast:
 
     def without(self, name: str) -> MemoryForecast:
         """This forecast with one term dropped (the planted under-forecast of the tests)."""
-        terms = tuple(t for t in self.terms if t.name != name)
-        return _with_peak(terms, self.loaded_names)
+        return _with_peak(tuple(t for t in self.terms if t.name != name))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -208,11 +211,11 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.3f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def _with_peak(terms: tuple[MemoryTerm, ...], loaded_names) -> MemoryForecast:
+def _with_peak(terms: tuple[MemoryTerm, ...]) -> MemoryForecast:
     phases = {t.phase for t in terms} - {"held"}
     total = {p: sum(t.bytes for t in terms if t.phase == p) for p in phases}
     peak_phase = max(sorted(total), key=total.__getitem__) if total else "held"
-    return MemoryForecast(terms, peak_phase, tuple(loaded_names))
+    return MemoryForecast(terms, peak_phase)
 
 
 # -- per-token tensor counts (read off the allocator at each phase's peak) --------------
@@ -382,7 +385,7 @@ def forecast(model: ModelShape, work: Workload) -> MemoryForecast:
         terms += _jvp(model, work)
         if work.identity_check:
             terms += _identity(model, work)
-    return _with_peak(tuple(terms), MemoryForecast.__dataclass_fields__["loaded_names"].default)
+    return _with_peak(tuple(terms))
 
 
 def longest_prompt(tokenizer: Any, prompts: Iterable[str]) -> int:
@@ -400,14 +403,8 @@ def forecast_for(configured: Any, prompt_tokens: int) -> MemoryForecast:
     reference = getattr(configured, "kl_reference", None)
     if reference is not None:
         extra = sum(t.numel() * t.element_size() for t in reference.parameters())
-        shape = _replace(shape, weight_bytes=shape.weight_bytes + extra)
+        shape = dataclasses.replace(shape, weight_bytes=shape.weight_bytes + extra)
     return forecast(shape, Workload.of(configured.cfg, prompt_tokens))
-
-
-def _replace(shape: ModelShape, **changes) -> ModelShape:
-    import dataclasses
-
-    return dataclasses.replace(shape, **changes)
 
 
 FreeMemory = Callable[[torch.device], tuple[int, int]]
