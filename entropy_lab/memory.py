@@ -15,14 +15,16 @@ proxy (tests/test_memory.py). Responses are assumed to run to max_new_tokens, so
 bounds the sweep from above where responses end early. The nested jvps (--jet 2|3) are
 scaled by two per level, not measured; a MoE model's experts are not modelled.
 
-``check_fits`` holds the peak against the device's free memory (CUDA) and refuses with advice
-instead of an out-of-memory error halfway; on CPU the forecast is printed only.
+``check_fits`` holds the peak against the device's free memory (CUDA): a warning when only
+the smaller batches of the out-of-memory retries fit, an error with advice when even they do
+not (instead of an out-of-memory error halfway); on CPU the forecast is printed only.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -116,6 +118,16 @@ class Workload:
     rounding_check: bool = True
     entropy_bonus: bool = False  # entropy_coef ≠ 0: the loss keeps the entropy's graph too
     cuda: bool = False  # the head runs over the whole vocabulary at once on CUDA
+    group_rows: int = 1  # G: a micro-batch holds whole groups
+    score_rows: int = SCORE_ROWS
+    sample_rows: int = SAMPLE_ROWS
+
+    def smallest(self) -> Workload:
+        """Every batching knob as far down as the CUDA out-of-memory retries take it (one
+        group per micro-batch, one row and one token at a time): the same result, slower."""
+        return dataclasses.replace(
+            self, micro_rows=self.group_rows, eval_chunk_tokens=1, score_rows=1, sample_rows=1
+        )
 
     @classmethod
     def of(cls, cfg: Any, prompt_tokens: int) -> Workload:
@@ -134,6 +146,7 @@ class Workload:
             rounding_check=cfg.rounding_check and not cfg.multi_step,
             entropy_bonus=bool(cfg.entropy_coef),
             cuda=torch.device(cfg.device).type == "cuda",
+            group_rows=cfg.num_generations,
         )
 
     @property
@@ -158,6 +171,7 @@ class MemoryForecast:
 
     terms: tuple[MemoryTerm, ...]
     peak_phase: str
+    smallest_peak: int | None = None  # the peak with every batching knob at its smallest
 
     def phase_total(self, phase: str) -> int:
         return sum(t.bytes for t in self.terms if t.phase == phase)
@@ -181,13 +195,15 @@ class MemoryForecast:
 
     def without(self, name: str) -> MemoryForecast:
         """This forecast with one term dropped (the planted under-forecast of the tests)."""
-        return _with_peak(tuple(t for t in self.terms if t.name != name))
+        dropped = _with_peak(tuple(t for t in self.terms if t.name != name))
+        return dataclasses.replace(dropped, smallest_peak=self.smallest_peak)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "peak_bytes": self.peak,
             "peak_phase": self.peak_phase,
             "held_bytes": self.held,
+            "smallest_batching_peak_bytes": self.smallest_peak,
             "phases_bytes": {p: b for p, b in self.phases.items() if p != "held"},
             "terms": [{"name": t.name, "phase": t.phase, "bytes": t.bytes} for t in self.terms],
         }
@@ -204,6 +220,11 @@ class MemoryForecast:
                 if t.phase == phase:
                     lines.append(f"     {t.name:<40s} {_gib(t.bytes):>11s}")
         lines.append("  (* = counted in the peak: held throughout + the largest phase)")
+        if self.smallest_peak is not None:
+            lines.append(
+                f"  with every batch knob at 1 (where CUDA out-of-memory retries end): "
+                f"{_gib(self.smallest_peak)}"
+            )
         return "\n".join(lines)
 
 
@@ -292,7 +313,7 @@ def _held(m: ModelShape, w: Workload) -> list[MemoryTerm]:
 def _rollout(m: ModelShape, w: Workload) -> list[MemoryTerm]:
     """Sampling at most 256 rows at a time: the prefill (its activations, then logits at every
     prompt position and the sampler's fp64 tensors) or a decode step with the full cache."""
-    rows = min(SAMPLE_ROWS, max(w.eval_rows, w.update_rows))
+    rows = min(w.sample_rows, max(w.eval_rows, w.update_rows))
     prefill_tokens = rows * w.prompt_tokens
     sampler = (4 * FP64 + 1) * rows * m.vocab  # /T, softmax, cumsum, flip (fp64), mask
     logits = m.runtime_bytes * prefill_tokens * m.vocab + sampler
@@ -311,7 +332,7 @@ def _rollout(m: ModelShape, w: Workload) -> list[MemoryTerm]:
 def _score(m: ModelShape, w: Workload, phase: str) -> list[MemoryTerm]:
     """One evaluation of E without autograd, per row chunk: the trunk (and its KV cache), or
     the head's vocabulary blocks (CPU: 8 MiB blocks; CUDA: the whole vocabulary a chunk)."""
-    rows = min(SCORE_ROWS, w.eval_rows)
+    rows = min(w.score_rows, w.eval_rows)
     tokens = rows * w.width
     trunk = (_no_grad_token(m, w.width) + _kv_token(m)) * tokens
     n = _chunk(m, w)
@@ -328,7 +349,7 @@ def _entropy_grad(m: ModelShape, w: Workload) -> list[MemoryTerm]:
     """∇H(θ₀) by reverse mode over a row chunk of E: the trunk's graph, and per response
     token the fp64 shifted logits and their exp (kept for backward), plus 3 chunks of
     backward temporaries."""
-    rows = min(SCORE_ROWS, w.eval_rows)
+    rows = min(w.score_rows, w.eval_rows)
     n = _chunk(m, w)
     kept = 2 * FP64 * m.vocab * rows * w.response_tokens + 3 * FP64 * m.vocab * n
     names = ("E's trunk graph (reverse mode)", "E's fp64 logits kept for backward")
@@ -351,7 +372,7 @@ def _gradient(m: ModelShape, w: Workload) -> list[MemoryTerm]:
 def _jvp(m: ModelShape, w: Workload) -> list[MemoryTerm]:
     """∇H·v by forward mode, per row chunk: the trunk's dual tensors, or one logits chunk's
     (z, ż in the runtime dtype; y, ẏ, e, ė in fp64), doubled per nesting level."""
-    rows = min(SCORE_ROWS, w.eval_rows)
+    rows = min(w.score_rows, w.eval_rows)
     trunk = _jvp_token(m, w.width, w.jet) * rows * w.width
     head = 2 ** (w.jet - 1) * (2 * m.runtime_bytes + 4 * FP64) * _chunk(m, w) * m.vocab
     phase = f"jvp to order {w.jet}"
@@ -364,7 +385,7 @@ def _identity(m: ModelShape, w: Workload) -> list[MemoryTerm]:
     """Cui's identity: the trunk's jvp, then per eval_chunk_tokens tokens z, ż, their fp64
     copies and six fp64 tokens × V tensors of the covariance (log-softmax, p, masks,
     products) and a boolean mask."""
-    rows = min(SCORE_ROWS, w.eval_rows)
+    rows = min(w.score_rows, w.eval_rows)
     trunk = _jvp_token(m, w.width, 1) * rows * w.width
     n = min(w.eval_chunk_tokens, rows * w.response_tokens)
     fp64_copies = 6 if m.runtime_bytes == FP64 else 8  # .double() copies z and ż unless fp64
@@ -376,7 +397,14 @@ def _identity(m: ModelShape, w: Workload) -> list[MemoryTerm]:
 
 
 def forecast(model: ModelShape, work: Workload) -> MemoryForecast:
-    """The named terms of a sweep's memory and its peak (``MemoryForecast.peak``)."""
+    """The named terms of a sweep's memory, its peak (``MemoryForecast.peak``) and the peak
+    at the smallest batching the out-of-memory retries reach."""
+    prediction = _terms_forecast(model, work)
+    smallest = _terms_forecast(model, work.smallest()).peak
+    return dataclasses.replace(prediction, smallest_peak=smallest)
+
+
+def _terms_forecast(model: ModelShape, work: Workload) -> MemoryForecast:
     terms = _held(model, work) + _rollout(model, work) + _score(model, work, "score E")
     terms += _gradient(model, work)
     if work.rounding_check:
@@ -417,22 +445,35 @@ def _cuda_free(device: torch.device) -> tuple[int, int]:
 def check_fits(
     prediction: MemoryForecast, device: str, free_memory: FreeMemory | None = None
 ) -> None:
-    """On CUDA: refuse (MemoryForecastError) when the forecast peak, plus a 10 % margin, exceeds the
-    device's free memory, with advice for the largest phase; elsewhere nothing (printed only).
-    ``free_memory(device) → (free, total)`` defaults to ``torch.cuda.mem_get_info``."""
+    """On CUDA, the forecast (plus a 10 % margin) against the device's free memory: nothing
+    when it fits; a warning with advice when only smaller batches fit (the out-of-memory
+    retries will halve them: the same result, later); an error with advice when even the
+    smallest batching does not fit (the run would fail halfway). Elsewhere nothing (the
+    forecast is printed only). ``free_memory(device) → (free, total)`` defaults to
+    ``torch.cuda.mem_get_info``; the loaded model is already out of ``free``."""
     dev = torch.device(device)
     if dev.type != "cuda":
         return
     free, total = (free_memory or _cuda_free)(dev)
-    # The weights are on the device already: free memory was measured with them loaded.
     need = prediction.peak - prediction.loaded
     if need * (1 + CUDA_MARGIN) <= free:
         return
-    raise MemoryForecastError(
+    said = (
         f"the sweep needs about {_gib(prediction.peak)} on {device} (forecast; peak in "
-        f"'{prediction.peak_phase}'), {_gib(need)} of it beyond the loaded model, but only "
-        f"{_gib(free)} of {_gib(total)} is free: {_advice(prediction.peak_phase)}"
+        f"'{prediction.peak_phase}'), {_gib(need)} of it beyond the loaded model, but "
+        f"{_gib(free)} of {_gib(total)} is free"
     )
+    smallest = prediction.smallest_peak
+    if smallest is not None and (smallest - prediction.loaded) * (1 + CUDA_MARGIN) <= free:
+        warnings.warn(
+            f"{said}; it runs with smaller batches after out-of-memory retries (slower): "
+            f"{_advice(prediction.peak_phase)}",
+            RuntimeWarning,
+            2,
+        )
+        return
+    floor = "" if smallest is None else f" (even at the smallest batching: {_gib(smallest)})"
+    raise MemoryForecastError(f"{said}{floor}: {_advice(prediction.peak_phase)}")
 
 
 def _advice(phase: str) -> str:
