@@ -211,7 +211,8 @@ def _open_sweep(args: argparse.Namespace, quick: bool, results_dir, reuse) -> tu
     the folder, then E. The folder is None on other ranks."""
     from entropy_lab import distributed
     from entropy_lab.config import check_num_repeats, parse_learning_rates
-    from entropy_lab.protocol import configure, prepare
+    from entropy_lab.memory import check_fits
+    from entropy_lab.protocol import configure, memory_forecast, prepare
     from entropy_lab.store import new_results_dir
 
     etas = parse_learning_rates(args.learning_rates)
@@ -233,13 +234,20 @@ def _open_sweep(args: argparse.Namespace, quick: bool, results_dir, reuse) -> tu
     )
     # Data-parallel (torchrun): every rank measures, rank 0 alone writes and prints.
     folder = None
-    if distributed.is_main():
+    main_rank = distributed.is_main()
+    if main_rank:
         print(configured.training.table(), flush=True)  # before sampling: what the step will be
+    # Before sampling: the predicted peak memory, refused on CUDA when it does not fit.
+    forecast = memory_forecast(configured, check=False)
+    if main_rank:
+        print(forecast.table(), flush=True)
+    check_fits(forecast, configured.cfg.device)  # before the folder: a refused run leaves none
+    if main_rank:
         folder = _open_folder(
             args, configured.cfg, configured.checkpoint.metadata, results_dir or new_results_dir
         )
     try:
-        return prepare(configured), folder
+        return prepare(configured, forecast=forecast), folder
     except BaseException:
         if folder is not None and not args.resume and not any(folder.path.iterdir()):
             folder.path.rmdir()  # a run that never started leaves no empty results folder

@@ -1,7 +1,9 @@
 """The measurement protocol (DESIGN §2), top to bottom.
 
 configure(): checkpoint → training setup → loaded model → experiment config (cheap; the CLI
-             prints the setup table and opens its results folder after it).
+             prints the setup table and the memory forecast, then opens its results folder).
+memory_forecast(): the predicted peak memory (entropy_lab.memory); on CUDA refused when it
+             does not fit the free memory. prepare() takes the CLI's or makes its own.
 prepare():  task → disjoint prompts → evaluation batch E sampled once at θ₀ → H(θ₀) cached,
              and ∇H(θ₀) by one backward pass (the rounding check). open_experiment() is
              prepare(configure(...)).
@@ -31,6 +33,13 @@ from entropy_lab.checkpoint import LoadedCheckpoint
 from entropy_lab.config import RL_PRACTICE_REFERENCE, ExperimentConfig, Measurement, Reading
 from entropy_lab.entropy import EntropyReadings, EntropyScorer, SequenceSums, readings
 from entropy_lab.errors import CheckpointError, ConfigError, EntropyLabError, release_after_oom
+from entropy_lab.memory import (
+    MemoryForecast,
+    check_fits,
+    forecast_for,
+    longest_prompt,
+    phase_mark,
+)
 from entropy_lab.records import EPS, PointRecord
 from entropy_lab.rollout import SequenceBatch, sample_responses
 from entropy_lab.tasks import Problem, Task, load_task
@@ -83,7 +92,8 @@ class PhaseCosts:
     def phase(self, name: str) -> Iterator[None]:
         started = time.perf_counter()
         try:
-            yield
+            with phase_mark(name):  # a profile (memory.peak_allocated) shows the phase
+                yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
             self.calls[name] = self.calls.get(name, 0) + 1
@@ -130,6 +140,7 @@ class Setup:
     costs: PhaseCosts
     # Per-sequence sums of E at θ₀: H₀'s standard error, and ΔH paired across checkpoints.
     eval_sums: SequenceSums
+    memory_forecast: MemoryForecast | None = None  # the peak predicted before sampling
 
 
 @dataclass(frozen=True)
@@ -286,12 +297,31 @@ class Direction:
     momentum_share: float | None = None
 
 
-def prepare(configured: Configured) -> Setup:
-    """The slow half: task → disjoint prompts → E sampled once at θ₀ → H(θ₀) cached, and
-    ∇H(θ₀) by one backward pass (the rounding check)."""
+def memory_forecast(
+    configured: Configured, problems: list[Problem] | None = None, check: bool = True
+) -> MemoryForecast:
+    """The sweep's memory forecast (``entropy_lab.memory``) for the longest prompt of the
+    task's ``problems`` (default: E's and U's, as ``prepare`` splits them); with ``check``, on
+    CUDA, an error with advice when its peak does not fit the free memory."""
+    if problems is None:
+        _, eval_problems, pool = _split_prompts(configured.cfg, configured.checkpoint.tokenizer)
+        problems = eval_problems + pool
+    tokens = longest_prompt(configured.checkpoint.tokenizer, [p.prompt for p in problems])
+    prediction = forecast_for(configured, tokens)
+    if check:
+        check_fits(prediction, configured.cfg.device)
+    return prediction
+
+
+def prepare(configured: Configured, forecast: MemoryForecast | None = None) -> Setup:
+    """The slow half: task → disjoint prompts → the memory forecast (checked on CUDA, unless
+    the caller passes the ``forecast`` it checked) → E sampled once at θ₀ → H(θ₀) cached,
+    and ∇H(θ₀) by one backward pass (the rounding check)."""
     cfg, checkpoint = configured.cfg, configured.checkpoint
     policy, tokenizer = checkpoint.policy, checkpoint.tokenizer
     task, eval_problems, pool = _split_prompts(cfg, tokenizer)
+    if forecast is None:  # before sampling: refuse what would run out of memory halfway
+        forecast = memory_forecast(configured, eval_problems + pool)
     if cfg.first_order and not cfg.multi_step:  # before sampling: a jvp the sweep could not take
         check_forward_ad(policy, jet_order(cfg))
     device = next(policy.parameters()).device
@@ -357,6 +387,7 @@ def prepare(configured: Configured) -> Setup:
         entropy_grad,
         costs,
         SequenceSums(*(t.detach().cpu() for t in (sums.entropy, sums.logprob, sums.tokens))),
+        forecast,
     )
 
 

@@ -284,6 +284,7 @@ def run_meta(setup: Any, device: str, dtype: str, thresholds: Mapping[str, Any])
     write the same analysis.json for the same run."""
     metadata = setup.checkpoint.metadata
     precision = {k: metadata[k] for k in ("tf32_matmul", "tf32_cudnn") if k in metadata}
+    forecast = getattr(setup, "memory_forecast", None)
     return {
         "checkpoint": metadata,
         "config": setup.cfg.effective(),
@@ -292,4 +293,6 @@ def run_meta(setup: Any, device: str, dtype: str, thresholds: Mapping[str, Any])
         "setup_notes": list(setup.training.notes),
         "environment": environment_info(device, dtype, precision),
         "thresholds": dict(thresholds),
+        # The peak predicted before sampling (entropy_lab.memory), None where not forecast.
+        "memory_forecast": forecast.to_dict() if forecast is not None else None,
     }

@@ -72,6 +72,8 @@ def test_results_folder_has_every_artefact(quick_run):
     assert config["jet"] == 1  # the default: ∇H·v by jvp, c and ∇³H from the ±η pairs
     assert all(r["curvature"] is None and r["entropy_change_negative"] for r in raw)
     assert all(row["seconds"] > 0 for row in costs.values())
+    forecast = meta["memory_forecast"]  # the peak predicted before sampling
+    assert forecast["peak_bytes"] > 0 and forecast["peak_phase"] in forecast["phases_bytes"]
 
 
 def test_report_elsewhere_reproduces_analysis_exactly(quick_run, tmp_path, capsys):
@@ -109,7 +111,8 @@ def test_setup_table_folder_and_threads_come_before_e_is_sampled(
     out = tmp_path / "out"
     seen = {}
 
-    def refuse(configured):
+    def refuse(configured, forecast=None):
+        seen["forecast"] = forecast  # checked before the folder, handed on to prepare
         seen["folders"] = list(out.glob("entropy_lr_experiment_*"))
         seen["printed"] = capsys.readouterr().out
         seen["threads"] = torch.get_num_threads()
@@ -124,6 +127,7 @@ def test_setup_table_folder_and_threads_come_before_e_is_sampled(
         torch.set_num_threads(1)
     assert rc == 2 and "refused before sampling" in capsys.readouterr().err
     assert len(seen["folders"]) == 1 and seen["printed"].startswith("TRAINING SETUP")
+    assert "MEMORY FORECAST" in seen["printed"] and seen["forecast"].peak > 0
     assert seen["threads"] == 2
     cfg = seen["cfg"]
     assert (cfg.reading, cfg.jet, cfg.eval_size, cfg.buffer_size) == ("conditional", 2, 32, 8)
