@@ -22,41 +22,25 @@ from torch.func import functional_call, jvp
 from entropy_lab import theory
 from entropy_lab.bench import bare_forward, interleaved_medians, zero_tangent_matmuls
 from entropy_lab.entropy import EntropyScorer
-from entropy_lab.precision import torch_dtype
+from entropy_lab.proxy import build_proxy, random_batch
 from entropy_lab.rollout import SequenceBatch
 from entropy_lab.theory import ResponseHidden, _prefixed, directional_derivatives, forward_ad_safe
 
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
 
 def build(args) -> tuple[torch.nn.Module, SequenceBatch]:
-    from peft import LoraConfig, get_peft_model
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    config = Qwen2Config(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=int(2.75 * args.hidden),
-        num_hidden_layers=args.layers,
-        num_attention_heads=max(1, args.hidden // 64),
-        num_key_value_heads=max(1, args.hidden // 256),
-        max_position_embeddings=args.length,
-        tie_word_embeddings=True,
+    model = build_proxy(
+        args.vocab,
+        args.hidden,
+        args.layers,
+        args.dtype,
+        rank=args.rank,
+        max_positions=args.length,
+        device=args.device,
+        seed=args.seed,
     )
-    config._attn_implementation = "eager"  # forward-mode AD has no SDPA rule
-    torch.manual_seed(args.seed)
-    model = Qwen2ForCausalLM(config).to(torch_dtype(args.dtype)).to(args.device).eval()
-    lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=LORA_TARGETS)
-    model = get_peft_model(model, lora)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:  # PEFT starts B at 0; a trained adapter has B ≠ 0
-            torch.nn.init.normal_(p, std=0.02)
-    gen = torch.Generator().manual_seed(args.seed)
-    ids = torch.randint(2, args.vocab, (args.rows, args.length), generator=gen)
-    response = torch.zeros_like(ids)
-    response[:, args.prompt_length :] = 1
-    batch = SequenceBatch(ids, torch.ones_like(ids), response, torch.arange(args.rows))
-    return model, batch.to(args.device)
+    return model, random_batch(
+        args.vocab, args.rows, args.length, args.prompt_length, args.device, args.seed
+    )
 
 
 def measure(args) -> dict:
