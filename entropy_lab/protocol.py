@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 import math
 import random
 import time
@@ -68,35 +69,91 @@ def repeat_seed(seed: int, repeat: int) -> int:
     return seed + 1000 * (repeat + 1)
 
 
-EVAL_PHASE = "score E at θ₀"  # one evaluation of E: the unit every phase is counted in
+class PhaseKind(enum.Enum):
+    """What a phase is for: the measurement (a real step and E scored), the theory oracles
+    along v, or the work both need (sampling, the gradient, v)."""
+
+    SHARED = "shared"
+    THEORY = "theory"
+    MEASUREMENT = "measurement"
+
+
+class Phase(enum.Enum):
+    """The sweep's phases, the one definition PhaseCosts records under and bench reads:
+    a phase renamed here is renamed for both, and one that was never recorded is an error
+    (``PhaseCosts.seconds_of``), not a silent 0. ``label`` is what tables and run_meta's
+    ``costs`` print (``{order}``: the jet's order)."""
+
+    SAMPLE_E = ("sample E", PhaseKind.SHARED)
+    SCORE_E = ("score E at θ₀", PhaseKind.SHARED)  # one evaluation of E: the unit
+    ENTROPY_GRADIENT = ("∇H at θ₀ (rounding check)", PhaseKind.THEORY)
+    SAMPLE_U = ("sample U", PhaseKind.SHARED)
+    GRADIENT = ("gradient", PhaseKind.SHARED)
+    UPDATE_VECTOR = ("update vector", PhaseKind.SHARED)
+    JET = ("jvp to order {order}", PhaseKind.THEORY)
+    IDENTITY = ("Cui identity", PhaseKind.THEORY)
+    STEP_PLUS = ("step + score E at +η", PhaseKind.MEASUREMENT)
+    STEP_MINUS = ("step + score E at −η", PhaseKind.MEASUREMENT)
+
+    def __init__(self, label: str, kind: PhaseKind) -> None:
+        self.label, self.kind = label, kind
+
+
+# The phases prepare() times: once per sweep, before any direction.
+PREPARE_PHASES = (Phase.SAMPLE_E, Phase.SCORE_E, Phase.ENTROPY_GRADIENT)
 
 
 class PhaseCosts:
-    """Wall-clock seconds per phase of the sweep (this process), and how many times each ran;
-    ``to_dict`` also states each in evaluations of E (one eval = scoring E at θ₀)."""
+    """Seconds per phase of the sweep (this process) by ``clock`` (wall time unless the
+    caller, e.g. bench, passes another), and how many times each ran; ``to_dict`` also states
+    each in evaluations of E (one eval = scoring E at θ₀)."""
 
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-        self.calls: dict[str, int] = {}
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.clock = clock
+        self.seconds: dict[Phase, float] = {}
+        self.calls: dict[Phase, int] = {}
+        self.labels: dict[Phase, str] = {}
 
     @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        started = time.perf_counter()
+    def phase(self, phase: Phase, **detail: Any) -> Iterator[None]:
+        if not isinstance(phase, Phase):  # a free-text name would escape bench's totals
+            raise TypeError(f"PhaseCosts times protocol.Phase members, not {phase!r}")
+        self.labels[phase] = phase.label.format(**detail)
+        started = self.clock()
         try:
             yield
         finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
-            self.calls[name] = self.calls.get(name, 0) + 1
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + self.clock() - started
+            self.calls[phase] = self.calls.get(phase, 0) + 1
+
+    def seconds_of(self, *phases: Phase) -> float:
+        """Total seconds of these phases; one that never ran is a KeyError naming it."""
+        missing = [p.name for p in phases if p not in self.seconds]
+        if missing:
+            raise KeyError(f"phase(s) {', '.join(missing)} were not recorded")
+        return sum(self.seconds[p] for p in phases)
+
+    def only(self, phases: Iterable[Phase]) -> PhaseCosts:
+        """A new ledger holding these phases' entries (those recorded) and nothing else."""
+        out = PhaseCosts(self.clock)
+        for p in phases:
+            if p in self.seconds:
+                out.seconds[p], out.calls[p], out.labels[p] = (
+                    self.seconds[p],
+                    self.calls[p],
+                    self.labels[p],
+                )
+        return out
 
     def to_dict(self) -> dict[str, dict[str, float]]:
-        unit = self.seconds.get(EVAL_PHASE)
+        unit = self.seconds.get(Phase.SCORE_E)
         return {
-            name: {
+            self.labels[phase]: {
                 "seconds": total,
-                "calls": self.calls[name],
+                "calls": self.calls[phase],
                 "evals_of_E": total / unit if unit else None,
             }
-            for name, total in self.seconds.items()
+            for phase, total in self.seconds.items()
         }
 
     def table(self) -> str:
@@ -157,9 +214,10 @@ def open_experiment(
     reference_model: str | None = None,
     threads: int | None = None,
     reuse: LoadedCheckpoint | None = None,
+    costs: PhaseCosts | None = None,
 ) -> Setup:
     """The one way in, for a caller with nothing to do between the two steps:
-    ``prepare(configure(...))``."""
+    ``prepare(configure(...), costs)``."""
     return prepare(
         configure(
             checkpoint,
@@ -173,7 +231,8 @@ def open_experiment(
             reference_model=reference_model,
             threads=threads,
             reuse=reuse,
-        )
+        ),
+        costs,
     )
 
 
@@ -313,18 +372,19 @@ class Direction:
     momentum_share: float | None = None
 
 
-def prepare(configured: Configured) -> Setup:
+def prepare(configured: Configured, costs: PhaseCosts | None = None) -> Setup:
     """The slow half: task → disjoint prompts → E sampled once at θ₀ → H(θ₀) cached, and
-    ∇H(θ₀) by one backward pass (the rounding check)."""
+    ∇H(θ₀) by one backward pass (the rounding check). ``costs``: the ledger the sweep's
+    phases go to (default: a new one on wall time)."""
     cfg, checkpoint = configured.cfg, configured.checkpoint
     policy, tokenizer = checkpoint.policy, checkpoint.tokenizer
     task, eval_problems, pool = _split_prompts(cfg, tokenizer)
     if cfg.first_order and not cfg.multi_step:  # before sampling: a jvp the sweep could not take
         check_forward_ad(policy, jet_order(cfg))
     device = next(policy.parameters()).device
-    costs = PhaseCosts()
+    costs = PhaseCosts() if costs is None else costs
     # Data-parallel, each rank samples its shard of E; every rank then holds all of E.
-    with costs.phase("sample E"):
+    with costs.phase(Phase.SAMPLE_E):
         eval_shard = sample_responses(
             policy,
             tokenizer,
@@ -353,7 +413,7 @@ def prepare(configured: Configured) -> Setup:
         gradient_mode=cfg.gradient_mode,
     )
     policy.eval()
-    with torch.no_grad(), costs.phase(EVAL_PHASE):
+    with torch.no_grad(), costs.phase(Phase.SCORE_E):
         sums = with_oom_retry(
             "scoring E at θ₀", lambda: scorer.global_sums(eval_batch), updater, scorer
         )
@@ -367,7 +427,7 @@ def prepare(configured: Configured) -> Setup:
         )
     entropy_grad = None
     if cfg.rounding_check and not cfg.multi_step:
-        with costs.phase("∇H at θ₀ (rounding check)"):
+        with costs.phase(Phase.ENTROPY_GRADIENT):
             entropy_grad = _entropy_grad(cfg, scorer, eval_batch, updater, baseline)
     return Setup(
         cfg,
@@ -610,6 +670,19 @@ def jet_order(cfg: ExperimentConfig) -> int:
     return cfg.jet
 
 
+def sweep_phases(cfg: ExperimentConfig) -> tuple[Phase, ...]:
+    """The phases a working sweep under ``cfg`` records, as prepare(), direction() and
+    measure_point() gate them (bench judges theory against measurement over these)."""
+    along_v = not cfg.multi_step  # the oracles along θ₀ + η·v, and the ±η pair
+    gated = {
+        Phase.ENTROPY_GRADIENT: cfg.rounding_check and along_v,
+        Phase.JET: cfg.first_order and along_v,
+        Phase.IDENTITY: cfg.first_order and along_v and cfg.identity_check,
+        Phase.STEP_MINUS: cfg.symmetric_check and along_v,
+    }
+    return tuple(p for p in Phase if gated.get(p, True))
+
+
 def jet_along(setup: Setup, vector: dict[str, torch.Tensor]) -> DirectionalDerivatives:
     """The theory along v_r on E, to the order the config asks for."""
     order = jet_order(setup.cfg)
@@ -627,19 +700,19 @@ def jet_along(setup: Setup, vector: dict[str, torch.Tensor]) -> DirectionalDeriv
 def direction(setup: Setup, repeat: int) -> Direction:
     started = time.perf_counter()
     cfg, costs = setup.cfg, setup.costs
-    with costs.phase("sample U"):
+    with costs.phase(Phase.SAMPLE_U):
         update = sample_update_batch(setup, repeat)
-    with costs.phase("gradient"):
+    with costs.phase(Phase.GRADIENT):
         gradient = setup.updater.gradient(update)
-    with costs.phase("update vector"):
+    with costs.phase(Phase.UPDATE_VECTOR):
         vector = setup.updater.update_vector(gradient)
         momentum = setup.updater.update_vector(gradient.zero())
     derivatives = identity = forecasts = None
     if cfg.first_order and not cfg.multi_step:
-        with costs.phase(f"jvp to order {jet_order(cfg)}"):
+        with costs.phase(Phase.JET, order=jet_order(cfg)):
             derivatives = jet_along(setup, vector)
         if cfg.identity_check:
-            with costs.phase("Cui identity"):
+            with costs.phase(Phase.IDENTITY):
                 identity = covariance_identity_slope(
                     setup.scorer, setup.eval_batch, setup.updater.theta0, vector
                 )
@@ -837,7 +910,7 @@ def measure_point(setup: Setup, d: Direction | FailedDirection, eta: float) -> P
         for name, value in _jet_fields(d, eta, reading).items():
             setattr(record, name, value)
     try:
-        with setup.costs.phase("step + score E at +η"):
+        with setup.costs.phase(Phase.STEP_PLUS):
             after = with_oom_retry(
                 f"the step at η={eta!r}",
                 lambda: _entropy_after(setup, d, eta),
@@ -856,7 +929,7 @@ def measure_point(setup: Setup, d: Direction | FailedDirection, eta: float) -> P
         record.entropy_change_policy = after.readings.policy - baseline.policy
         record.ess = after.readings.ess
         if cfg.symmetric_check and not cfg.multi_step:
-            with setup.costs.phase("step + score E at −η"):
+            with setup.costs.phase(Phase.STEP_MINUS):
                 mirrored = with_oom_retry(
                     f"the step at η={-eta!r}",
                     lambda: _entropy_after(setup, d, -eta),
