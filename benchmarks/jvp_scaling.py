@@ -22,24 +22,25 @@ from torch.func import functional_call, jvp
 from entropy_lab import theory
 from entropy_lab.bench import bare_forward, interleaved_medians, zero_tangent_matmuls
 from entropy_lab.entropy import EntropyScorer
-from entropy_lab.proxy import ProxySpec, qwen2_proxy, random_batch
+from entropy_lab.proxy import build_proxy, random_batch
 from entropy_lab.rollout import SequenceBatch
 from entropy_lab.theory import ResponseHidden, _prefixed, directional_derivatives, forward_ad_safe
 
 
 def build(args) -> tuple[torch.nn.Module, SequenceBatch]:
-    spec = ProxySpec(
-        vocab=args.vocab,
-        hidden=args.hidden,
-        layers=args.layers,
+    model = build_proxy(
+        args.vocab,
+        args.hidden,
+        args.layers,
+        args.dtype,
         rank=args.rank,
-        dtype=args.dtype,
+        max_positions=args.length,
         device=args.device,
         seed=args.seed,
-        max_positions=args.length,
     )
-    batch = random_batch(args.vocab, args.rows, args.length, args.prompt_length, args.seed)
-    return qwen2_proxy(spec), batch.to(args.device)
+    return model, random_batch(
+        args.vocab, args.rows, args.length, args.prompt_length, args.device, args.seed
+    )
 
 
 def measure(args) -> dict:

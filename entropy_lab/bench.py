@@ -18,6 +18,8 @@ Timings are medians of ``repeats`` runs after one warm-up run.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import math
 import multiprocessing
@@ -31,39 +33,80 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from entropy_lab.proxy import QWEN25_VOCAB  # proxy imports torch only where used
 
-from entropy_lab.entropy import decoder_and_head, logit_statistics, token_statistics
-from entropy_lab.rollout import SequenceBatch
+# torch (and the modules that import it) are imported where used: the CLI builds its parser,
+# bench's flags included (add_arguments), without paying for torch.
+if TYPE_CHECKING:
+    import torch
 
-SCHEMA_VERSION = 1
-QWEN_VOCAB = 151_936
+    from entropy_lab.rollout import SequenceBatch
 
-# Targets of issues #8 and #16: (section, field, comparison, threshold, what it means).
-TARGETS = [
-    ("entropy_eval", "overhead_ratio", "<=", 1.10, "entropy eval ≤ 1.1 × bare forward"),
-    ("memory", "chunked_over_naive", "<=", 0.10, "chunked fp64 peak ≤ 1/10 of naive"),
+SCHEMA_VERSION = 2  # 2: typed targets, real-vocabulary sections, settings.clock
+
+
+@dataclass(frozen=True)
+class Target:
+    """One promise: ``section.field`` ``op`` ``threshold`` (``text`` says it in words)."""
+
+    section: str
+    field: str
+    op: str  # "<=" or "<"
+    threshold: float
+    text: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.section}.{self.field}"
+
+    def met(self, value: float) -> bool:
+        return value <= self.threshold if self.op == "<=" else value < self.threshold
+
+
+@dataclass(frozen=True)
+class Compared:
+    """A target judged side by side (issue #23) on the tiny checkpoint (``tiny``: section,
+    field) and on each real-vocabulary proxy section (``proxy``: its field there)."""
+
+    text: str
+    threshold: float
+    tiny: tuple[str, str] | None
+    proxy: str | None
+
+    def targets(self, proxy_sections: list[str]) -> list[Target]:
+        where = [self.tiny] if self.tiny else []
+        where += [(section, self.proxy) for section in proxy_sections if self.proxy]
+        return [Target(section, field, "<=", self.threshold, self.text) for section, field in where]
+
+
+COMPARED = (
+    Compared("entropy eval ≤ 1.15 × bare forward", 1.15, ("entropy_eval", "overhead_ratio"),
+             "eval_over_forward"),
+    Compared("jvp ≤ 3 × eval of E", 3.00, ("jvp", "jvp_over_eval"), "jvp_over_eval"),
     # An η is a pair of evaluations by design (η and −η: the symmetric noise check), so the
     # target is per pair (issue #16 restated issue #8's 1.2, which counted one evaluation).
-    (
-        "eta_sweep",
-        "marginal_eta_over_eval",
-        "<=",
-        2.20,
-        "each extra η (its ±η pair) ≤ 2.2 × eval of E",
-    ),
-    ("jvp", "jvp_over_eval", "<=", 3.00, "jvp ≤ 3 × eval of E"),
-    (
+    Compared("each extra η (its ±η pair) ≤ 2.2 × eval of E", 2.20,
+             ("eta_sweep", "marginal_eta_over_eval"), "marginal_eta_over_eval"),
+    # TODO(issue #23 item 3): "peak memory within 20 % of the forecast" goes here once
+    # entropy_lab/memory.py (another branch) is merged: its forecast against the measured
+    # peak on the tiny checkpoint and on each proxy; until then the table says "not judged".
+    Compared("peak memory within 20 % of the forecast", 0.20, None, None),
+)  # fmt: skip
+
+# The tiny checkpoint's own targets (issues #3, #8, #16).
+TARGETS = [
+    Target("memory", "chunked_over_naive", "<=", 0.10, "chunked fp64 peak ≤ 1/10 of naive"),
+    Target(
         "sweep",
         "theory_over_measurement",
         "<=",
         1.50,
         "the default sweep's theory ≤ 1.5 × its measurement evaluations",
     ),
-    ("quick", "seconds", "<=", 30.0, "entropy-lab quick ≤ 30 s"),
-    ("quick", "seconds_over_jet3", "<", 1.0, "entropy-lab quick faster than with --jet 3"),
+    Target("quick", "seconds", "<=", 30.0, "entropy-lab quick ≤ 30 s"),
+    Target("quick", "seconds_over_jet3", "<", 1.0, "entropy-lab quick faster than with --jet 3"),
 ]
 
 
@@ -71,7 +114,7 @@ TARGETS = [
 class MemorySpec:
     """The tiny random Qwen2 with the full Qwen vocabulary, and the batch it scores."""
 
-    vocab_size: int = QWEN_VOCAB
+    vocab_size: int = QWEN25_VOCAB
     hidden_size: int = 32
     num_layers: int = 1
     batch: int = 4
@@ -95,49 +138,71 @@ class MemorySpec:
 
 
 def _synchronizer(device: str | torch.device) -> Callable[[], None]:
+    import torch
+
     if torch.device(device).type == "cuda":
         return torch.cuda.synchronize
     return lambda: None
 
 
+def clock_for(device: str | torch.device) -> Callable[[], float]:
+    """What the timings read: on CPU this process's CPU time (all its threads), which other
+    processes on a shared machine do not inflate as they do wall time; on a GPU wall time
+    (the host waits while the device works)."""
+    import torch
+
+    return time.perf_counter if torch.device(device).type == "cuda" else time.process_time
+
+
+def clock_name(device: str | torch.device) -> str:
+    return "wall time" if clock_for(device) is time.perf_counter else "process CPU time"
+
+
 def interleaved_medians(
     fns: dict[str, Callable[[], object]], repeats: int, device: str | torch.device = "cpu"
 ) -> dict[str, float]:
-    """Median seconds of each function over ``repeats`` rounds after one warm-up round.
+    """Median seconds (``clock_for(device)``) of each function over ``repeats`` rounds after
+    one warm-up round.
 
     Within a round the functions run back to back, so a load spike on a shared machine
     lands on all of them rather than on one.
     """
-    sync = _synchronizer(device)
+    sync, clock = _synchronizer(device), clock_for(device)
     times: dict[str, list[float]] = {name: [] for name in fns}
     for round_ in range(repeats + 1):
         for name, fn in fns.items():
             sync()
-            started = time.perf_counter()
+            started = clock()
             fn()
             sync()
             if round_:  # round 0 is the warm-up
-                times[name].append(time.perf_counter() - started)
+                times[name].append(clock() - started)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 # -- the reference computations ----------------------------------------------------------
 
 
-@torch.no_grad()
 def bare_forward(causal_lm: torch.nn.Module, batch: SequenceBatch) -> torch.Tensor:
     """What scoring E costs without the instrument: head logits at response positions."""
+    import torch
+
+    from entropy_lab.entropy import decoder_and_head
+
     decoder, head = decoder_and_head(causal_lm)
-    hidden = decoder(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask
-    ).last_hidden_state
-    return head(hidden[:, :-1][batch.response_mask[:, 1:].bool()])
+    with torch.no_grad():
+        hidden = decoder(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask
+        ).last_hidden_state
+        return head(hidden[:, :-1][batch.response_mask[:, 1:].bool()])
 
 
 def naive_token_entropy(
     decoder: torch.nn.Module, head: torch.nn.Module, batch: SequenceBatch, temperature: float
 ) -> torch.Tensor:
     """The computation chunking replaces: all B×L×V logits at once, then fp64 entropy."""
+    import torch
+
     hidden = decoder(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask
     ).last_hidden_state
@@ -151,6 +216,8 @@ def unchunked_token_statistics(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """token_statistics' formula over every response token's logits at once (tokens × V):
     the planted bad case of the memory check (the plain path never builds even one chunk's)."""
+    from entropy_lab.entropy import logit_statistics
+
     hidden = decoder(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask
     ).last_hidden_state
@@ -164,6 +231,7 @@ MEMORY_VARIANTS = ("baseline", "chunked", "unchunked", "naive")
 
 
 def _large_vocab_model(spec: MemorySpec) -> torch.nn.Module:
+    import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(
@@ -185,12 +253,11 @@ def _large_vocab_model(spec: MemorySpec) -> torch.nn.Module:
 
 
 def _random_batch(spec: MemorySpec) -> SequenceBatch:
-    gen = torch.Generator().manual_seed(spec.seed)
-    ids = torch.randint(2, spec.vocab_size, (spec.batch, spec.length), generator=gen)
-    response = torch.zeros_like(ids)
-    response[:, spec.prompt_length :] = 1
-    batch = SequenceBatch(ids, torch.ones_like(ids), response, torch.arange(spec.batch))
-    return batch.require_response_tokens("the memory check's batch").to(spec.device)
+    from entropy_lab.proxy import random_batch
+
+    return random_batch(
+        spec.vocab_size, spec.batch, spec.length, spec.prompt_length, spec.device, spec.seed
+    )
 
 
 def _current_and_peak_rss() -> tuple[int, int]:
@@ -240,6 +307,10 @@ def _return_large_frees_to_os() -> None:
 
 def _memory_child(variant: str, spec: MemorySpec, conn) -> None:
     try:
+        import torch
+
+        from entropy_lab.entropy import decoder_and_head, token_statistics
+
         _return_large_frees_to_os()
         torch.set_num_threads(1)
         model = _large_vocab_model(spec)
@@ -281,7 +352,9 @@ def _process_context():
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["entropy_lab.bench", "transformers.models.qwen2.modeling_qwen2"])
+    ctx.set_forkserver_preload(
+        ["entropy_lab.entropy", "entropy_lab.proxy", "transformers.models.qwen2.modeling_qwen2"]
+    )
     return ctx
 
 
@@ -309,6 +382,8 @@ def measure_peak_memory(spec: MemorySpec, variant: str, timeout: float = 300.0) 
 
 def memory_peaks(spec: MemorySpec, variants=("baseline", "chunked", "naive")) -> dict[str, Any]:
     """Peak bytes of each variant above the baseline (model and batch built, nothing run)."""
+    import torch
+
     key = "cuda_peak_bytes" if torch.device(spec.device).type == "cuda" else "peak_rss_bytes"
     raw = {v: measure_peak_memory(spec, v)[key] for v in ("baseline", *variants)}
     if key == "cuda_peak_bytes":  # already relative to the allocation before the computation
@@ -352,6 +427,8 @@ def count_flops(fn: Callable[[], object]) -> int:
 
 def matmul_peak_flops(device: str, dtype: torch.dtype, n: int = 8192, repeats: int = 5) -> float:
     """FLOP/s of an n×n×n matmul: the practical ceiling of this device in this dtype."""
+    import torch
+
     gen = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(n, n, generator=gen, device=device).to(dtype)
     b = torch.randn(n, n, generator=gen, device=device).to(dtype)
@@ -402,33 +479,34 @@ def eta_sweep_section(setup, repeats: int, directions: int = 2):
 
     etas = list(setup.cfg.learning_rates)
     direction_times, point_times, eval_times = [], [], []
+    device = setup.eval_batch.input_ids.device
+    sync, clock = _synchronizer(device), clock_for(device)
     d = None
     for repeat in range(directions + 1):  # repeat 0 is the warm-up
-        started = time.perf_counter()
+        started = clock()
         d = direction(setup, repeat)
         if repeat:
-            direction_times.append(time.perf_counter() - started)
-    sync = _synchronizer(setup.eval_batch.input_ids.device)
+            direction_times.append(clock() - started)
     for round_ in range(repeats + 1):  # round 0 is the warm-up
         for eta in etas:
             sync()
-            started = time.perf_counter()
+            started = clock()
             record = measure_point(setup, d, eta)
             sync()
             if not record.success:
                 raise RuntimeError(f"measure_point failed at η={eta}: {record.error}")
             if round_:
-                point_times.append(time.perf_counter() - started)
-        started = time.perf_counter()
+                point_times.append(clock() - started)
+        started = clock()
         setup.scorer.measure(setup.eval_batch, setup.reference_logprob)
         sync()
         if round_:
-            eval_times.append(time.perf_counter() - started)
+            eval_times.append(clock() - started)
     direction_s = statistics.median(direction_times)
     point_s = statistics.median(point_times)
     eval_s = statistics.median(eval_times)
     # measure_point scores E at +η and, with the symmetric check, again at −η.
-    evaluations = 1 + int(setup.cfg.symmetric_check and setup.cfg.steps == 1)
+    evaluations = 1 + int(setup.cfg.symmetric_check and not setup.cfg.multi_step)
     section = {
         "learning_rates": len(etas),
         "evaluations_per_eta": evaluations,
@@ -452,6 +530,10 @@ def zero_tangent_matmuls(
     rule also forms x·Ẇᵀ, and torch has no ZeroTensor mm kernel. Inside the jvps the theory
     module supplies one (theory.zero_tangent_kernels); x·0 against x·W is what it saves.
     """
+    import torch
+
+    from entropy_lab.entropy import decoder_and_head
+
     decoder, _ = decoder_and_head(causal_lm)
     hidden, inner = decoder.config.hidden_size, decoder.config.intermediate_size
     weight = next(causal_lm.parameters())
@@ -492,7 +574,7 @@ def jvp_section(setup, d, repeats: int) -> dict[str, Any]:
                 scorer,
                 eval_batch,
                 setup.updater.params,
-                getattr(setup.baseline, setup.cfg.reading),
+                setup.baseline.of(setup.cfg.entropy_reading),
                 setup.cfg.reading,
             ),
         },
@@ -551,7 +633,7 @@ def rollout_section(setup, repeats: int) -> dict[str, Any]:
 def flops_section(setup, results: dict[str, Any], matmul_size: int) -> dict[str, Any]:
     eval_batch, scorer = setup.eval_batch, setup.scorer
     device = str(eval_batch.input_ids.device)
-    dtype = next(scorer.lm.parameters()).dtype
+    dtype = next(scorer.lm.parameters()).dtype  # a torch.dtype
     peak = matmul_peak_flops(device, dtype, matmul_size)
     forward_flops = count_flops(lambda: bare_forward(scorer.lm, eval_batch))
     eval_flops = count_flops(lambda: scorer.measure(eval_batch, setup.reference_logprob))
@@ -570,10 +652,17 @@ def flops_section(setup, results: dict[str, Any], matmul_size: int) -> dict[str,
     }
 
 
-# What the sweep's phases are (protocol.PhaseCosts names): the theory oracles, and the
-# measurement itself (a real step and E scored, at +η and at −η).
-THEORY_PHASES = ("jvp to order", "Cui identity", "∇H at θ₀")
-MEASUREMENT_PHASES = ("step + score E at",)
+def theory_and_measurement(costs, cfg) -> tuple[float, float]:
+    """Seconds of the sweep's theory phases and of its measurement phases (protocol.Phase
+    kinds), over the phases a sweep under ``cfg`` records (protocol.sweep_phases): one of
+    them missing from ``costs`` is a KeyError, not a target met by a total of 0."""
+    from entropy_lab.phases import PhaseKind
+    from entropy_lab.protocol import sweep_phases
+
+    expected = sweep_phases(cfg)
+    theory = [p for p in expected if p.kind is PhaseKind.THEORY]
+    measurement = [p for p in expected if p.kind is PhaseKind.MEASUREMENT]
+    return costs.seconds_of(*theory), costs.seconds_of(*measurement)
 
 
 def sweep_section(setup, eval_s: float, directions: int) -> dict[str, Any]:
@@ -581,24 +670,24 @@ def sweep_section(setup, eval_s: float, directions: int) -> dict[str, Any]:
     repeats, each phase in seconds and in evaluations of E (``eval_s``: the interleaved
     median), and what its theory costs against its measurement (per direction, so the number
     of directions does not change it). The once-per-sweep phases of prepare() (sampling and
-    scoring E, ∇H) are carried over from the setup's own opening."""
-    from entropy_lab.protocol import PhaseCosts, run_sweep
+    scoring E, ∇H) are carried over from the setup's own opening; the sweep runs on a copy of
+    the setup with that ledger, so the earlier sections' phases do not count. Seconds are by
+    the ledger's clock (run_bench_command opens the setup with bench's: ``clock_for``)."""
+    from entropy_lab.protocol import PREPARE_PHASES, run_sweep
 
-    opened = setup.costs
-    setup.costs = costs = PhaseCosts()
-    for name in opened.seconds:
-        if name.startswith(("sample E", "score E", "∇H at θ₀")):
-            costs.seconds[name], costs.calls[name] = opened.seconds[name], opened.calls[name]
-    run_sweep(setup, repeats=range(directions), progress=False)
+    sweep_setup = dataclasses.replace(setup, costs=setup.costs.only(PREPARE_PHASES))
+    run_sweep(sweep_setup, repeats=range(directions), progress=False)
+    costs = sweep_setup.costs
     phases = {
-        name: {"seconds": total, "calls": costs.calls[name], "evals_of_E": total / eval_s}
-        for name, total in costs.seconds.items()
+        costs.labels[phase]: {
+            "kind": phase.kind.value,
+            "seconds": total,
+            "calls": costs.calls[phase],
+            "evals_of_E": total / eval_s,
+        }
+        for phase, total in costs.seconds.items()
     }
-
-    def total(prefixes: tuple[str, ...]) -> float:
-        return sum(v["seconds"] for k, v in phases.items() if k.startswith(prefixes))
-
-    theory, measurement = total(THEORY_PHASES), total(MEASUREMENT_PHASES)
+    theory, measurement = theory_and_measurement(costs, setup.cfg)
     return {
         "jet": setup.cfg.jet,
         "learning_rates": len(setup.cfg.learning_rates),
@@ -608,6 +697,109 @@ def sweep_section(setup, eval_s: float, directions: int) -> dict[str, Any]:
         "measurement_s": measurement,
         "theory_over_measurement": theory / measurement,
     }
+
+
+# -- the real vocabulary (issue #23) -----------------------------------------------------
+
+
+@dataclass
+class ProxySpec:
+    """A random Qwen2 with LoRA (entropy_lab.proxy) at a user's vocabulary, and the random
+    batch E it scores. The defaults keep both dtypes' sections within about a minute on one
+    CPU thread; the head's share of a forward grows with the vocabulary, so the entropy's
+    cost against it is judged where users' models are (a 128-entry vocabulary hides it)."""
+
+    vocab_size: int = QWEN25_VOCAB
+    hidden_size: int = 256
+    num_layers: int = 1
+    rank: int = 16
+    rows: int = 4
+    length: int = 96
+    prompt_length: int = 32
+    dtypes: tuple[str, ...] = ("fp32", "fp64")
+    device: str = "cpu"
+    seed: int = 0
+
+    @property
+    def response_tokens(self) -> int:
+        return self.rows * (self.length - self.prompt_length)
+
+
+def proxy_eta_pair(scorer, batch, reference, params, theta0, vector, eta: float) -> None:
+    """One more η on the proxy: θ₀ + η·v written into the adapter, E scored, the same at
+    −η, θ₀ restored. A sweep's point also runs AdamW's step on the adapter (O(trainable
+    parameters), not timed here); its two evaluations of E are this."""
+    import torch
+
+    with torch.no_grad():
+        for sign in (1.0, -1.0):
+            for name, p in params.items():
+                p.copy_(theta0[name]).add_(vector[name], alpha=sign * eta)
+            scorer.measure(batch, reference)
+        for name, p in params.items():
+            p.copy_(theta0[name])
+
+
+def real_vocab_section(
+    spec: ProxySpec, dtype: str, repeats: int, threads: int | None = None
+) -> dict[str, Any]:
+    """Bare forward, entropy eval of E, jvp ∇H·v and one more η (±η pair) on the proxy in
+    ``dtype`` (fp64 faithful, as the sweep loads it), side by side."""
+    import torch
+
+    from entropy_lab.entropy import EntropyScorer
+    from entropy_lab.protocol import set_threads
+    from entropy_lab.proxy import build_proxy, random_batch
+    from entropy_lab.theory import directional_derivatives
+
+    model = build_proxy(
+        spec.vocab_size, spec.hidden_size, spec.num_layers, dtype, rank=spec.rank,
+        max_positions=spec.length, device=spec.device, seed=spec.seed, faithful=True,
+    )  # fmt: skip
+    set_threads(threads, sum(p.numel() for p in model.parameters()))
+    batch = random_batch(
+        spec.vocab_size, spec.rows, spec.length, spec.prompt_length, spec.device, spec.seed
+    )
+    scorer = EntropyScorer(model, 1.0)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    theta0 = {n: p.detach().clone() for n, p in params.items()}
+    gen = torch.Generator(device=spec.device).manual_seed(spec.seed + 1)
+    vector = {
+        n: torch.randn(p.shape, generator=gen, device=p.device).to(p) for n, p in theta0.items()
+    }
+    with torch.no_grad():
+        reference = scorer(batch).logprob
+    seconds = interleaved_medians(
+        {
+            "forward": lambda: bare_forward(model, batch),
+            "eval": lambda: scorer.measure(batch, reference),
+            "jvp": lambda: directional_derivatives(
+                scorer, batch, reference, theta0, vector, second_order=False
+            ),
+            "eta_pair": lambda: proxy_eta_pair(
+                scorer, batch, reference, params, theta0, vector, 1e-6
+            ),
+        },
+        repeats,
+        spec.device,
+    )
+    return {
+        "dtype": dtype,
+        "threads": torch.get_num_threads(),
+        "response_tokens": batch.num_response_tokens,
+        "forward_s": seconds["forward"],
+        "eval_s": seconds["eval"],
+        "jvp_s": seconds["jvp"],
+        "marginal_eta_s": seconds["eta_pair"],
+        "eval_over_forward": seconds["eval"] / seconds["forward"],
+        "jvp_over_eval": seconds["jvp"] / seconds["eval"],
+        "jvp_over_forward": seconds["jvp"] / seconds["forward"],
+        "marginal_eta_over_eval": seconds["eta_pair"] / seconds["eval"],
+    }
+
+
+def real_vocab_sections(results: dict[str, Any]) -> list[str]:
+    return [k for k in results if k.startswith("real_vocab_")]
 
 
 def _quick_seconds(extra: list[str], timeout: float) -> float:
@@ -651,10 +843,15 @@ class BenchOptions:
     flops: bool = False  # always on for CUDA
     matmul_size: int = 8192
     quick: bool = False
+    proxy: ProxySpec | None = None  # None: skip the real-vocabulary sections
+    threads: int | None = None  # the proxy's (protocol.set_threads); the setup's are set
 
 
 def run_benchmarks(setup, options: BenchOptions) -> dict[str, Any]:
-    """All sections for one prepared setup (protocol.prepare); returns the JSON document."""
+    """All sections for one prepared setup (protocol.prepare), then the real-vocabulary
+    proxy's; returns the JSON document."""
+    import torch
+
     started = time.perf_counter()
     device = setup.eval_batch.input_ids.device
     results: dict[str, Any] = {
@@ -666,8 +863,11 @@ def run_benchmarks(setup, options: BenchOptions) -> dict[str, Any]:
             "eval_size": setup.cfg.eval_size,
             "dtype": setup.cfg.dtype,
             "learning_rates": list(setup.cfg.learning_rates),
+            "clock": clock_name(device),
         },
     }
+    if options.proxy is not None:
+        results["settings"]["real_vocab"] = asdict(options.proxy)
     if options.memory is not None:
         results["settings"]["memory"] = {
             **asdict(options.memory),
@@ -684,6 +884,11 @@ def run_benchmarks(setup, options: BenchOptions) -> dict[str, Any]:
     results["rollout"] = rollout_section(setup, options.repeats)
     if options.flops or device.type == "cuda":
         results["flops"] = flops_section(setup, results, options.matmul_size)
+    if options.proxy is not None:
+        for dtype in options.proxy.dtypes:
+            results[f"real_vocab_{dtype}"] = real_vocab_section(
+                options.proxy, dtype, options.repeats, options.threads
+            )
     if options.quick:
         results["quick"] = quick_section()
     results["targets"] = check_targets(results)
@@ -692,6 +897,8 @@ def run_benchmarks(setup, options: BenchOptions) -> dict[str, Any]:
 
 
 def environment(setup) -> dict[str, Any]:
+    import torch
+
     device = setup.eval_batch.input_ids.device
     ck = setup.checkpoint
     env = {
@@ -717,20 +924,51 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def all_targets(results: dict[str, Any]) -> list[Target]:
+    """The targets these results can be judged on: the side-by-side ones (tiny checkpoint and
+    each proxy section present), then the tiny checkpoint's own."""
+    proxies = real_vocab_sections(results)
+    return [t for c in COMPARED for t in c.targets(proxies)] + TARGETS
+
+
 def check_targets(results: dict[str, Any]) -> dict[str, Any]:
     out = {}
-    for section, field, op, threshold, text in TARGETS:
-        value = results.get(section, {}).get(field)
+    for target in all_targets(results):
+        value = results.get(target.section, {}).get(target.field)
         if value is None:
             continue
-        met = {"<=": value <= threshold, "<": value < threshold, ">=": value >= threshold}[op]
-        out[f"{section}.{field}"] = {
-            "target": text,
+        out[target.key] = {
+            "target": target.text,
             "value": value,
-            "threshold": threshold,
-            "met": bool(met),
+            "threshold": target.threshold,
+            "met": bool(target.met(value)),
         }
     return out
+
+
+def side_by_side_table(results: dict[str, Any]) -> str:
+    """Issue #23's targets, one row each: the tiny checkpoint and every proxy section."""
+    proxies = real_vocab_sections(results)
+    judged = results["targets"]
+    header = ["target", "tiny checkpoint"] + [
+        f"V={results['settings']['real_vocab']['vocab_size']:,} {results[p]['dtype']}"
+        for p in proxies
+    ]
+    rows = []
+    for c in COMPARED:
+        keys = [f"{c.tiny[0]}.{c.tiny[1]}" if c.tiny else None]
+        keys += [f"{p}.{c.proxy}" if c.proxy else None for p in proxies]
+        cells = []
+        for key in keys:
+            t = judged.get(key) if key else None
+            cells.append(
+                "not judged" if t is None else f"{t['value']:.2f} {'met' if t['met'] else 'MISSED'}"
+            )
+        rows.append([c.text, *cells])
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["TARGETS SIDE BY SIDE (issue #23; memory: awaiting entropy_lab.memory's forecast)"]
+    lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [header, *rows]]
+    return "\n".join(lines)
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -846,13 +1084,15 @@ def format_table(results: dict[str, Any]) -> str:
                 f"{q['seconds_over_jet3']:.2f}×",
             )
         )
+    rows += _real_vocab_rows(results)
     header = ("figure", "measured", "side-by-side reference", "ratio")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
     line = "  ".join("-" * w for w in widths)
     text = [
         "BENCHMARKS  "
         + f"({results['environment']['device']}, {results['settings']['dtype']}, "
-        + f"{results['environment']['threads']} threads, median of {results['settings']['repeats']})",
+        + f"{results['environment']['threads']} threads, median {results['settings']['clock']} "
+        + f"of {results['settings']['repeats']})",
         line,
         "  ".join(h.ljust(w) for h, w in zip(header, widths)),
         line,
@@ -860,32 +1100,56 @@ def format_table(results: dict[str, Any]) -> str:
         line,
         "targets:",
     ]
-    for t in results["targets"].values():
+    for key, t in results["targets"].items():
         mark = "met" if t["met"] else "MISSED"
-        text.append(f"  {mark:6}  {t['target']}  (measured {t['value']:.3g})")
+        text.append(f"  {mark:6}  {key}: {t['target']}  (measured {t['value']:.3g})")
+    if real_vocab_sections(results):
+        text += ["", side_by_side_table(results)]
     if sweep:
         text += ["", _phase_table(sweep)]
     return "\n".join(text)
 
 
+def _real_vocab_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    rows = []
+    for section in real_vocab_sections(results):
+        r, v = results[section], results["settings"]["real_vocab"]["vocab_size"]
+        name = f"V={v:,} {r['dtype']} proxy"
+        rows += [
+            (
+                f"{name}: entropy eval",
+                f"{r['eval_s'] * 1e3:.1f} ms",
+                f"bare forward {r['forward_s'] * 1e3:.1f} ms",
+                f"{r['eval_over_forward']:.2f}×",
+            ),
+            (
+                f"{name}: jvp ∇H·v",
+                f"{r['jvp_s'] * 1e3:.1f} ms",
+                f"eval of E {r['eval_s'] * 1e3:.1f} ms",
+                f"{r['jvp_over_eval']:.2f}× ({r['jvp_over_forward']:.2f}× bare)",
+            ),
+            (
+                f"{name}: one more η (±η)",
+                f"{r['marginal_eta_s'] * 1e3:.1f} ms",
+                f"eval of E {r['eval_s'] * 1e3:.1f} ms",
+                f"{r['marginal_eta_over_eval']:.2f}×",
+            ),
+        ]
+    return rows
+
+
 def _phase_table(sweep: dict[str, Any]) -> str:
     """The default sweep's cost per phase (theory phases marked)."""
     width = max(len(n) for n in sweep["phases"])
+    marks = {"theory": "T", "measurement": "M"}
     lines = [
         f"COST PER PHASE of the default sweep ({sweep['learning_rates']} η × "
         f"{sweep['repeats']} repeats, jet {sweep['jet']}; T = theory, M = measurement)"
     ]
     for name, row in sweep["phases"].items():
-        kind = (
-            "T"
-            if name.startswith(THEORY_PHASES)
-            else "M"
-            if name.startswith(MEASUREMENT_PHASES)
-            else " "
-        )
         lines.append(
-            f"  {kind} {name.ljust(width)}  {row['seconds'] * 1e3:8.1f} ms  ×{row['calls']:<3d} "
-            f"{row['evals_of_E']:7.1f} evals of E"
+            f"  {marks.get(row['kind'], ' ')} {name.ljust(width)}  {row['seconds'] * 1e3:8.1f} ms  "
+            f"×{row['calls']:<3d} {row['evals_of_E']:7.1f} evals of E"
         )
     return "\n".join(lines)
 
@@ -916,10 +1180,65 @@ def bad_measurements(results: dict[str, Any]) -> dict[str, float]:
 # -- the command -------------------------------------------------------------------------
 
 
-def run_bench_command(args) -> dict[str, Any]:
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """``entropy-lab bench``'s flags (the CLI wires the subcommand, bench declares them)."""
+    p.add_argument("--checkpoint", help="checkpoint folder (default: the tiny one)")
+    p.add_argument("--base-model", help="base model folder or cached hub id for an adapter")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, …")
+    p.add_argument("--dtype", default=None, choices=["fp32", "fp64", "bf16"])
+    p.add_argument("--eval-size", type=int, default=None, help="B_E: evaluation prompts")
+    p.add_argument("--buffer-size", type=int, default=None, help="update prompts (rollouts)")
+    p.add_argument("--learning-rates", default=None, help="η grid timed (default: quick's)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs after a warm-up (median)")
+    p.add_argument("--directions", type=int, default=2, help="timed repeats of direction()")
+    p.add_argument("--output", metavar="PATH", help="write the results as JSON")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: auto)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory section")
+    p.add_argument("--memory-batch", type=int, default=4, help="B of the vocab-151,936 batch")
+    p.add_argument("--memory-length", type=int, default=64, help="L of that batch")
+    p.add_argument("--memory-hidden", type=int, default=32)
+    p.add_argument("--memory-chunk-tokens", type=int, default=8)
+    p.add_argument("--flops", action="store_true", help="FLOP/s section on CPU too")
+    p.add_argument("--matmul-size", type=int, default=8192, help="n of the peak matmul")
+    p.add_argument("--quick", action="store_true", help="also time `entropy-lab quick`")
+    proxy = p.add_argument_group("real-vocabulary proxy (a random Qwen2 with LoRA; issue #23)")
+    defaults = ProxySpec()
+    proxy.add_argument("--no-proxy", action="store_true", help="skip the proxy's sections")
+    proxy.add_argument(
+        "--proxy-vocab",
+        type=int,
+        default=defaults.vocab_size,
+        help="its vocabulary (Qwen2.5 151936, Llama 3 128256, Gemma 256000)",
+    )
+    proxy.add_argument("--proxy-hidden", type=int, default=defaults.hidden_size)
+    proxy.add_argument("--proxy-layers", type=int, default=defaults.num_layers)
+    proxy.add_argument("--proxy-rows", type=int, default=defaults.rows, help="sequences of E")
+    proxy.add_argument("--proxy-length", type=int, default=defaults.length)
+    proxy.add_argument("--proxy-prompt-length", type=int, default=defaults.prompt_length)
+    proxy.add_argument(
+        "--proxy-dtypes", default=",".join(defaults.dtypes), help="comma-separated, e.g. fp32,fp64"
+    )
+
+
+def proxy_spec_of(args: argparse.Namespace) -> ProxySpec | None:
+    if args.no_proxy:
+        return None
+    return ProxySpec(
+        vocab_size=args.proxy_vocab,
+        hidden_size=args.proxy_hidden,
+        num_layers=args.proxy_layers,
+        rows=args.proxy_rows,
+        length=args.proxy_length,
+        prompt_length=args.proxy_prompt_length,
+        dtypes=tuple(d.strip() for d in args.proxy_dtypes.split(",") if d.strip()),
+        device=args.device,
+    )
+
+
+def run_bench_command(args: argparse.Namespace) -> dict[str, Any]:
     """``entropy-lab bench``: load the checkpoint, prepare E, run every section, report."""
     from entropy_lab.config import QUICK_LEARNING_RATES, Measurement, parse_learning_rates
-    from entropy_lab.protocol import open_experiment
+    from entropy_lab.protocol import PhaseCosts, open_experiment
 
     # The same defaults as `entropy-lab quick`.
     setup = open_experiment(
@@ -931,6 +1250,7 @@ def run_bench_command(args) -> dict[str, Any]:
         device=args.device,
         settings={"buffer_size": args.buffer_size},
         threads=args.threads,
+        costs=PhaseCosts(clock_for(args.device)),  # the sweep section's phases: bench's clock
     )
     memory = None
     if not args.no_memory:
@@ -948,6 +1268,8 @@ def run_bench_command(args) -> dict[str, Any]:
         flops=args.flops,
         matmul_size=args.matmul_size,
         quick=args.quick,
+        proxy=proxy_spec_of(args),
+        threads=args.threads,
     )
     results = run_benchmarks(setup, options)
     print(format_table(results))

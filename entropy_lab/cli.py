@@ -129,30 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = sub.add_parser("make-tiny", help="build the built-in tiny checkpoint")
     tiny.add_argument("folder")
     tiny.add_argument("--seed", type=int, default=None)
-    _add_bench_arguments(sub.add_parser("bench", help="performance benchmarks (issue #8)"))
+    from entropy_lab import bench  # its flags are its own; importing it imports no torch
+
+    bench.add_arguments(sub.add_parser("bench", help="performance benchmarks (issues #8, #23)"))
     return parser
-
-
-def _add_bench_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", help="checkpoint folder (default: the tiny one)")
-    p.add_argument("--base-model", help="base model folder or cached hub id for an adapter")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, …")
-    p.add_argument("--dtype", default=None, choices=["fp32", "fp64", "bf16"])
-    p.add_argument("--eval-size", type=int, default=None, help="B_E: evaluation prompts")
-    p.add_argument("--buffer-size", type=int, default=None, help="update prompts (rollouts)")
-    p.add_argument("--learning-rates", default=None, help="η grid timed (default: quick's)")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs after a warm-up (median)")
-    p.add_argument("--directions", type=int, default=2, help="timed repeats of direction()")
-    p.add_argument("--output", metavar="PATH", help="write the results as JSON")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: auto)")
-    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory section")
-    p.add_argument("--memory-batch", type=int, default=4, help="B of the vocab-151,936 batch")
-    p.add_argument("--memory-length", type=int, default=64, help="L of that batch")
-    p.add_argument("--memory-hidden", type=int, default=32)
-    p.add_argument("--memory-chunk-tokens", type=int, default=8)
-    p.add_argument("--flops", action="store_true", help="FLOP/s section on CPU too")
-    p.add_argument("--matmul-size", type=int, default=8192, help="n of the peak matmul")
-    p.add_argument("--quick", action="store_true", help="also time `entropy-lab quick`")
 
 
 def measurement_of(args: argparse.Namespace):

@@ -33,6 +33,7 @@ import torch
 
 from entropy_lab.entropy import BLOCK_BYTES, chunk_tokens_for, decoder_and_head
 from entropy_lab.errors import EntropyLabError
+from entropy_lab.phases import PHASE_MARK, Phase
 
 FP64 = 8
 SAMPLE_ROWS = 256  # rollout.sample_responses' batch_rows
@@ -497,22 +498,16 @@ def _advice(phase: str) -> str:
 
 # The sweep's phases (protocol.PhaseCosts names) as the forecast names them.
 FORECAST_PHASE = {
-    "sample E": "rollout",
-    "sample U": "rollout",
-    "score E at θ₀": "score E",
-    "step + score E at +η": "score E",
-    "step + score E at −η": "score E",
-    "∇H at θ₀ (rounding check)": "∇H at θ₀",
-    "gradient": "gradient micro-batch",
-    "Cui identity": "Cui identity",
+    Phase.SAMPLE_E: "rollout",
+    Phase.SAMPLE_U: "rollout",
+    Phase.SCORE_E: "score E",
+    Phase.STEP_PLUS: "score E",
+    Phase.STEP_MINUS: "score E",
+    Phase.ENTROPY_GRADIENT: "∇H at θ₀",
+    Phase.GRADIENT: "gradient micro-batch",
+    Phase.JET: "jvp to order {order}",
+    Phase.IDENTITY: "Cui identity",
 }
-PHASE_MARK = "phase: "  # record_function prefix that ``peak_allocated`` attributes by
-
-
-def phase_mark(name: str):
-    """A profiler range naming a phase (``PhaseCosts.phase`` opens one per phase); costs
-    next to nothing without an active profiler."""
-    return torch.profiler.record_function(PHASE_MARK + name)
 
 
 @contextlib.contextmanager

@@ -33,13 +33,8 @@ from entropy_lab.checkpoint import LoadedCheckpoint
 from entropy_lab.config import RL_PRACTICE_REFERENCE, ExperimentConfig, Measurement, Reading
 from entropy_lab.entropy import EntropyReadings, EntropyScorer, SequenceSums, readings
 from entropy_lab.errors import CheckpointError, ConfigError, EntropyLabError, release_after_oom
-from entropy_lab.memory import (
-    MemoryForecast,
-    check_fits,
-    forecast_for,
-    longest_prompt,
-    phase_mark,
-)
+from entropy_lab.memory import MemoryForecast, check_fits, forecast_for, longest_prompt
+from entropy_lab.phases import Phase, phase_mark
 from entropy_lab.records import EPS, PointRecord
 from entropy_lab.rollout import SequenceBatch, sample_responses
 from entropy_lab.tasks import Problem, Task, load_task
@@ -77,36 +72,62 @@ def repeat_seed(seed: int, repeat: int) -> int:
     return seed + 1000 * (repeat + 1)
 
 
-EVAL_PHASE = "score E at θ₀"  # one evaluation of E: the unit every phase is counted in
+# The phases prepare() times: once per sweep, before any direction.
+PREPARE_PHASES = (Phase.SAMPLE_E, Phase.SCORE_E, Phase.ENTROPY_GRADIENT)
 
 
 class PhaseCosts:
-    """Wall-clock seconds per phase of the sweep (this process), and how many times each ran;
-    ``to_dict`` also states each in evaluations of E (one eval = scoring E at θ₀)."""
+    """Seconds per phase of the sweep (this process) by ``clock`` (wall time unless the
+    caller, e.g. bench, passes another), and how many times each ran; ``to_dict`` also states
+    each in evaluations of E (one eval = scoring E at θ₀)."""
 
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-        self.calls: dict[str, int] = {}
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.clock = clock
+        self.seconds: dict[Phase, float] = {}
+        self.calls: dict[Phase, int] = {}
+        self.labels: dict[Phase, str] = {}
 
     @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        started = time.perf_counter()
+    def phase(self, phase: Phase, **detail: Any) -> Iterator[None]:
+        if not isinstance(phase, Phase):  # a free-text name would escape bench's totals
+            raise TypeError(f"PhaseCosts times protocol.Phase members, not {phase!r}")
+        self.labels[phase] = phase.label.format(**detail)
+        started = self.clock()
         try:
-            with phase_mark(name):  # a profile (memory.peak_allocated) shows the phase
+            with phase_mark(phase.mark):  # a profile (memory.peak_allocated) shows it
                 yield
         finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
-            self.calls[name] = self.calls.get(name, 0) + 1
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + self.clock() - started
+            self.calls[phase] = self.calls.get(phase, 0) + 1
+
+    def seconds_of(self, *phases: Phase) -> float:
+        """Total seconds of these phases; one that never ran is a KeyError naming it."""
+        missing = [p.name for p in phases if p not in self.seconds]
+        if missing:
+            raise KeyError(f"phase(s) {', '.join(missing)} were not recorded")
+        return sum(self.seconds[p] for p in phases)
+
+    def only(self, phases: Iterable[Phase]) -> PhaseCosts:
+        """A new ledger holding these phases' entries (those recorded) and nothing else."""
+        out = PhaseCosts(self.clock)
+        for p in phases:
+            if p in self.seconds:
+                out.seconds[p], out.calls[p], out.labels[p] = (
+                    self.seconds[p],
+                    self.calls[p],
+                    self.labels[p],
+                )
+        return out
 
     def to_dict(self) -> dict[str, dict[str, float]]:
-        unit = self.seconds.get(EVAL_PHASE)
+        unit = self.seconds.get(Phase.SCORE_E)
         return {
-            name: {
+            self.labels[phase]: {
                 "seconds": total,
-                "calls": self.calls[name],
+                "calls": self.calls[phase],
                 "evals_of_E": total / unit if unit else None,
             }
-            for name, total in self.seconds.items()
+            for phase, total in self.seconds.items()
         }
 
     def table(self) -> str:
@@ -155,10 +176,10 @@ class Configured:
     kl_reference: torch.nn.Module | None
 
 
-def open_experiment(*args: Any, **kwargs: Any) -> Setup:
+def open_experiment(*args: Any, costs: PhaseCosts | None = None, **kwargs: Any) -> Setup:
     """The one way in, for a caller with nothing to do between the two steps:
-    ``prepare(configure(...))``, with configure's arguments."""
-    return prepare(configure(*args, **kwargs))
+    ``prepare(configure(...), costs=costs)``, with configure's arguments."""
+    return prepare(configure(*args, **kwargs), costs=costs)
 
 
 def configure(
@@ -313,10 +334,15 @@ def memory_forecast(
     return prediction
 
 
-def prepare(configured: Configured, forecast: MemoryForecast | None = None) -> Setup:
+def prepare(
+    configured: Configured,
+    forecast: MemoryForecast | None = None,
+    costs: PhaseCosts | None = None,
+) -> Setup:
     """The slow half: task → disjoint prompts → the memory forecast (checked on CUDA, unless
     the caller passes the ``forecast`` it checked) → E sampled once at θ₀ → H(θ₀) cached,
-    and ∇H(θ₀) by one backward pass (the rounding check)."""
+    and ∇H(θ₀) by one backward pass (the rounding check). ``costs``: the ledger the sweep's
+    phases go to (default: a new one on wall time)."""
     cfg, checkpoint = configured.cfg, configured.checkpoint
     policy, tokenizer = checkpoint.policy, checkpoint.tokenizer
     task, eval_problems, pool = _split_prompts(cfg, tokenizer)
@@ -325,9 +351,9 @@ def prepare(configured: Configured, forecast: MemoryForecast | None = None) -> S
     if cfg.first_order and not cfg.multi_step:  # before sampling: a jvp the sweep could not take
         check_forward_ad(policy, jet_order(cfg))
     device = next(policy.parameters()).device
-    costs = PhaseCosts()
+    costs = PhaseCosts() if costs is None else costs
     # Data-parallel, each rank samples its shard of E; every rank then holds all of E.
-    with costs.phase("sample E"):
+    with costs.phase(Phase.SAMPLE_E):
         eval_shard = sample_responses(
             policy,
             tokenizer,
@@ -356,7 +382,7 @@ def prepare(configured: Configured, forecast: MemoryForecast | None = None) -> S
         gradient_mode=cfg.gradient_mode,
     )
     policy.eval()
-    with torch.no_grad(), costs.phase(EVAL_PHASE):
+    with torch.no_grad(), costs.phase(Phase.SCORE_E):
         sums = with_oom_retry(
             "scoring E at θ₀", lambda: scorer.global_sums(eval_batch), updater, scorer
         )
@@ -370,7 +396,7 @@ def prepare(configured: Configured, forecast: MemoryForecast | None = None) -> S
         )
     entropy_grad = None
     if cfg.rounding_check and not cfg.multi_step:
-        with costs.phase("∇H at θ₀ (rounding check)"):
+        with costs.phase(Phase.ENTROPY_GRADIENT):
             entropy_grad = _entropy_grad(cfg, scorer, eval_batch, updater, baseline)
     return Setup(
         cfg,
@@ -624,6 +650,19 @@ def jet_order(cfg: ExperimentConfig) -> int:
     return cfg.jet
 
 
+def sweep_phases(cfg: ExperimentConfig) -> tuple[Phase, ...]:
+    """The phases a working sweep under ``cfg`` records, as prepare(), direction() and
+    measure_point() gate them (bench judges theory against measurement over these)."""
+    along_v = not cfg.multi_step  # the oracles along θ₀ + η·v, and the ±η pair
+    gated = {
+        Phase.ENTROPY_GRADIENT: cfg.rounding_check and along_v,
+        Phase.JET: cfg.first_order and along_v,
+        Phase.IDENTITY: cfg.first_order and along_v and cfg.identity_check,
+        Phase.STEP_MINUS: cfg.symmetric_check and along_v,
+    }
+    return tuple(p for p in Phase if gated.get(p, True))
+
+
 def jet_along(setup: Setup, vector: dict[str, torch.Tensor]) -> DirectionalDerivatives:
     """The theory along v_r on E, to the order the config asks for."""
     order = jet_order(setup.cfg)
@@ -641,19 +680,19 @@ def jet_along(setup: Setup, vector: dict[str, torch.Tensor]) -> DirectionalDeriv
 def direction(setup: Setup, repeat: int) -> Direction:
     started = time.perf_counter()
     cfg, costs = setup.cfg, setup.costs
-    with costs.phase("sample U"):
+    with costs.phase(Phase.SAMPLE_U):
         update = sample_update_batch(setup, repeat)
-    with costs.phase("gradient"):
+    with costs.phase(Phase.GRADIENT):
         gradient = setup.updater.gradient(update)
-    with costs.phase("update vector"):
+    with costs.phase(Phase.UPDATE_VECTOR):
         vector = setup.updater.update_vector(gradient)
         momentum = setup.updater.update_vector(gradient.zero())
     derivatives = identity = forecasts = None
     if cfg.first_order and not cfg.multi_step:
-        with costs.phase(f"jvp to order {jet_order(cfg)}"):
+        with costs.phase(Phase.JET, order=jet_order(cfg)):
             derivatives = jet_along(setup, vector)
         if cfg.identity_check:
-            with costs.phase("Cui identity"):
+            with costs.phase(Phase.IDENTITY):
                 identity = covariance_identity_slope(
                     setup.scorer, setup.eval_batch, setup.updater.theta0, vector
                 )
@@ -851,7 +890,7 @@ def measure_point(setup: Setup, d: Direction | FailedDirection, eta: float) -> P
         for name, value in _jet_fields(d, eta, reading).items():
             setattr(record, name, value)
     try:
-        with setup.costs.phase("step + score E at +η"):
+        with setup.costs.phase(Phase.STEP_PLUS):
             after = with_oom_retry(
                 f"the step at η={eta!r}",
                 lambda: _entropy_after(setup, d, eta),
@@ -870,7 +909,7 @@ def measure_point(setup: Setup, d: Direction | FailedDirection, eta: float) -> P
         record.entropy_change_policy = after.readings.policy - baseline.policy
         record.ess = after.readings.ess
         if cfg.symmetric_check and not cfg.multi_step:
-            with setup.costs.phase("step + score E at −η"):
+            with setup.costs.phase(Phase.STEP_MINUS):
                 mirrored = with_oom_retry(
                     f"the step at η={-eta!r}",
                     lambda: _entropy_after(setup, d, -eta),
