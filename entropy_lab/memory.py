@@ -383,14 +383,14 @@ def _jvp(m: ModelShape, w: Workload) -> list[MemoryTerm]:
 
 
 def _identity(m: ModelShape, w: Workload) -> list[MemoryTerm]:
-    """Cui's identity: the trunk's jvp, then per eval_chunk_tokens tokens z, ż, their fp64
-    copies and six fp64 tokens × V tensors of the covariance (log-softmax, p, masks,
-    products) and a boolean mask."""
+    """Cui's identity: the trunk's jvp, then per eval_chunk_tokens tokens z and ż in the
+    runtime dtype, at most five fp64 tokens × V tensors of the covariance live at once (the
+    shifted logits, their exp, e·y, ż in fp64, a product) and a boolean mask
+    (theory._logit_covariance)."""
     rows = min(w.score_rows, w.eval_rows)
     trunk = _jvp_token(m, w.width, 1) * rows * w.width
     n = min(w.eval_chunk_tokens, rows * w.response_tokens)
-    fp64_copies = 6 if m.runtime_bytes == FP64 else 8  # .double() copies z and ż unless fp64
-    head = (2 * m.runtime_bytes + fp64_copies * FP64 + 1) * n * m.vocab
+    head = (2 * m.runtime_bytes + 5 * FP64 + 1) * n * m.vocab
     phase = "Cui identity"
     if trunk >= head:
         return [MemoryTerm("E's trunk dual tensors", trunk, phase)]
