@@ -386,6 +386,12 @@ def _adapter_weights(layout: CheckpointLayout) -> dict[str, torch.Tensor]:
         ) from exc
 
 
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-for-bit equal values, NaN included: a damaged file's NaN is the NaN check's to
+    name, not a load mismatch."""
+    return torch.equal(a, b) or torch.allclose(a, b, rtol=0.0, atol=0.0, equal_nan=True)
+
+
 def _check_adapter_tensors(
     policy: nn.Module, layout: CheckpointLayout, weights: dict[str, torch.Tensor]
 ) -> None:
@@ -403,7 +409,7 @@ def _check_adapter_tensors(
         raise CheckpointError(f"{layout.model_dir}: adapter tensor {name} is missing from {where}")
     for name in sorted(weights):
         mine, saved = held[name].detach(), weights[name]
-        if mine.shape != saved.shape or not torch.equal(mine.cpu(), saved.to(dtype=mine.dtype)):
+        if mine.shape != saved.shape or not _same_values(mine.cpu(), saved.to(dtype=mine.dtype)):
             raise CheckpointError(
                 f"{layout.model_dir}: the policy's adapter tensor {name} differs from the "
                 "adapter file's (the adapter was not loaded as saved)"

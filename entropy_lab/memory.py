@@ -34,6 +34,7 @@ import torch
 from entropy_lab.entropy import BLOCK_BYTES, chunk_tokens_for, decoder_and_head
 from entropy_lab.errors import EntropyLabError
 from entropy_lab.phases import PHASE_MARK, Phase
+from entropy_lab.rollout import prompt_token_ids
 
 FP64 = 8
 SAMPLE_ROWS = 256  # rollout.sample_responses' batch_rows
@@ -418,10 +419,9 @@ def _terms_forecast(model: ModelShape, work: Workload) -> MemoryForecast:
 
 
 def longest_prompt(tokenizer: Any, prompts: Iterable[str]) -> int:
-    """The longest of ``prompts`` in tokens (as the sampler tokenizes them)."""
-    return max(
-        (len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts), default=1
-    )
+    """The longest of ``prompts`` in tokens, tokenized as the sampler does and through its
+    cache (a track forecasts at every checkpoint with the same tokenizer)."""
+    return max((len(ids) for ids in prompt_token_ids(tokenizer, list(prompts))), default=1)
 
 
 def forecast_for(configured: Any, prompt_tokens: int) -> MemoryForecast:
