@@ -315,6 +315,146 @@ def sequence_sums(
     )
 
 
+@dataclass
+class TokenChunk:
+    """One token chunk of a batch inside ``ResponseStates.backward``: log π and entropy
+    (fp64, differentiable with respect to the chunk's hidden states and the head's own
+    parameters), the row of each token, and the chunk's place in the batch's flat token
+    order (row-major, the order ``token_statistics`` returns)."""
+
+    logp: torch.Tensor
+    entropy: torch.Tensor | None
+    rows: torch.Tensor
+    span: slice
+
+
+@dataclass
+class TokenBackward:
+    """What ``ResponseStates.backward`` leaves: the gradient of the summed objective with
+    respect to each input (None: not reached, or added into ``.grad``), the objective's
+    value, and every token's log π and entropy (detached) with its row."""
+
+    grads: list[torch.Tensor | None]
+    value: torch.Tensor
+    logp: torch.Tensor
+    entropy: torch.Tensor | None
+    rows: torch.Tensor
+
+
+class ResponseStates:
+    """The trunk run once over a batch, its graph kept: the hidden states at every position
+    that predicts a response token, for reverse mode through the head a token chunk at a time.
+
+    Why: a loss built from every token's log π and entropy keeps, until its backward, each
+    token's logits and their fp64 softmax terms, tokens × V values (at V = 151,936 and 64
+    rows of 512 response tokens, 77 GB in fp64). Here each chunk's head and statistics are
+    differentiated as soon as they are built, into the chunk's hidden states (and the head's
+    parameters), and the trunk is back-propagated once with the gathered hidden-state
+    gradient: the same gradient (the chain rule split at the hidden states), with one
+    chunk's logits alive at a time. The objective must be a sum of per-chunk terms; whatever
+    couples tokens across chunks (a row's entropy in an importance weight, a micro-batch's
+    token count) is a constant computed before (``statistics``, or from the batch).
+    """
+
+    def __init__(
+        self,
+        decoder: nn.Module,
+        head: Callable[[torch.Tensor], torch.Tensor],
+        batch: SequenceBatch,
+        temperature: float,
+        chunk_tokens: int,
+    ) -> None:
+        hidden = decoder(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask
+        ).last_hidden_state
+        target_mask = batch.response_mask[:, 1:].bool()  # token t is predicted at t − 1
+        self.rows = torch.nonzero(target_mask, as_tuple=True)[0]
+        self.states = hidden[:, :-1][target_mask]
+        self.targets = batch.input_ids[:, 1:][target_mask]
+        self.head, self.temperature = head, temperature
+        self.step = chunk_tokens  # as token_statistics chunks
+        if isinstance(head, ModelLogits):
+            width, size = self.states.shape[-1], self.states.element_size()
+            self.step = chunk_tokens_for(head.vocab_size, width, size, chunk_tokens)
+
+    def spans(self) -> list[slice]:
+        n = self.states.shape[0]
+        return [slice(start, start + self.step) for start in range(0, n, self.step)]
+
+    @torch.no_grad()
+    def statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every token's log π and entropy without autograd, from the kept hidden states (the
+        trunk does not run again) by the formula ``backward`` differentiates, so the values
+        are bit for bit those its chunks see: the head's blocked path rounds otherwise, and
+        the policy reading's weights h_i − H·T_i cancel enough to show it (1e-12 measured)."""
+        states = self.states.detach()
+        empty = torch.zeros(0, dtype=torch.float64, device=states.device)
+        logps, entropies = [empty], [empty]
+        for span in self.spans():
+            logp, entropy = logit_statistics(
+                self.head(states[span]), self.targets[span], self.temperature
+            )
+            logps.append(logp)
+            entropies.append(entropy)
+        return torch.cat(logps), torch.cat(entropies)
+
+    def backward(
+        self,
+        objective: Callable[[TokenChunk], torch.Tensor],
+        inputs: list[torch.Tensor],
+        with_entropy: bool = True,
+        accumulate: bool = False,
+    ) -> TokenBackward:
+        """d/d``inputs`` of Σ over token chunks of ``objective(chunk)`` (a scalar each): per
+        chunk, its logits, statistics and objective, back-propagated at once into the chunk's
+        hidden states and any input the head uses; then the trunk's backward, once, from
+        the gathered hidden-state gradient. ``accumulate``: added into each input's ``.grad``
+        (as ``Tensor.backward``), else returned. Once per ``ResponseStates``: the trunk's
+        graph is freed by it."""
+        grad_states = torch.zeros_like(self.states)
+        grads: list[torch.Tensor | None] = [None] * len(inputs)
+        value = torch.zeros((), dtype=torch.float64, device=self.states.device)
+        logps, entropies = [value.new_zeros(0)], [value.new_zeros(0)]
+        for span in self.spans():
+            piece = self.states[span].detach().requires_grad_()
+            logits = self.head(piece)
+            logp, entropy = logit_statistics(
+                logits, self.targets[span], self.temperature, with_entropy
+            )
+            term = objective(TokenChunk(logp, entropy, self.rows[span], span))
+            if term.requires_grad:
+                grad_piece, found = _backward(term, piece, inputs, accumulate)
+                if grad_piece is not None:
+                    grad_states[span] = grad_piece
+                grads = _added(grads, found)
+            value = value + term.detach()
+            logps.append(logp.detach())
+            if with_entropy:
+                entropies.append(entropy.detach())
+        if self.states.requires_grad:  # else no trainable parameter in the trunk
+            if accumulate:
+                torch.autograd.backward(self.states, grad_states, inputs=inputs)
+            else:
+                found = torch.autograd.grad(self.states, inputs, grad_states, allow_unused=True)
+                grads = _added(grads, list(found))
+        entropy = torch.cat(entropies) if with_entropy else None
+        return TokenBackward(grads, value, torch.cat(logps), entropy, self.rows)
+
+
+def _backward(term: torch.Tensor, piece: torch.Tensor, inputs: list[torch.Tensor], accumulate):
+    """(d term/d piece, d term/d inputs): one backward pass through one chunk's head; with
+    ``accumulate`` the inputs' share goes into their ``.grad`` (and None is returned)."""
+    if accumulate:
+        torch.autograd.backward(term, inputs=[piece, *inputs])
+        return piece.grad, [None] * len(inputs)
+    grad_piece, *found = torch.autograd.grad(term, [piece, *inputs], allow_unused=True)
+    return grad_piece, found
+
+
+def _added(total: list[torch.Tensor | None], more: list[torch.Tensor | None]):
+    return [m if t is None else t if m is None else t.add_(m) for t, m in zip(total, more)]
+
+
 def gather_sums(local: SequenceSums, n: int) -> SequenceSums:
     """Every rank's per-sequence sums in global row order (the sums themselves with one process).
 

@@ -4,7 +4,8 @@ The peak is what the run holds throughout (the weights and optimizer state as lo
 copies θ₀ and S₀ the update restores from, ∇H(θ₀), the direction's gradient, v and its
 momentum-only twin) plus the largest transient of one phase: the rollout (KV cache, prefill
 logits and the sampler's fp64 probabilities), one evaluation of E (trunk activations or the
-head's vocabulary blocks), ∇H by reverse mode, the gradient micro-batch, the jvp's dual
+head's vocabulary blocks), ∇H by reverse mode and the gradient micro-batch (a row chunk's
+trunk graph and one token chunk of the head: ``entropy.ResponseStates``), the jvp's dual
 tensors and Cui's identity.
 
 Each transient is a count of tensors by shape class (per token: intermediate-, hidden-,
@@ -347,27 +348,34 @@ def _score(m: ModelShape, w: Workload, phase: str) -> list[MemoryTerm]:
     return [MemoryTerm("E's logits blocks (no grad)", head, phase)]
 
 
+def _reverse_chunk(m: ModelShape, w: Workload, tokens: int, fp64_per_logit: int) -> int:
+    """One token chunk's head in reverse mode (``entropy.ResponseStates.backward``): at the
+    peak of its backward, its logits in the runtime dtype and ``fp64_per_logit`` fp64 tokens
+    × V tensors (kept: shifted logits, their exp; the backward's gradients of them and a
+    product); and per response token of the row chunk its hidden state and that state's
+    gradient, gathered for the trunk's backward."""
+    per_logit = m.runtime_bytes + fp64_per_logit * FP64
+    return per_logit * _chunk(m, w) * m.vocab + 2 * m.runtime_bytes * m.hidden * tokens
+
+
 def _entropy_grad(m: ModelShape, w: Workload) -> list[MemoryTerm]:
-    """∇H(θ₀) by reverse mode over a row chunk of E: the trunk's graph, and per response
-    token the fp64 shifted logits and their exp (kept for backward), plus 3 chunks of
-    backward temporaries."""
+    """∇H(θ₀) by reverse mode over a row chunk of E: the trunk's graph, and one token chunk
+    of the head differentiated at a time (entropy and log π: five fp64 tensors a logit)."""
     rows = min(w.score_rows, w.eval_rows)
-    n = _chunk(m, w)
-    kept = 2 * FP64 * m.vocab * rows * w.response_tokens + 3 * FP64 * m.vocab * n
-    names = ("E's trunk graph (reverse mode)", "E's fp64 logits kept for backward")
-    return _reverse_terms(m, rows * w.width, w.width, kept, names, "∇H at θ₀")
+    head = _reverse_chunk(m, w, rows * w.response_tokens, 5)
+    names = ("E's trunk graph (reverse mode)", "E's logits chunk (reverse mode)")
+    return _reverse_terms(m, rows * w.width, w.width, head, names, "∇H at θ₀")
 
 
 def _gradient(m: ModelShape, w: Workload) -> list[MemoryTerm]:
-    """One micro-batch of the RL loss: the trunk's graph and the fp64 logits autograd keeps
-    (shifted logits for the gather, their exp), the .grad accumulators."""
+    """One micro-batch of the RL loss: the trunk's graph, one token chunk of the head
+    differentiated at a time (log π alone: three fp64 tensors a logit; with the entropy
+    bonus five, as ∇H), the .grad accumulators."""
     rows = min(w.micro_rows, w.update_rows)
-    n = _chunk(m, w)
-    kept = 2 * FP64 * m.vocab * rows * w.response_tokens
-    kept += (3 if w.entropy_bonus else 1) * FP64 * m.vocab * n
+    head = _reverse_chunk(m, w, rows * w.response_tokens, 5 if w.entropy_bonus else 3)
     phase = "gradient micro-batch"
-    names = ("micro-batch trunk graph", "micro-batch fp64 logits kept")
-    terms = _reverse_terms(m, rows * w.width, w.width, kept, names, phase)
+    names = ("micro-batch trunk graph", "micro-batch logits chunk (reverse mode)")
+    terms = _reverse_terms(m, rows * w.width, w.width, head, names, phase)
     return [*terms, MemoryTerm(".grad accumulators", m.trainable_bytes, phase)]
 
 
@@ -481,7 +489,7 @@ def _advice(phase: str) -> str:
     per_phase = {
         "rollout": "lower max_new_tokens or --eval-size / buffer_size",
         "gradient micro-batch": "lower --microbatch-size (prompts per micro-batch)",
-        "∇H at θ₀": "lower max_new_tokens or --eval-size (∇H keeps the fp64 logits of up to "
+        "∇H at θ₀": "lower max_new_tokens or --eval-size (∇H keeps the trunk's graph of up to "
         "64 rows of E for backward)",
         "Cui identity": "lower --eval-chunk-tokens",
         "score E": "lower --eval-chunk-tokens",

@@ -32,11 +32,12 @@ from entropy_lab import distributed
 from entropy_lab.config import Reading
 from entropy_lab.entropy import (
     EntropyScorer,
+    ResponseStates,
     SequenceSums,
+    TokenChunk,
     decoder_and_head,
     probe_batch,
     readings,
-    sequence_sums,
 )
 from entropy_lab.modes import eval_mode
 from entropy_lab.rollout import SequenceBatch
@@ -502,8 +503,10 @@ def entropy_gradient(
 
     At θ₀ the importance weights are 1, so with N = Σh_i, D = ΣT_i, H = N/D:
     ∇H_cond = ∇N/D and ∇H_policy = ∇H_cond + Σ_i (h_i − H·T_i)·∇log π(seq_i)/D. Both are
-    sums over rows: chunks are back-propagated one at a time and the gradients added, so
-    memory is that of one chunk. Used once per sweep: ∇H·(θ₁ − θ₀ − η·v) is then the
+    sums over rows: row chunks are back-propagated one at a time and the gradients added;
+    within one, the head is differentiated a token chunk at a time (``ResponseStates``; the
+    policy reading's weights h_i − H·T_i first, without autograd), so memory is one row
+    chunk's trunk graph and one token chunk's logits. Used once per sweep: ∇H·(θ₁ − θ₀ − η·v) is then the
     first-order effect of the parameters' rounding at every (η, repeat), a dot product.
     Data-parallel, each rank takes its shard of E's rows and the gradients are summed.
     """
@@ -514,23 +517,29 @@ def entropy_gradient(
     with eval_mode(scorer.lm):
         for rows in local.length_sorted_chunks(scorer.max_rows):
             part = local.select(rows)
-            sums = sequence_sums(
-                decoder,
-                head,
-                part,
-                scorer.temperature,
-                scorer.chunk_tokens,
-            )
-            objective = sums.entropy.sum()
-            if reading == "policy":
-                weight = (sums.entropy - baseline * sums.tokens).detach()
-                objective = objective + (weight * sums.logprob).sum()
-            chunk = torch.autograd.grad(
-                objective / tokens, list(params.values()), allow_unused=True
-            )
-            for (name, _), g in zip(params.items(), chunk):
+            states = ResponseStates(decoder, head, part, scorer.temperature, scorer.chunk_tokens)
+            weight = _policy_weights(states, len(part), baseline) if reading == "policy" else None
+
+            def objective(chunk: TokenChunk, weight=weight) -> torch.Tensor:
+                total = chunk.entropy.sum()
+                if weight is not None:
+                    total = total + (weight[chunk.rows] * chunk.logp).sum()
+                return total / tokens
+
+            found = states.backward(objective, list(params.values())).grads
+            for name, g in zip(params, found):
                 if g is not None:
                     grads[name] += g.double()
     for name in sorted(grads):  # the same order on every rank
         distributed.all_reduce_sum_(grads[name])
     return grads
+
+
+def _policy_weights(states: ResponseStates, rows: int, baseline: float) -> torch.Tensor:
+    """Per row, h_i − H·T_i (the policy reading's weight on ∇log π(seq_i)), from the kept
+    hidden states without autograd: it couples a row's tokens across token chunks, so it is
+    known before any chunk is differentiated."""
+    _, entropy = states.statistics()
+    zeros = torch.zeros(rows, dtype=torch.float64, device=entropy.device)
+    h = zeros.index_add(0, states.rows, entropy)
+    return h - baseline * zeros.index_add(0, states.rows, torch.ones_like(entropy))

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from entropy_lab import distributed
-from entropy_lab.entropy import decoder_and_head, token_statistics
+from entropy_lab.entropy import ResponseStates, TokenChunk, decoder_and_head, token_statistics
 from entropy_lab.modes import trainer_mode
 from entropy_lab.rollout import SequenceBatch
 
@@ -142,6 +142,16 @@ def _row_lengths(micro: SequenceBatch) -> torch.Tensor:
     return micro.response_mask[:, 1:].sum(1)
 
 
+def _micro_tokens(micro: SequenceBatch) -> int:
+    """The micro-batch's response tokens (at least 1): a token mean's divisor."""
+    return max(int(_row_lengths(micro).sum()), 1)
+
+
+# Each aggregation takes the per-token losses of a chunk of a micro-batch's response tokens
+# (the whole micro-batch, or one token chunk of it: ``chunk_loss``) with each token's row in
+# the micro-batch; their sum over the chunks is the micro-batch's share of the loss.
+
+
 def dr_grpo_loss(token_loss, rows, micro, norm: Normalisers) -> torch.Tensor:
     """TRL's Dr-GRPO: the sum over every token ÷ (rows · max_completion_length)."""
     return token_loss.sum() / (norm.rows * norm.max_completion_length)
@@ -172,7 +182,7 @@ def dapo_loss(token_loss, rows, micro, norm: Normalisers) -> torch.Tensor:
 def bnpo_loss(token_loss, rows, micro, norm: Normalisers) -> torch.Tensor:
     """BNPO: the sum ÷ the active tokens of this micro-batch, averaged over micro-batches (as
     TRL divides each micro-batch's loss by the accumulation steps)."""
-    return token_loss.sum() / max(token_loss.numel(), 1) / norm.microbatches
+    return token_loss.sum() / _micro_tokens(micro) / norm.microbatches
 
 
 LOSS_TYPES: dict[str, Callable[..., torch.Tensor]] = {
@@ -188,6 +198,35 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """Per-token k3 estimator of KL(π‖π_ref): exp(r) − r − 1 with r = log π_ref − log π."""
     delta = ref_logp - logp
     return torch.exp(delta) - delta - 1
+
+
+def chunk_loss(
+    objective: Objective,
+    chunk: TokenChunk,
+    micro: SequenceBatch,
+    norm: Normalisers,
+    advantages: torch.Tensor,
+    old_logprob: torch.Tensor | None,
+    ref_logprob: torch.Tensor | None,
+) -> torch.Tensor:
+    """One token chunk's share of a micro-batch's loss: every term is per token, and every
+    normaliser comes from the micro-batch or the whole update batch, not from the chunk."""
+    logp = chunk.logp
+    old = logp.detach() if old_logprob is None else old_logprob[chunk.span]
+    ratio = torch.exp(logp - old)  # = 1 on-policy; gradient = ∇log π
+    adv = advantages[chunk.rows].to(logp.dtype)
+    clipped = torch.clamp(ratio, 1 - objective.clip_eps, 1 + objective.upper_clip)
+    token_loss = -torch.minimum(ratio * adv, clipped * adv)
+    if objective.kl_beta != 0.0:
+        kl = k3_kl(logp, ref_logprob[chunk.span].to(logp))
+        if objective.kl_bias_correction:
+            kl = kl * ratio
+        token_loss = token_loss + objective.kl_beta * kl
+    loss = LOSS_TYPES[objective.loss_type](token_loss, chunk.rows, micro, norm)
+    if objective.entropy_coef != 0.0:  # TRL: the token mean of each micro-batch, ÷ accumulation
+        bonus = chunk.entropy.sum() / _micro_tokens(micro) / norm.microbatches
+        loss = loss - objective.entropy_coef * bonus
+    return loss
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -231,7 +270,7 @@ class PolicyUpdate:
         self.state0 = copy.deepcopy(optimizer.state_dict())
 
     # -- gradient -----------------------------------------------------------------------
-    def loss_on(
+    def backward_on(
         self,
         micro: SequenceBatch,
         advantages: torch.Tensor,
@@ -239,31 +278,23 @@ class PolicyUpdate:
         norm: Normalisers,
         ref_logprob: torch.Tensor | None = None,
     ):
-        """This micro-batch's share of the loss (already globally normalised), θ's token
-        log-probs and the tokens' advantages."""
-        objective = self.objective
+        """This micro-batch's share of the loss (already globally normalised), added into the
+        parameters' ``.grad`` a token chunk of the head at a time (``entropy.ResponseStates``:
+        the loss is a sum of per-token terms whose normalisers are fixed by the batch); the
+        loss, θ's token log-probs and the tokens' advantages."""
+        if self.objective.kl_beta != 0.0 and ref_logprob is None:
+            raise ValueError("kl_beta > 0 needs the reference log-probs of the update batch")
         decoder, head = decoder_and_head(self.model)
-        with_entropy = objective.entropy_coef != 0.0
-        logp, entropy, rows = token_statistics(
-            decoder, head, micro, self.temperature, self.chunk_tokens, with_entropy=with_entropy
-        )
-        old = logp.detach() if old_logprob is None else old_logprob
-        ratio = torch.exp(logp - old)  # = 1 on-policy; gradient = ∇log π
-        adv = advantages[rows].to(logp.dtype)
-        clipped = torch.clamp(ratio, 1 - objective.clip_eps, 1 + objective.upper_clip)
-        token_loss = -torch.minimum(ratio * adv, clipped * adv)
-        if objective.kl_beta != 0.0:
-            if ref_logprob is None:
-                raise ValueError("kl_beta > 0 needs the reference log-probs of the update batch")
-            kl = k3_kl(logp, ref_logprob.to(logp))
-            if objective.kl_bias_correction:
-                kl = kl * ratio
-            token_loss = token_loss + objective.kl_beta * kl
-        loss = LOSS_TYPES[objective.loss_type](token_loss, rows, micro, norm)
-        if with_entropy:  # TRL: the token mean of each micro-batch, ÷ accumulation steps
-            bonus = entropy.sum() / max(entropy.numel(), 1) / norm.microbatches
-            loss = loss - objective.entropy_coef * bonus
-        return loss, logp.detach(), adv
+        with_entropy = self.objective.entropy_coef != 0.0
+        states = ResponseStates(decoder, head, micro, self.temperature, self.chunk_tokens)
+
+        def objective(chunk: TokenChunk) -> torch.Tensor:
+            return chunk_loss(
+                self.objective, chunk, micro, norm, advantages, old_logprob, ref_logprob
+            )
+
+        done = states.backward(objective, list(self.params.values()), with_entropy, True)
+        return float(done.value), done.logp, advantages[done.rows].to(done.logp.dtype)
 
     @torch.no_grad()
     def token_logprobs(self, seqs: SequenceBatch, model: nn.Module | None = None) -> torch.Tensor:
@@ -373,15 +404,14 @@ class PolicyUpdate:
             for rows in self._microbatches(seqs):
                 micro = seqs.select(rows).to(device)
                 adv = update.advantages[rows].to(device)
-                loss, logp, token_adv = self.loss_on(
+                loss, logp, token_adv = self.backward_on(
                     micro,
                     adv,
                     tokens_of(update.old_logprob, rows),
                     norm,
                     tokens_of(update.ref_logprob, rows),
                 )
-                loss.backward()
-                total += float(loss.detach())
+                total += loss
                 logps.append(logp)
                 advs.append(token_adv)
         grads = {n: p.grad.detach().clone() for n, p in self.params.items() if p.grad is not None}

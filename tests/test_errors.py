@@ -622,7 +622,7 @@ def test_oom_in_gradient_retries_at_half_size_with_the_same_result(small, monkey
     _set_knobs(small, microbatch=4, chunk=16, rows=8)
     reference = protocol.direction(small, 0)
 
-    _oom_on_calls(monkeypatch, PolicyUpdate, "loss_on", {1})
+    _oom_on_calls(monkeypatch, PolicyUpdate, "backward_on", {1})
     with pytest.warns(
         RuntimeWarning,
         match=r"CUDA out of memory in the update direction of repeat 0: retrying with "
@@ -725,7 +725,7 @@ def test_oom_sampling_one_row_is_a_clear_error(small, monkeypatch):
 
 
 def test_oom_in_the_cli_names_the_knobs_and_how_to_resume(tmp_path, capsys, monkeypatch):
-    _oom_on_calls(monkeypatch, PolicyUpdate, "loss_on", None)
+    _oom_on_calls(monkeypatch, PolicyUpdate, "backward_on", None)
     with pytest.warns(RuntimeWarning):
         message = run_cli(capsys, tmp_path, "--learning-rates", "1e-6,1e-5", "--num-repeats", "2")
     assert re.fullmatch(

@@ -185,8 +185,8 @@ def test_forecast_within_20_percent_at_the_real_vocabulary(proxy_fp32):
 @pytest.mark.parametrize(
     "term",
     [
-        "E's fp64 logits kept for backward",
-        "micro-batch fp64 logits kept",
+        "E's logits chunk (reverse mode)",
+        "micro-batch logits chunk (reverse mode)",
         "covariance over a logits chunk",
         "logits chunk dual tensors",
         "prefill logits and sampler",
