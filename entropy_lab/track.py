@@ -22,9 +22,11 @@ from typing import Any
 
 import torch
 
+from entropy_lab.analysis import Analysis
 from entropy_lab.checkpoint import resolve_layout, saved_step, step_folders
 from entropy_lab.config import rl_practice_schedule
 from entropy_lab.errors import CheckpointError, EntropyLabError
+from entropy_lab.records import as_records, finite
 
 TRACK_SCHEMA_VERSION = 1
 TRACK_JSON = "track.json"
@@ -302,70 +304,69 @@ def _mean(values: list[float]) -> float | None:
 def checkpoint_summary(
     folder: Path, cp: RunCheckpoint, rates: TrainerLearningRates, logged: dict[int, float]
 ) -> dict[str, Any]:
-    """track.json's entry for one checkpoint, read from its sweep folder."""
-    analysis = _read(folder / "analysis.json")
-    records = _read(folder / "raw_results.json")
-    summary = analysis["summary"]
-    mixed = summary.get("mixed_model") or {}
-    regime = summary["linear_regime"]
-    h0 = entropy_estimate(_read(folder / H0_SEQUENCES))
-    by_repeat: dict[int, dict[str, Any]] = {}
+    """track.json's entry for one checkpoint, read from its sweep folder: the typed Analysis
+    (analysis.json through ``Analysis.from_dict``) and the PointRecords."""
+    analysis = Analysis.from_dict(_read(folder / "analysis.json"))
+    records = as_records(_read(folder / "raw_results.json"))
+    first_of = {}  # per repeat, its first successful record: the direction's own numbers
     for r in records:
-        if r.get("success"):
-            by_repeat.setdefault(int(r["repeat"]), r)
+        if r.success:
+            first_of.setdefault(r.repeat, r)
     directions = []
-    for rep in summary["repeats"]:
-        first = by_repeat.get(rep["repeat"], {})
+    for rep in analysis.repeats:
+        first = first_of.get(rep.repeat)
         directions.append(
             {
-                "repeat": rep["repeat"],
-                "slope": rep["slope"],
-                "first_order_slope": first.get("first_order_slope"),
-                "identity_slope": first.get("identity_slope"),
-                "grad_norm": first.get("grad_norm"),
-                "update_norm": first.get("update_norm"),
+                "repeat": rep.repeat,
+                "slope": rep.slope,
+                "first_order_slope": first and first.first_order_slope,
+                "identity_slope": first and first.identity_slope,
+                "grad_norm": first and first.grad_norm,
+                "update_norm": first and first.update_norm,
             }
         )
-    alpha = mixed.get("slope")
+    fit, window, facts = analysis.mixed_model, analysis.window, analysis.facts
+    alpha = fit.slope if fit else None
     lr_next = rates.at(cp.step + 1)
-    identity = summary.get("first_order_oracles", {}).get("identity", {})
     return {
         "step": cp.step,
         "path": str(cp.path),
         "folder": folder.name,
-        "digest": analysis["checkpoint"].get("digest"),
-        "h0": {"value": h0.value, "stderr": h0.stderr},
+        "digest": (analysis.meta.get("checkpoint") or {}).get("digest"),
+        "h0": _estimate_dict(entropy_estimate(_read(folder / H0_SEQUENCES))),
         "alpha": {
             "value": alpha,
-            "stderr": mixed.get("slope_se"),
-            "ci_low": mixed.get("slope_ci_low"),
-            "ci_high": mixed.get("slope_ci_high"),
-            "confidence": mixed.get("confidence"),
-            "tau": mixed.get("slope_sd"),
+            "stderr": fit and fit.slope_se,
+            "ci_low": fit and fit.slope_ci_low,
+            "ci_high": fit and fit.slope_ci_high,
+            "confidence": fit and fit.confidence,
+            "tau": fit and fit.slope_sd,
             "source": "random-slope mixed model (REML) over the sweep's update directions",
         },
         "directions": directions,
-        "first_order_slope": summary["first_order_slope"].get("mean"),
-        "identity_slope": identity.get("mean"),  # conditional reading, as the jvp below
-        "first_order_slope_conditional": summary.get("first_order_oracles", {})
-        .get("jvp_conditional", {})
-        .get("mean"),
+        "first_order_slope": _finite_or_none(facts.first_order_slope.mean),
+        "identity_slope": _finite_or_none(facts.oracles.identity.mean),  # conditional reading
+        "first_order_slope_conditional": _finite_or_none(facts.oracles.jvp_conditional.mean),
         "grad_norm": _mean([d["grad_norm"] for d in directions]),
         "update_norm": _mean([d["update_norm"] for d in directions]),
-        "window": {"eta_min": regime["eta_min"], "eta_max": regime["eta_max"]},
-        "eta_max_predicted": regime.get("eta_max_predicted"),
-        "predicted_edge": regime.get("predicted_edge"),
-        "verdict": summary["verdict"],
-        "verdict_reason": summary["verdict_reason"],
-        "lr": {
-            "next_step": lr_next,
-            "this_step": rates.at(cp.step),
-            "source": rates.source,
-        },
+        "window": {"eta_min": window.eta_min, "eta_max": window.eta_max},
+        "eta_max_predicted": window.eta_max_predicted,
+        "predicted_edge": window.predicted_edge,
+        "verdict": analysis.verdict,
+        "verdict_reason": analysis.verdict_reason,
+        "lr": {"next_step": lr_next, "this_step": rates.at(cp.step), "source": rates.source},
         "alpha_times_lr": alpha * lr_next if alpha is not None and lr_next is not None else None,
-        "lr_in_window": window_status(lr_next, regime["eta_min"], regime["eta_max"]),
+        "lr_in_window": window_status(lr_next, window.eta_min, window.eta_max),
         "logged_entropy": {"value": logged.get(cp.step + 1), "step": cp.step + 1},
     }
+
+
+def _estimate_dict(e: Estimate) -> dict[str, float]:
+    return {"value": e.value, "stderr": e.stderr}
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    return value if finite(value) else None
 
 
 # -- held against the run's own history -------------------------------------------------
