@@ -12,6 +12,10 @@ and the same batch, so a busy machine slows both alike:
   evaluation;
 - rollout sampling tokens/s;
 - on CUDA (or with ``flops``): achieved FLOP/s against a matmul peak measured in the run.
+- on a random Qwen2 with a real vocabulary (the proxy, issue #23): eval, jvp and one more η
+  side by side as on the tiny checkpoint;
+- peak memory (torch's live tensors) against ``entropy_lab.memory``'s forecast, on the tiny
+  checkpoint and each proxy, in a separate untimed pass.
 
 Timings are medians of ``repeats`` runs after one warm-up run.
 """
@@ -746,15 +750,24 @@ def forecast_fields(prediction, measured: dict[str, Any], prefix: str = "") -> d
 
 
 def memory_forecast_section(setup) -> dict[str, Any]:
-    """The tiny checkpoint's sweep (this setup's checkpoint, config and batches' sizes)
-    opened again, one direction and one point, under the allocation profiler; after the
-    timed sections, so their timings carry no profiler. Wall seconds of the pass recorded."""
+    """This setup's sweep opened again (its checkpoint and config), one direction and one
+    point, under the allocation profiler; after the timed sections, so their timings carry
+    no profiler. U is cut to the prompts of one sampling batch (``memory.SAMPLE_ROWS`` rows):
+    the sampler and the gradient work on at most that many rows and one micro-batch at a
+    time, so every transient the forecast counts keeps its size (the held token ids of U
+    shrink) while the pass, whose cost the profiler multiplies, is short. Wall seconds of the
+    pass recorded."""
+    from entropy_lab.memory import SAMPLE_ROWS
     from entropy_lab.protocol import Configured
 
-    configured = Configured(setup.cfg, setup.checkpoint, setup.training, setup.kl_reference)
+    cfg = setup.cfg
+    prompts = min(cfg.buffer_size, max(1, SAMPLE_ROWS // cfg.num_generations))
+    cfg = dataclasses.replace(cfg, buffer_size=prompts)
+    configured = Configured(cfg, setup.checkpoint, setup.training, setup.kl_reference)
     started = time.perf_counter()
-    prediction, measured = sweep_memory_peaks(configured, setup.cfg.learning_rates[0])
-    return {**forecast_fields(prediction, measured), "seconds": time.perf_counter() - started}
+    prediction, measured = sweep_memory_peaks(configured, cfg.learning_rates[0])
+    fields = forecast_fields(prediction, measured)
+    return {**fields, "buffer_size": prompts, "seconds": time.perf_counter() - started}
 
 
 # -- the real vocabulary (issue #23) -----------------------------------------------------
