@@ -16,6 +16,7 @@ from entropy_lab.memory import (
     ModelShape,
     Workload,
     check_fits,
+    compared,
     forecast,
     misses,
 )
@@ -48,6 +49,7 @@ def tiny_fp64(tiny_checkpoint):
 
 def test_forecast_within_20_percent_on_the_tiny_checkpoint(tiny_fp64):
     prediction, measured = tiny_fp64
+    assert len(compared(prediction, measured)) > 1, "no forecast phase was measured"
     assert misses(prediction, measured) == {}
 
 
@@ -69,6 +71,7 @@ def test_an_underforecast_fails_on_the_tiny_checkpoint(tiny_fp64):
 
 def test_forecast_within_20_percent_at_the_real_vocabulary(proxy_fp32):
     prediction, measured = proxy_fp32
+    assert len(compared(prediction, measured)) > 1, "no forecast phase was measured"
     assert misses(prediction, measured) == {}
 
 
