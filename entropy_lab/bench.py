@@ -12,6 +12,10 @@ and the same batch, so a busy machine slows both alike:
   evaluation;
 - rollout sampling tokens/s;
 - on CUDA (or with ``flops``): achieved FLOP/s against a matmul peak measured in the run.
+- on a random Qwen2 with a real vocabulary (the proxy, issue #23): eval, jvp and one more η
+  side by side as on the tiny checkpoint;
+- peak memory (torch's live tensors) against ``entropy_lab.memory``'s forecast, on the tiny
+  checkpoint and each proxy, in a separate untimed pass.
 
 Timings are medians of ``repeats`` runs after one warm-up run.
 """
@@ -49,11 +53,12 @@ SCHEMA_VERSION = 2  # 2: typed targets, real-vocabulary sections, settings.clock
 
 @dataclass(frozen=True)
 class Target:
-    """One promise: ``section.field`` ``op`` ``threshold`` (``text`` says it in words)."""
+    """One promise: ``section.field`` ``op`` ``threshold`` (``text`` says it in words);
+    op "within": a ratio within 1 ± threshold."""
 
     section: str
     field: str
-    op: str  # "<=" or "<"
+    op: str  # "<=", "<" or "within"
     threshold: float
     text: str
 
@@ -62,6 +67,8 @@ class Target:
         return f"{self.section}.{self.field}"
 
     def met(self, value: float) -> bool:
+        if self.op == "within":
+            return abs(value - 1.0) <= self.threshold
         return value <= self.threshold if self.op == "<=" else value < self.threshold
 
 
@@ -74,11 +81,12 @@ class Compared:
     threshold: float
     tiny: tuple[str, str] | None
     proxy: str | None
+    op: str = "<="
 
     def targets(self, proxy_sections: list[str]) -> list[Target]:
         where = [self.tiny] if self.tiny else []
         where += [(section, self.proxy) for section in proxy_sections if self.proxy]
-        return [Target(section, field, "<=", self.threshold, self.text) for section, field in where]
+        return [Target(s, field, self.op, self.threshold, self.text) for s, field in where]
 
 
 COMPARED = (
@@ -89,10 +97,12 @@ COMPARED = (
     # target is per pair (issue #16 restated issue #8's 1.2, which counted one evaluation).
     Compared("each extra η (its ±η pair) ≤ 2.2 × eval of E", 2.20,
              ("eta_sweep", "marginal_eta_over_eval"), "marginal_eta_over_eval"),
-    # TODO(issue #23 item 3): "peak memory within 20 % of the forecast" goes here once
-    # entropy_lab/memory.py (another branch) is merged: its forecast against the measured
-    # peak on the tiny checkpoint and on each proxy; until then the table says "not judged".
-    Compared("peak memory within 20 % of the forecast", 0.20, None, None),
+    # The forecast over the measured (memory.peak_allocated, a separate pass: the profiler it
+    # reads would slow the timed runs) for the peak above what was loaded and each phase's
+    # transient: the ratio farthest from 1, within 1 ± 0.20.
+    Compared("peak memory (and each phase's) within 20 % of the forecast", 0.20,
+             ("memory_forecast", "worst_forecast_over_measured"),
+             "memory_worst_forecast_over_measured", "within"),
 )  # fmt: skip
 
 # The tiny checkpoint's own targets (issues #3, #8, #16).
@@ -699,6 +709,67 @@ def sweep_section(setup, eval_s: float, directions: int) -> dict[str, Any]:
     }
 
 
+# -- peak memory against the forecast (issue #23 item 3) --------------------------------
+
+
+def sweep_memory_peaks(configured, eta: float) -> tuple[Any, dict[str, Any]]:
+    """(forecast, measured ``memory.peak_allocated``) of a sweep's opening (prepare: E
+    sampled and scored, ∇H), one direction and one point at ``eta``, from ``configured``
+    (protocol.Configured): torch's live-tensor peak above what existed before (the loaded
+    model and optimizer state), per phase too on CPU."""
+    from entropy_lab.memory import peak_allocated
+    from entropy_lab.protocol import direction, measure_point, memory_forecast, prepare
+
+    prediction = memory_forecast(configured, check=False)  # the caller's run was checked
+    with peak_allocated(configured.cfg.device) as measured:
+        setup = prepare(configured, forecast=prediction)
+        measure_point(setup, direction(setup, 0), eta)
+    return prediction, measured
+
+
+def forecast_fields(prediction, measured: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The forecast's peak above what was loaded against the measured peak, each phase's
+    transient against its measured one (where the profiler saw phases: CPU), and the judged
+    ratio: the one farthest from 1 (``worst_of``). The peak alone would let a phase's
+    under-forecast pass whenever another phase's transient comes close to the true peak."""
+    from entropy_lab.memory import compared
+
+    pairs = compared(prediction, measured)
+    ratios = {name: f / max(m, 1) for name, (f, m) in pairs.items()}
+    worst = max(ratios, key=lambda name: abs(ratios[name] - 1.0))
+    forecast, peak = pairs["peak"]
+    return {
+        f"{prefix}forecast_bytes": forecast,
+        f"{prefix}measured_bytes": peak,
+        f"{prefix}forecast_over_measured": ratios["peak"],
+        f"{prefix}forecast_peak_phase": prediction.peak_phase,
+        f"{prefix}worst_forecast_over_measured": ratios[worst],
+        f"{prefix}worst_of": worst,
+        f"{prefix}phases_forecast_measured_bytes": {p: list(fm) for p, fm in pairs.items()},
+    }
+
+
+def memory_forecast_section(setup) -> dict[str, Any]:
+    """This setup's sweep opened again (its checkpoint and config), one direction and one
+    point, under the allocation profiler; after the timed sections, so their timings carry
+    no profiler. U is cut to the prompts of one sampling batch (``memory.SAMPLE_ROWS`` rows):
+    the sampler and the gradient work on at most that many rows and one micro-batch at a
+    time, so every transient the forecast counts keeps its size (the held token ids of U
+    shrink) while the pass, whose cost the profiler multiplies, is short. Wall seconds of the
+    pass recorded."""
+    from entropy_lab.memory import SAMPLE_ROWS
+    from entropy_lab.protocol import Configured
+
+    cfg = setup.cfg
+    prompts = min(cfg.buffer_size, max(1, SAMPLE_ROWS // cfg.num_generations))
+    cfg = dataclasses.replace(cfg, buffer_size=prompts)
+    configured = Configured(cfg, setup.checkpoint, setup.training, setup.kl_reference)
+    started = time.perf_counter()
+    prediction, measured = sweep_memory_peaks(configured, cfg.learning_rates[0])
+    fields = forecast_fields(prediction, measured)
+    return {**fields, "buffer_size": prompts, "seconds": time.perf_counter() - started}
+
+
 # -- the real vocabulary (issue #23) -----------------------------------------------------
 
 
@@ -719,6 +790,12 @@ class ProxySpec:
     dtypes: tuple[str, ...] = ("fp32", "fp64")
     device: str = "cpu"
     seed: int = 0
+    # The memory pass (separate, short): E of memory_rows rows, U of 2 prompts × memory_group,
+    # each prompt_length + memory_response_tokens long; its eval_chunk_tokens.
+    memory_rows: int = 2
+    memory_group: int = 2
+    memory_response_tokens: int = 16
+    memory_chunk_tokens: int = 16
 
     @property
     def response_tokens(self) -> int:
@@ -741,22 +818,34 @@ def proxy_eta_pair(scorer, batch, reference, params, theta0, vector, eta: float)
 
 
 def real_vocab_section(
-    spec: ProxySpec, dtype: str, repeats: int, threads: int | None = None
+    spec: ProxySpec, dtype: str, repeats: int, threads: int | None = None, memory: bool = True
 ) -> dict[str, Any]:
-    """Bare forward, entropy eval of E, jvp ∇H·v and one more η (±η pair) on the proxy in
-    ``dtype`` (fp64 faithful, as the sweep loads it), side by side."""
-    import torch
-
-    from entropy_lab.entropy import EntropyScorer
+    """The proxy in ``dtype`` (fp64 faithful, as the sweep loads it): the timed figures
+    (``real_vocab_timings``), then, with ``memory``, the same model's peak memory against the
+    forecast in a separate pass (``real_vocab_memory``)."""
     from entropy_lab.protocol import set_threads
-    from entropy_lab.proxy import build_proxy, random_batch
-    from entropy_lab.theory import directional_derivatives
+    from entropy_lab.proxy import build_proxy
 
     model = build_proxy(
         spec.vocab_size, spec.hidden_size, spec.num_layers, dtype, rank=spec.rank,
-        max_positions=spec.length, device=spec.device, seed=spec.seed, faithful=True,
+        max_positions=max(spec.length, spec.prompt_length + spec.memory_response_tokens),
+        device=spec.device, seed=spec.seed, faithful=True,
     )  # fmt: skip
     set_threads(threads, sum(p.numel() for p in model.parameters()))
+    section = real_vocab_timings(spec, model, dtype, repeats)
+    if memory:
+        section.update(real_vocab_memory(spec, model))
+    return section
+
+
+def real_vocab_timings(spec: ProxySpec, model, dtype: str, repeats: int) -> dict[str, Any]:
+    """Bare forward, entropy eval of E, jvp ∇H·v and one more η (±η pair), side by side."""
+    import torch
+
+    from entropy_lab.entropy import EntropyScorer
+    from entropy_lab.proxy import random_batch
+    from entropy_lab.theory import directional_derivatives
+
     batch = random_batch(
         spec.vocab_size, spec.rows, spec.length, spec.prompt_length, spec.device, spec.seed
     )
@@ -796,6 +885,25 @@ def real_vocab_section(
         "jvp_over_forward": seconds["jvp"] / seconds["forward"],
         "marginal_eta_over_eval": seconds["eta_pair"] / seconds["eval"],
     }
+
+
+def real_vocab_memory(spec: ProxySpec, model) -> dict[str, Any]:
+    """The proxy's peak memory over a sweep's phases (memory.proxy_sweep_peaks, at the
+    spec's ``memory_*`` sizes) against the forecast: a short separate pass after the timed
+    runs (the allocation profiler slows what it watches); wall seconds recorded."""
+    from entropy_lab.memory import proxy_sweep_peaks
+    from entropy_lab.proxy import random_batch
+
+    started = time.perf_counter()
+    length = spec.prompt_length + spec.memory_response_tokens
+    sizes = (length, spec.prompt_length, spec.device)
+    eval_batch = random_batch(spec.vocab_size, spec.memory_rows, *sizes, spec.seed)
+    update = random_batch(spec.vocab_size, 2 * spec.memory_group, *sizes, spec.seed + 1)
+    prediction, measured = proxy_sweep_peaks(
+        model, eval_batch, update, spec.memory_group, spec.memory_chunk_tokens
+    )
+    fields = forecast_fields(prediction, measured, "memory_")
+    return {**fields, "memory_seconds": time.perf_counter() - started}
 
 
 def real_vocab_sections(results: dict[str, Any]) -> list[str]:
@@ -845,6 +953,7 @@ class BenchOptions:
     quick: bool = False
     proxy: ProxySpec | None = None  # None: skip the real-vocabulary sections
     threads: int | None = None  # the proxy's (protocol.set_threads); the setup's are set
+    memory_forecast: bool = True  # peak memory against memory.forecast (a profiler pass)
 
 
 def run_benchmarks(setup, options: BenchOptions) -> dict[str, Any]:
@@ -884,10 +993,12 @@ def run_benchmarks(setup, options: BenchOptions) -> dict[str, Any]:
     results["rollout"] = rollout_section(setup, options.repeats)
     if options.flops or device.type == "cuda":
         results["flops"] = flops_section(setup, results, options.matmul_size)
+    if options.memory_forecast:  # last on the setup: its profiler pass, untimed
+        results["memory_forecast"] = memory_forecast_section(setup)
     if options.proxy is not None:
         for dtype in options.proxy.dtypes:
             results[f"real_vocab_{dtype}"] = real_vocab_section(
-                options.proxy, dtype, options.repeats, options.threads
+                options.proxy, dtype, options.repeats, options.threads, options.memory_forecast
             )
     if options.quick:
         results["quick"] = quick_section()
@@ -966,7 +1077,10 @@ def side_by_side_table(results: dict[str, Any]) -> str:
             )
         rows.append([c.text, *cells])
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["TARGETS SIDE BY SIDE (issue #23; memory: awaiting entropy_lab.memory's forecast)"]
+    lines = [
+        "TARGETS SIDE BY SIDE (issue #23; memory: the forecast's peak above the loaded model "
+        "over the measured one)"
+    ]
     lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [header, *rows]]
     return "\n".join(lines)
 
@@ -1074,6 +1188,7 @@ def format_table(results: dict[str, Any]) -> str:
                 f"{sweep['theory_over_measurement']:.2f}×",
             )
         )
+    rows += _forecast_rows(results)
     if "quick" in results:
         q = results["quick"]
         rows.append(
@@ -1108,6 +1223,27 @@ def format_table(results: dict[str, Any]) -> str:
     if sweep:
         text += ["", _phase_table(sweep)]
     return "\n".join(text)
+
+
+def _forecast_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """Peak memory above the loaded model against the forecast: tiny checkpoint, proxies."""
+    where = [("memory_forecast", "", "tiny checkpoint")] if "memory_forecast" in results else []
+    vocab = results.get("settings", {}).get("real_vocab", {}).get("vocab_size")
+    where += [(p, "memory_", f"V={vocab:,} {results[p]['dtype']}") for p in
+              real_vocab_sections(results) if "memory_measured_bytes" in results[p]]  # fmt: skip
+    rows = []
+    for section, prefix, name in where:
+        r = results[section]
+        rows.append(
+            (
+                f"peak memory, {name} (one direction)",
+                _bytes(r[f"{prefix}measured_bytes"]),
+                f"forecast {_bytes(r[f'{prefix}forecast_bytes'])}",
+                f"{r[f'{prefix}forecast_over_measured']:.2f}× (worst "
+                f"{r[f'{prefix}worst_forecast_over_measured']:.2f}× {r[f'{prefix}worst_of']})",
+            )
+        )
+    return rows
 
 
 def _real_vocab_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
@@ -1198,6 +1334,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-length", type=int, default=64, help="L of that batch")
     p.add_argument("--memory-hidden", type=int, default=32)
     p.add_argument("--memory-chunk-tokens", type=int, default=8)
+    p.add_argument(
+        "--no-memory-forecast",
+        action="store_true",
+        help="skip the peak memory against the forecast (tiny checkpoint and proxies)",
+    )
     p.add_argument("--flops", action="store_true", help="FLOP/s section on CPU too")
     p.add_argument("--matmul-size", type=int, default=8192, help="n of the peak matmul")
     p.add_argument("--quick", action="store_true", help="also time `entropy-lab quick`")
@@ -1218,6 +1359,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     proxy.add_argument(
         "--proxy-dtypes", default=",".join(defaults.dtypes), help="comma-separated, e.g. fp32,fp64"
     )
+    proxy.add_argument(
+        "--proxy-memory-chunk-tokens",
+        type=int,
+        default=defaults.memory_chunk_tokens,
+        help="eval_chunk_tokens of the memory pass (its forecast and measurement)",
+    )
 
 
 def proxy_spec_of(args: argparse.Namespace) -> ProxySpec | None:
@@ -1232,6 +1379,7 @@ def proxy_spec_of(args: argparse.Namespace) -> ProxySpec | None:
         prompt_length=args.proxy_prompt_length,
         dtypes=tuple(d.strip() for d in args.proxy_dtypes.split(",") if d.strip()),
         device=args.device,
+        memory_chunk_tokens=args.proxy_memory_chunk_tokens,
     )
 
 
@@ -1270,6 +1418,7 @@ def run_bench_command(args: argparse.Namespace) -> dict[str, Any]:
         quick=args.quick,
         proxy=proxy_spec_of(args),
         threads=args.threads,
+        memory_forecast=not args.no_memory_forecast,
     )
     results = run_benchmarks(setup, options)
     print(format_table(results))

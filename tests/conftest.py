@@ -55,3 +55,17 @@ def setup64(tiny_checkpoint):
 @pytest.fixture(scope="session")
 def setup32(tiny_checkpoint):
     return make_setup(tiny_checkpoint, dtype="fp32", eval_size=256, jet=3)
+
+
+@pytest.fixture(scope="session")
+def proxy_fp32():
+    """(memory forecast, measured peaks) of every phase of a sweep on a random Qwen2 with
+    V = 151,936 (hidden 64, 2 layers, LoRA r 8, fp32): E 2 rows, U 2 prompts × 4, 24 tokens
+    (8 of prompt), 16-token chunks (memory.proxy_sweep_peaks)."""
+    from entropy_lab.memory import proxy_sweep_peaks
+    from entropy_lab.proxy import QWEN25_VOCAB, build_proxy, random_batch
+
+    model = build_proxy(QWEN25_VOCAB, 64, 2, "fp32", rank=8)
+    eval_batch = random_batch(QWEN25_VOCAB, 2, 24, 8, seed=1)
+    update = random_batch(QWEN25_VOCAB, 2 * 4, 24, 8, seed=2)
+    return proxy_sweep_peaks(model, eval_batch, update, 4, 16)
