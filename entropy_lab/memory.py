@@ -197,7 +197,10 @@ class MemoryForecast:
         return {p: self.phase_total(p) for p in dict.fromkeys(t.phase for t in self.terms)}
 
     def without(self, name: str) -> MemoryForecast:
-        """This forecast with one term dropped (the planted under-forecast of the tests)."""
+        """This forecast with one term dropped (the planted under-forecast of the tests); a
+        name no term has is an error, not a silently unchanged forecast."""
+        if name not in {t.name for t in self.terms}:
+            raise KeyError(f"no forecast term named {name!r}")
         dropped = _with_peak(tuple(t for t in self.terms if t.name != name))
         return dataclasses.replace(dropped, smallest_peak=self.smallest_peak)
 

@@ -277,7 +277,7 @@ def test_the_memory_target_judges_every_phase_and_misses_a_planted_underforecast
     )
     assert judged(prediction.without(largest.name)) == dict.fromkeys(keys, False)
     assert prediction.peak_phase != "∇H at θ₀"  # (the gradient micro-batch's, here)
-    off_peak = prediction.without("E's fp64 logits kept for backward")
+    off_peak = prediction.without("E's logits chunk (reverse mode)")
     assert judged(off_peak) == dict.fromkeys(keys, False)
     peak_only = forecast_fields(off_peak, measured)["forecast_over_measured"]
     assert Target("m", "f", "within", 0.20, "").met(peak_only)  # the peak alone: "met"
