@@ -202,10 +202,12 @@ def probe_batch(causal_lm: nn.Module, rows: int = 3, length: int = 16) -> Sequen
 # Measured at V = 151,936, d = 768 on one CPU thread: the head's mm runs 15-20 % slower per
 # token at 64 tokens a chunk than from 128 on (each chunk reads the whole V×d weight).
 MIN_CHUNK_TOKENS = 128
-# Bytes of one vocabulary block's fp64 logits in the plain (no-derivative) path: in cache
-# between the block's mm and its reductions; 8 MiB measured fastest of 0.5-64 MiB (fp64 and
-# fp32, d = 768, 256 tokens, one thread).
-BLOCK_BYTES = 8 * 2**20
+# Bytes of one vocabulary block's fp64 logits in the blocked paths: in cache between the
+# block's mm and its reductions. Measured on a shared 2-core EPYC (L2 1 MiB a core, one
+# thread, V = 151,936, fp32): blocked_statistics took 293 ms at 2 MiB against 371 at 8 MiB
+# (d = 256, 128 tokens) and 1,895 against 2,146 (d = 768, 384 tokens); 1-8 MiB within 5 %
+# in fp64.
+BLOCK_BYTES = 2 * 2**20
 
 
 def chunk_tokens_for(vocab: int, hidden: int, weight_bytes: int, cap: int) -> int:

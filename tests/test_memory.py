@@ -188,7 +188,7 @@ def test_forecast_within_20_percent_at_the_real_vocabulary(proxy_fp32):
         "E's fp64 logits kept for backward",
         "micro-batch fp64 logits kept",
         "covariance over a logits chunk",
-        "logits chunk dual tensors",
+        "logits block and tangent (closed form)",
         "prefill logits and sampler",
     ],
 )
