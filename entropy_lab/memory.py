@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from entropy_lab.entropy import BLOCK_BYTES, chunk_tokens_for, decoder_and_head
+from entropy_lab.entropy import block_width, chunk_tokens_for, decoder_and_head
 from entropy_lab.errors import EntropyLabError
 from entropy_lab.phases import PHASE_MARK, Phase
 
@@ -332,13 +332,12 @@ def _rollout(m: ModelShape, w: Workload) -> list[MemoryTerm]:
 
 def _score(m: ModelShape, w: Workload, phase: str) -> list[MemoryTerm]:
     """One evaluation of E without autograd, per row chunk: the trunk (and its KV cache), or
-    the head's vocabulary blocks (CPU: BLOCK_BYTES blocks; CUDA: the whole vocabulary a chunk)."""
+    the head's vocabulary blocks (CPU: ``entropy.block_width``; CUDA: the whole vocabulary a chunk)."""
     rows = min(w.score_rows, w.eval_rows)
     tokens = rows * w.width
     trunk = (_no_grad_token(m, w.width) + _kv_token(m)) * tokens
     n = _chunk(m, w)
-    block = m.vocab if w.cuda else max(256, BLOCK_BYTES // (FP64 * n))
-    block = min(block, m.vocab)
+    block = min(block_width(n, m.vocab, m.runtime_bytes, w.cuda), m.vocab)
     per_entry = m.runtime_bytes + (2 * FP64 if m.runtime_bytes != FP64 else FP64)
     head = n * block * per_entry
     if trunk >= head:
@@ -379,7 +378,7 @@ def _jvp(m: ModelShape, w: Workload) -> list[MemoryTerm]:
     trunk = _jvp_token(m, w.width, w.jet) * rows * w.width
     n = _chunk(m, w)
     if w.jet == 1:
-        block = min(m.vocab if w.cuda else max(256, BLOCK_BYTES // (FP64 * n)), m.vocab)
+        block = min(block_width(n, m.vocab, m.runtime_bytes, w.cuda), m.vocab)
         per_entry = 3 * FP64 + (2 * m.runtime_bytes if m.runtime_bytes != FP64 else 0)
         head, name = n * block * per_entry, "logits block and tangent (closed form)"
     else:
