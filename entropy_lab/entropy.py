@@ -118,6 +118,48 @@ class ModelLogits:
             logits.div_(self.softcap).tanh_().mul_(self.softcap)
         return logits
 
+    def block_tangent(
+        self,
+        states: torch.Tensor,
+        tangents: PlainTangents,
+        logits: torch.Tensor,
+        start: int,
+        stop: int,
+        out: torch.Tensor,
+    ) -> torch.Tensor:
+        """ż of the vocabulary entries [start, stop), written into ``out``, given their
+        ``logits`` from ``block``: ḣ·Wᵀ (+ h·Ẇᵀ + ḃ where the projection moves), then the
+        steps' own derivatives (softcap: (1 − tanh²)·ż, tanh read back from the logits)."""
+        weight = self.projection.weight[start:stop]
+        dot = torch.mm(tangents.states, weight.t(), out=out)
+        # ḃ + ḣ·Wᵀ + h·Ẇᵀ in this order, as forward-mode AD's rules for addmm / mm: the same
+        # rounding in fp32
+        if tangents.bias is not None:
+            dot.add_(tangents.bias[start:stop])
+        if tangents.weight is not None:
+            dot.add_(torch.mm(states, tangents.weight[start:stop].t()))
+        if self.scale is not None:
+            dot.mul_(self.scale)
+        if self.divisor is not None:
+            dot.div_(self.divisor)
+        if self.softcap is not None:
+            dot.mul_(1 - (logits / self.softcap).square())
+        return dot
+
+
+@dataclass(frozen=True)
+class PlainTangents:
+    """The forward-mode tangents (plain tensors) of the head's inputs: the states' and, where
+    the projection itself moves along v, its weight's and bias's (None where it does not)."""
+
+    states: torch.Tensor
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+    def rows(self, start: int, stop: int) -> PlainTangents:
+        """Those of the states' rows [start, stop) (the weight's and bias's are shared)."""
+        return PlainTangents(self.states[start:stop], self.weight, self.bias)
+
 
 def is_plain(*tensors: torch.Tensor) -> bool:
     """No autograd graph (grad mode on and a tensor requiring grad), forward-mode tangent or
@@ -160,10 +202,25 @@ def probe_batch(causal_lm: nn.Module, rows: int = 3, length: int = 16) -> Sequen
 # Measured at V = 151,936, d = 768 on one CPU thread: the head's mm runs 15-20 % slower per
 # token at 64 tokens a chunk than from 128 on (each chunk reads the whole V×d weight).
 MIN_CHUNK_TOKENS = 128
-# Bytes of one vocabulary block's fp64 logits in the plain (no-derivative) path: in cache
-# between the block's mm and its reductions; 8 MiB measured fastest of 0.5-64 MiB (fp64 and
-# fp32, d = 768, 256 tokens, one thread).
-BLOCK_BYTES = 8 * 2**20
+# Bytes of one vocabulary block's fp64 logits in the blocked paths: in cache between the
+# block's mm and its reductions. Measured on a shared 2-core EPYC (L2 1 MiB a core, one
+# thread, V = 151,936, fp32): blocked_statistics took 293 ms at 2 MiB against 371 at 8 MiB
+# (d = 256, 128 tokens) and 1,895 against 2,146 (d = 768, 384 tokens); 1-8 MiB within 5 %
+# in fp64.
+BLOCK_BYTES = 2 * 2**20
+# In fp64 mode z is y (no fp32 buffer, no copy): 8 MiB blocks measured 3-4 % faster there
+# than 2 MiB (d = 256, 128 tokens, two runs), so fp64 takes this many times BLOCK_BYTES.
+FP64_BLOCK_FACTOR = 4
+
+
+def block_width(tokens: int, vocab: int, element_size: int, cuda: bool) -> int:
+    """Vocabulary entries per block of the blocked paths for ``tokens`` rows whose logits
+    have ``element_size`` bytes: the whole vocabulary on CUDA, else as many as keep the
+    block's fp64 logits within BLOCK_BYTES (× FP64_BLOCK_FACTOR in fp64 mode)."""
+    if cuda:
+        return vocab
+    budget = BLOCK_BYTES * (FP64_BLOCK_FACTOR if element_size == 8 else 1)
+    return max(256, budget // (8 * max(tokens, 1)))
 
 
 def chunk_tokens_for(vocab: int, hidden: int, weight_bytes: int, cap: int) -> int:
@@ -217,7 +274,7 @@ def blocked_statistics(
     arithmetic, and each elementwise pass over them reads memory, not cache.
     """
     n, vocab = states.shape[0], head.vocab_size
-    width = vocab if states.is_cuda else max(256, BLOCK_BYTES // (8 * max(n, 1)))
+    width = block_width(n, vocab, states.element_size(), states.is_cuda)
     fp64 = torch.float64
     flat_z = torch.empty(n * min(width, vocab), dtype=states.dtype, device=states.device)
     flat_y = flat_z if states.dtype == fp64 else torch.empty_like(flat_z, dtype=fp64)
@@ -252,6 +309,123 @@ def blocked_statistics(
     return logp, log_s - t / s
 
 
+def first_order_tangents(head, states: torch.Tensor) -> PlainTangents | None:
+    """The tangents for ``blocked_first_order`` when it may serve: ``states`` carry an
+    (unnested) ``torch.autograd.forward_ad`` tangent, the head is a plain ``nn.Linear``
+    projection (its weight and bias may carry tangents too), no reverse-mode graph and no
+    torch.func transform watches (nested jets keep forward-mode AD). None otherwise."""
+    if not isinstance(head, ModelLogits) or type(head.projection) is not nn.Linear:
+        return None
+    weight, bias = head.projection.weight, head.projection.bias
+    tensors = [t for t in (states, weight, bias) if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return None
+    if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
+        return None
+
+    def tangent(t: torch.Tensor | None) -> torch.Tensor | None:
+        dot = None if t is None else fwAD.unpack_dual(t).tangent
+        return None if dot is None or dot._is_zerotensor() else dot
+
+    if tangent(states) is None:
+        return None
+    return PlainTangents(tangent(states), tangent(weight), tangent(bias))
+
+
+@dataclass
+class FirstOrder:
+    """Per token: log π(target) and H (fp64), and their derivatives along v."""
+
+    logp: torch.Tensor
+    logp_dot: torch.Tensor
+    entropy: torch.Tensor | None
+    entropy_dot: torch.Tensor | None
+
+
+def blocked_first_order(
+    head: ModelLogits,
+    states: torch.Tensor,
+    tangents: PlainTangents,
+    targets: torch.Tensor,
+    temperature: float,
+    with_entropy: bool = True,
+) -> FirstOrder:
+    """``blocked_statistics`` and its directional derivative in closed form, from z and ż one
+    vocabulary block at a time (no tokens × V dual tensors, no forward-mode AD through the
+    entropy's elementwise ops).
+
+    With y = z/T (any shift), ẏ = ż/T, p = softmax(y): d log π(a) = ẏ_a − E_p ẏ and
+    dH = −Cov_p(y, ẏ) = −(E_p[y·ẏ] − E_p y · E_p ẏ). Each block keeps, beside s_b and t_b,
+    a_b = Σ e·ẏ and c_b = Σ e·y·ẏ in its own frame y_b = y − m_b/T; with δ_b as in
+    ``blocked_statistics`` they merge as A = Σ e^δ_b·a_b and C = Σ e^δ_b·(c_b + δ_b·a_b)
+    (y = y_b + δ_b in the common frame); E_p ẏ = A/s, E_p[y·ẏ] = C/s, E_p y = t/s.
+    """
+    n, vocab = states.shape[0], head.vocab_size
+    width = block_width(n, vocab, states.element_size(), states.is_cuda)
+    fp64 = torch.float64
+    flat_z = torch.empty(n * min(width, vocab), dtype=states.dtype, device=states.device)
+    flat_zd = torch.empty_like(flat_z)
+    flat_y = flat_z if states.dtype == fp64 else torch.empty_like(flat_z, dtype=fp64)
+    flat_yd = flat_zd if states.dtype == fp64 else torch.empty_like(flat_z, dtype=fp64)
+    flat_e = torch.empty_like(flat_y)
+    shifts, sums, dots, slopes, cross = [], [], [], [], []
+    target_y = torch.zeros(n, dtype=fp64, device=states.device)  # in its block's frame
+    target_yd = torch.zeros(n, dtype=fp64, device=states.device)
+    for start in range(0, vocab, width):
+        w = min(width, vocab - start)
+        z = head.block(states, start, start + w, out=flat_z[: n * w].view(n, w))
+        zd = head.block_tangent(states, tangents, z, start, start + w, flat_zd[: n * w].view(n, w))
+        shift = z.amax(-1, keepdim=True).to(fp64)
+        y = flat_y[: n * w].view(n, w).copy_(z).sub_(shift)
+        yd = flat_yd[: n * w].view(n, w).copy_(zd)
+        if temperature != 1.0:
+            y.div_(temperature)
+            yd.div_(temperature)
+        e = torch.exp(y, out=flat_e[: n * w].view(n, w))
+        shifts.append(shift.squeeze(-1) / temperature)
+        sums.append(e.sum(-1))
+        slopes.append(torch.bmm(e[:, None, :], yd[:, :, None]).view(-1))  # Σ e·ẏ
+        if with_entropy:
+            ey = e.mul_(y)
+            dots.append(ey.sum(-1))
+            cross.append(torch.bmm(ey[:, None, :], yd[:, :, None]).view(-1))  # Σ e·y·ẏ
+        local = (targets - start).clamp(0, w - 1)[:, None]
+        here = (targets >= start) & (targets < start + w)
+        target_y = torch.where(here, y.gather(-1, local).squeeze(-1), target_y)
+        target_yd = torch.where(here, yd.gather(-1, local).squeeze(-1), target_yd)
+    shift = torch.stack(shifts, -1)
+    delta = shift - shift.amax(-1, keepdim=True)  # δ_b ≤ 0
+    s, means = merge_blocks(delta, sums, slopes, dots, cross)
+    log_s = s.log()
+    logp = target_y + delta.gather(-1, (targets // width)[:, None]).squeeze(-1) - log_s
+    logp_dot = target_yd - means.yd
+    if not with_entropy:
+        return FirstOrder(logp, logp_dot, None, None)
+    return FirstOrder(logp, logp_dot, log_s - means.y, -(means.y_yd - means.y * means.yd))
+
+
+@dataclass(frozen=True)
+class BlockMeans:
+    """E_p ẏ, E_p y and E_p[y·ẏ] per token, y in the common frame (None without entropy)."""
+
+    yd: torch.Tensor
+    y: torch.Tensor | None
+    y_yd: torch.Tensor | None
+
+
+def merge_blocks(delta, sums, slopes, dots, cross) -> tuple[torch.Tensor, BlockMeans]:
+    """s = Σ e^δ_b·s_b and the means, from each block's s_b, a_b, t_b, c_b in its own frame
+    (y = y_b + δ_b): Σ e·y = Σ e^δ_b·(t_b + δ_b·s_b), Σ e·y·ẏ = Σ e^δ_b·(c_b + δ_b·a_b)."""
+    scale, block_sums, block_slopes = delta.exp(), torch.stack(sums, -1), torch.stack(slopes, -1)
+    s = (scale * block_sums).sum(-1)
+    mean_yd = (scale * block_slopes).sum(-1) / s
+    if not dots:
+        return s, BlockMeans(mean_yd, None, None)
+    mean_y = (scale * (torch.stack(dots, -1) + delta * block_sums)).sum(-1) / s
+    mean_y_yd = (scale * (torch.stack(cross, -1) + delta * block_slopes)).sum(-1) / s
+    return s, BlockMeans(mean_yd, mean_y, mean_y_yd)
+
+
 def token_statistics(
     decoder: nn.Module,
     head: Callable[..., torch.Tensor],
@@ -281,11 +455,18 @@ def token_statistics(
     if isinstance(head, ModelLogits):
         hidden, size = states.shape[-1], states.element_size()
         step = chunk_tokens_for(head.vocab_size, hidden, size, chunk_tokens)
+    tangents = None if plain else first_order_tangents(head, states)
+    if tangents is not None:  # blocked_first_order works on the primals
+        states = fwAD.unpack_dual(states).primal
     logps, entropies = [], []
     for start in range(0, states.shape[0], step):
         chunk, tgt = states[start : start + step], targets[start : start + step]
         if plain:
             logp, entropy = blocked_statistics(head, chunk, tgt, temperature, with_entropy)
+        elif tangents is not None:
+            logp, entropy = _dual_statistics(
+                head, chunk, tangents.rows(start, start + step), tgt, temperature, with_entropy
+            )
         else:
             logp, entropy = logit_statistics(head(chunk), tgt, temperature, with_entropy)
         logps.append(logp)
@@ -296,6 +477,16 @@ def token_statistics(
     logp = torch.cat(logps)
     entropy = torch.cat(entropies) if with_entropy else None
     return logp, entropy, rows
+
+
+def _dual_statistics(head, states, tangents, targets, temperature, with_entropy):
+    """``blocked_first_order``'s values as forward-mode dual tensors (the current level's),
+    so the sums after it carry the derivative as forward-mode AD would have."""
+    out = blocked_first_order(head, states, tangents, targets, temperature, with_entropy)
+    logp = fwAD.make_dual(out.logp, out.logp_dot)
+    if not with_entropy:
+        return logp, None
+    return logp, fwAD.make_dual(out.entropy, out.entropy_dot)
 
 
 def sequence_sums(

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from entropy_lab.entropy import BLOCK_BYTES, chunk_tokens_for, decoder_and_head
+from entropy_lab.entropy import block_width, chunk_tokens_for, decoder_and_head
 from entropy_lab.errors import EntropyLabError
 from entropy_lab.phases import PHASE_MARK, Phase
 from entropy_lab.rollout import prompt_token_ids
@@ -337,13 +337,12 @@ def _rollout(m: ModelShape, w: Workload) -> list[MemoryTerm]:
 
 def _score(m: ModelShape, w: Workload, phase: str) -> list[MemoryTerm]:
     """One evaluation of E without autograd, per row chunk: the trunk (and its KV cache), or
-    the head's vocabulary blocks (CPU: 8 MiB blocks; CUDA: the whole vocabulary a chunk)."""
+    the head's vocabulary blocks (CPU: ``entropy.block_width``; CUDA: the whole vocabulary a chunk)."""
     rows = min(w.score_rows, w.eval_rows)
     tokens = rows * w.width
     trunk = (_no_grad_token(m, w.width) + _kv_token(m)) * tokens
     n = _chunk(m, w)
-    block = m.vocab if w.cuda else max(256, BLOCK_BYTES // (FP64 * n))
-    block = min(block, m.vocab)
+    block = min(block_width(n, m.vocab, m.runtime_bytes, w.cuda), m.vocab)
     per_entry = m.runtime_bytes + (2 * FP64 if m.runtime_bytes != FP64 else FP64)
     head = n * block * per_entry
     if trunk >= head:
@@ -383,15 +382,24 @@ def _gradient(m: ModelShape, w: Workload) -> list[MemoryTerm]:
 
 
 def _jvp(m: ModelShape, w: Workload) -> list[MemoryTerm]:
-    """∇H·v by forward mode, per row chunk: the trunk's dual tensors, or one logits chunk's
-    (z, ż in the runtime dtype; y, ẏ, e, ė in fp64), doubled per nesting level."""
+    """∇H·v by forward mode, per row chunk: the trunk's dual tensors, or the head's. Order 1
+    (``entropy.blocked_first_order``): one vocabulary block's z, ż (runtime dtype) and y, ẏ,
+    e (fp64; z, ż are y, ẏ in fp64), blocks as ``_score``'s. Nested orders: one logits
+    chunk's dual tensors (z, ż; y, ẏ, e, ė in fp64), doubled per nesting level."""
     rows = min(w.score_rows, w.eval_rows)
     trunk = _jvp_token(m, w.width, w.jet) * rows * w.width
-    head = 2 ** (w.jet - 1) * (2 * m.runtime_bytes + 4 * FP64) * _chunk(m, w) * m.vocab
+    n = _chunk(m, w)
+    if w.jet == 1:
+        block = min(block_width(n, m.vocab, m.runtime_bytes, w.cuda), m.vocab)
+        per_entry = 3 * FP64 + (2 * m.runtime_bytes if m.runtime_bytes != FP64 else 0)
+        head, name = n * block * per_entry, "logits block and tangent (closed form)"
+    else:
+        head = 2 ** (w.jet - 1) * (2 * m.runtime_bytes + 4 * FP64) * n * m.vocab
+        name = "logits chunk dual tensors"
     phase = f"jvp to order {w.jet}"
     if trunk >= head:
         return [MemoryTerm("E's trunk dual tensors", trunk, phase)]
-    return [MemoryTerm("logits chunk dual tensors", head, phase)]
+    return [MemoryTerm(name, head, phase)]
 
 
 def _identity(m: ModelShape, w: Workload) -> list[MemoryTerm]:

@@ -2,7 +2,9 @@
 
 For one AdamW step θ₁ = θ₀ + η·v, so H(η) := H(θ₀ + η·v) and
 - first order:  dH/dη at 0 = ∇H·v, by forward-mode AD (``torch.autograd.forward_ad``)
-  through ``functional_call``;
+  through ``functional_call`` for the trunk; the head and the entropy's derivative then in
+  closed form from z and ż per vocabulary block (``entropy.blocked_first_order``), which
+  agrees with forward-mode AD through the entropy's ops to 1e-12 relative in fp64;
 - independent identity (Cui et al. 2025, Lemma 1): for fixed prefixes
   dH_t/dη = −Cov_{a∼π_t}(log π_t(a), ż_t(a)), ż the jvp of the tempered logits along v;
 - second and third order (``--jet 2|3``, cross-checks: by default the analysis reads them

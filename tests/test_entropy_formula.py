@@ -171,3 +171,105 @@ def test_logit_covariance_matches_its_definition(dtype):
     got = _logit_covariance(z, z_dot)
     assert got.dtype == torch.float64
     torch.testing.assert_close(got, expected, rtol=RTOL * 100, atol=0)
+
+
+def _first_order_case(dtype, scale, bias, softcap, moving_head):
+    """A head and states with tangents; ``moving_head``: the projection moves along v too."""
+    head, states, targets = _case(dtype, scale, bias, softcap)
+    gen = torch.Generator().manual_seed(3)
+
+    def like(t):
+        return torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.dtype)
+
+    proj = head.projection
+    tangents = entropy.PlainTangents(
+        like(states),
+        like(proj.weight) if moving_head else None,
+        like(proj.bias) if moving_head and bias else None,
+    )
+    return head, states, tangents, targets
+
+
+def _forward_ad_first_order(head, states, tangents, targets, temperature):
+    """The forward-mode AD path through ``logit_statistics``: (logp, ḋlogp, H, Ḣ)."""
+    import torch.autograd.forward_ad as fwAD
+
+    proj = head.projection
+    saved = proj.weight, proj.bias
+    with torch.no_grad(), fwAD.dual_level():
+        dual = {"weight": proj.weight, "bias": proj.bias}
+        for name, dot in (("weight", tangents.weight), ("bias", tangents.bias)):
+            if dot is not None:
+                dual[name] = fwAD.make_dual(dual[name].detach(), dot)
+        del proj.weight, proj.bias  # plain attributes for the duals
+        proj.weight, proj.bias = dual["weight"], dual["bias"]
+        try:
+            z = head(fwAD.make_dual(states, tangents.states))
+            logp, h = (fwAD.unpack_dual(t) for t in logit_statistics(z, targets, temperature))
+        finally:
+            del proj.weight, proj.bias
+            proj.weight, proj.bias = (nn.Parameter(t) if t is not None else None for t in saved)
+    return logp.primal, logp.tangent, h.primal, h.tangent
+
+
+@pytest.mark.parametrize("moving_head", [False, True])
+@pytest.mark.parametrize("dtype,scale,bias,softcap,temperature", CASES)
+def test_closed_form_first_order_matches_forward_mode_ad(
+    monkeypatch, dtype, scale, bias, softcap, temperature, moving_head
+):
+    """``blocked_first_order`` (d log π = ẏ_a − E ẏ, dH = −Cov(y, ẏ), merged over blocks)
+    against forward-mode AD through ``logit_statistics``, within 1e-12 relative per token."""
+    head, states, tangents, targets = _first_order_case(dtype, scale, bias, softcap, moving_head)
+    want = _forward_ad_first_order(head, states, tangents, targets, temperature)
+    monkeypatch.setattr(entropy, "BLOCK_BYTES", 8 * len(targets) * 96)  # many blocks
+    with torch.no_grad():
+        got = entropy.blocked_first_order(head, states, tangents, targets, temperature)
+    names = ("logp", "logp_dot", "entropy", "entropy_dot")
+    scales = [float(w.abs().max()) for w in want]  # tiny H / Ḣ: relative to the row's scale
+    for name, w, s in zip(names, want, scales):
+        g = getattr(got, name)
+        assert bool(((g - w).abs() <= RTOL * (w.abs() + 1e-3 * s) + 1e-300).all()), name
+
+
+def test_planted_missing_frame_shift_fails_the_closed_form_check(monkeypatch):
+    """What the check must catch: Σ e·y·ẏ merged across blocks without the frame term δ_b·a_b
+    (each block's y_b = y − δ_b)."""
+    head, states, tangents, targets = _first_order_case(torch.float64, 3.0, False, None, False)
+    want = _forward_ad_first_order(head, states, tangents, targets, 1.0)
+    monkeypatch.setattr(entropy, "BLOCK_BYTES", 8 * len(targets) * 96)
+    real_merge = entropy.merge_blocks
+
+    def without_frame_term(delta, sums, slopes, dots, cross):
+        s, means = real_merge(delta, sums, slopes, dots, cross)
+        scale = delta.exp()
+        y_yd = (scale * torch.stack(cross, -1)).sum(-1) / s
+        return s, entropy.BlockMeans(means.yd, means.y, y_yd)
+
+    with torch.no_grad():
+        good = entropy.blocked_first_order(head, states, tangents, targets, 1.0)
+        monkeypatch.setattr(entropy, "merge_blocks", without_frame_term)
+        bad = entropy.blocked_first_order(head, states, tangents, targets, 1.0)
+    assert close(good.entropy_dot, want[3])
+    assert not close(bad.entropy_dot, want[3])
+
+
+def test_the_closed_form_serves_only_an_unnested_forward_mode_pass():
+    """``first_order_tangents``: under torch.autograd.forward_ad with no reverse graph; not
+    without a tangent, under grad mode with a weight that requires grad, nor inside
+    torch.func (nested jets keep forward-mode AD)."""
+    import torch.autograd.forward_ad as fwAD
+
+    head, states, _ = _case(torch.float64, 1.0)
+    dot = torch.randn_like(states)
+    with torch.no_grad(), fwAD.dual_level():
+        dual = fwAD.make_dual(states, dot)
+        tangents = entropy.first_order_tangents(head, dual)
+        assert tangents is not None and torch.equal(tangents.states, dot)
+        assert tangents.weight is None and tangents.bias is None
+        assert entropy.first_order_tangents(head, states) is None  # no tangent
+    with fwAD.dual_level():  # grad mode on, the weight requires grad: a reverse graph
+        assert entropy.first_order_tangents(head, fwAD.make_dual(states, dot)) is None
+    seen = []
+    with torch.no_grad():
+        jvp(lambda s: seen.append(entropy.first_order_tangents(head, s)) or s, (states,), (dot,))
+    assert seen == [None]

@@ -81,7 +81,7 @@ def test_forecast_within_20_percent_at_the_real_vocabulary(proxy_fp32):
         "E's logits chunk (reverse mode)",
         "micro-batch logits chunk (reverse mode)",
         "covariance over a logits chunk",
-        "logits chunk dual tensors",
+        "logits block and tangent (closed form)",
         "prefill logits and sampler",
     ],
 )
