@@ -223,6 +223,14 @@ def block_width(tokens: int, vocab: int, element_size: int, cuda: bool) -> int:
     return max(256, budget // (8 * max(tokens, 1)))
 
 
+def chunk_step(head: Callable[..., torch.Tensor], states: torch.Tensor, cap: int) -> int:
+    """Tokens per logits chunk for ``head`` on these hidden ``states``: ``chunk_tokens_for``
+    the model's own head, ``cap`` for any other callable."""
+    if not isinstance(head, ModelLogits):
+        return cap
+    return chunk_tokens_for(head.vocab_size, states.shape[-1], states.element_size(), cap)
+
+
 def chunk_tokens_for(vocab: int, hidden: int, weight_bytes: int, cap: int) -> int:
     """Response tokens per logits chunk, never more than ``cap``: any number whose fp64
     logits fit BLOCK_BYTES (a small vocabulary: per-chunk overhead is then what costs);
@@ -450,11 +458,8 @@ def token_statistics(
     rows = torch.nonzero(target_mask, as_tuple=True)[0]
     states = hidden[:, :-1][target_mask]
     targets = batch.input_ids[:, 1:][target_mask]
-    step = chunk_tokens
+    step = chunk_step(head, states, chunk_tokens)
     plain = isinstance(head, ModelLogits) and head.writes_into(states)
-    if isinstance(head, ModelLogits):
-        hidden, size = states.shape[-1], states.element_size()
-        step = chunk_tokens_for(head.vocab_size, hidden, size, chunk_tokens)
     tangents = None if plain else first_order_tangents(head, states)
     if tangents is not None:  # blocked_first_order works on the primals
         states = fwAD.unpack_dual(states).primal
@@ -563,10 +568,7 @@ class ResponseStates:
         self.states = hidden[:, :-1][target_mask]
         self.targets = batch.input_ids[:, 1:][target_mask]
         self.head, self.temperature = head, temperature
-        self.step = chunk_tokens  # as token_statistics chunks
-        if isinstance(head, ModelLogits):
-            width, size = self.states.shape[-1], self.states.element_size()
-            self.step = chunk_tokens_for(head.vocab_size, width, size, chunk_tokens)
+        self.step = chunk_step(head, self.states, chunk_tokens)  # as token_statistics chunks
 
     def spans(self) -> list[slice]:
         n = self.states.shape[0]
