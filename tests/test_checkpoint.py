@@ -102,6 +102,7 @@ def tiny_expected(tiny_checkpoint):
 SHORT_RECIPE = {"sft_steps": 20, "rl_steps": 2}
 
 
+@pytest.mark.slow
 def test_tiny_build_is_deterministic(tmp_path):
     """Two independent builds are byte-identical (the digest hashes every file: one byte
     changed anywhere changes it)."""
