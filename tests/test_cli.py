@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import runpy
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,21 +16,34 @@ import yaml
 from entropy_lab import cli, protocol
 from entropy_lab.errors import EntropyLabError
 
-pytestmark = pytest.mark.cpu
+pytestmark = [pytest.mark.cpu, pytest.mark.xdist_group("cli")]  # quick_run built once
 
 SMALL = ["--eval-size", "32", "--buffer-size", "8", "--num-repeats", "2", "--no-progress"]
 ROOT = Path(__file__).resolve().parents[1]
 
 
+SCRIPT = ROOT / "scripts" / "quick_entropy_lr_test.py"
+
+
 @pytest.fixture(scope="module")
-def quick_run(tiny_checkpoint, tmp_path_factory):
+def script_run(tiny_checkpoint, tmp_path_factory) -> tuple[Path, str]:
+    """The original quick script run as ``__main__`` (its legacy space-separated η), in this
+    process: the quick run the artefact tests read. Returns its results folder and stdout."""
     out = tmp_path_factory.mktemp("quick")
-    code = cli.main(
-        ["quick", "--output-dir", str(out), "--learning-rates", "1e-7,1e-6,1e-5", *SMALL]
-    )
-    assert code == 0
+    argv = [str(SCRIPT), "--learning-rates", "1e-7", "1e-6", "1e-5", "--output-dir", str(out)]
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
+        mp.setattr(sys, "argv", [*argv, "--threads", "1", *SMALL])
+        with pytest.raises(SystemExit) as done:
+            runpy.run_path(str(SCRIPT), run_name="__main__")
+    assert done.value.code == 0
     (folder,) = out.glob("entropy_lr_experiment_*")
-    return folder
+    return folder, printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def quick_run(script_run) -> Path:
+    return script_run[0]
 
 
 def test_results_folder_has_every_artefact(quick_run):
@@ -161,29 +176,10 @@ def test_legacy_flags_are_translated(monkeypatch):
     ]
 
 
-@pytest.mark.slow
-def test_original_quick_script_runs(tiny_checkpoint, tmp_path):
-    script = ROOT / "scripts" / "quick_entropy_lr_test.py"
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(script),
-            "--learning-rates",
-            "1e-7",
-            "1e-6",
-            "--output-dir",
-            str(tmp_path),
-            "--threads",
-            "1",
-            *SMALL,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "LINEARITY ANALYSIS" in done.stdout
-    assert len(list(tmp_path.glob("entropy_lr_experiment_*/lr_*_run_*/result.json"))) == 4
+def test_original_quick_script_runs(script_run):
+    folder, stdout = script_run
+    assert "LINEARITY ANALYSIS" in stdout
+    assert len(list(folder.glob("lr_*_run_*/result.json"))) == 6  # 3 η × 2 repeats
 
 
 def test_make_tiny_seed_zero_is_seed_zero(monkeypatch, tmp_path, capsys):

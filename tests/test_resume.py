@@ -183,9 +183,12 @@ def _one_ulp_smaller(records: list[dict]) -> None:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_checkpoint, tmp_path_factory) -> Path:
+    """The reference run, in this process: the interrupted runs are the subprocesses (real
+    signals); this one would only add its imports and checkpoint load (~12 s of CPU)."""
+    from entropy_lab.cli import main
+
     out = tmp_path_factory.mktemp("uninterrupted")
-    rc, _, err = _finish(_start(out))
-    assert rc == 0, err
+    assert main([*QUICK, "--output-dir", str(out)]) == 0
     (folder,) = out.iterdir()
     return folder
 
@@ -213,6 +216,7 @@ def test_ctrl_c_before_the_first_point_exits_130_with_a_resume_hint(
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("resume")  # `uninterrupted` built once
 def test_interrupted_sweeps_resume_to_the_uninterrupted_result(uninterrupted, tmp_path):
     """Ctrl-C after the first point, resume, SIGKILL that run mid-way, resume to the end:
     the same records and the same analysis.json as one uninterrupted run."""
@@ -260,6 +264,7 @@ def test_interrupted_sweeps_resume_to_the_uninterrupted_result(uninterrupted, tm
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("resume")
 def test_resume_refuses_a_different_evaluation_batch(uninterrupted, tmp_path, capsys):
     """Planted: E stored in the folder no longer matches the one the seed samples."""
     import shutil

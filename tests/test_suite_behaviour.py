@@ -40,72 +40,44 @@ def test_suite_fails_far_outside_the_window(pytester, tiny_checkpoint):
     )
 
 
-def test_each_eta_measured_once_under_xdist(pytester, tiny_checkpoint):
+JUNIT_PROPERTIES = (
+    "learning_rate",
+    "mean_entropy_change",
+    "stderr_entropy_change",
+    "n_samples",
+    "slope",
+    "r_squared",
+    "lack_of_fit_p",
+    "verdict",
+    "r_squared_per_repeat_min",
+    "mixed_slope",
+    "status",
+)
+
+
+def test_gpu_suite_runs_on_cpu_each_eta_measured_once_under_xdist(pytester, tiny_checkpoint):
+    """With --device cpu the gpu bodies run, here under two xdist workers (one child pytest
+    shows both): each η is measured once across the workers, the JUnit XML carries the
+    analysis, and pytest writes the analysis `entropy-lab sweep` writes for the same
+    checkpoint and settings."""
     xml = pytester.path / "junit.xml"
-    result = _run(
-        pytester,
-        "-m",
-        "cpu",
-        "-n",
-        "2",
-        "-k",
-        "not Spread",  # one store is enough to show the sharing
-        "--learning-rates",
-        "1e-7,1e-6,1e-5",
-        "--num-repeats",
-        "2",
-        "--eval-size",
-        "32",
-        f"--basetemp={pytester.path / 'bt'}",
-        f"--junitxml={xml}",
-    )
-    result.assert_outcomes(passed=7)  # 3 η + 4 aggregate tests
-    logs = list((pytester.path / "bt").glob("entropy_store/*/measure_log.jsonl"))
-    assert len(logs) == 1
-    etas = [json.loads(line)["eta"] for line in logs[0].read_text().splitlines()]
-    assert sorted(etas) == [1e-7, 1e-6, 1e-5]  # each η exactly once across both workers
-    text = xml.read_text()
-    for name in (
-        "learning_rate",
-        "mean_entropy_change",
-        "stderr_entropy_change",
-        "n_samples",
-        "slope",
-        "r_squared",
-        "lack_of_fit_p",
-        "verdict",
-        "r_squared_per_repeat_min",
-        "mixed_slope",
-        "status",
-    ):
-        assert f'name="{name}"' in text, name
-
-
-def test_gpu_suite_skips_with_reason_and_runs_on_cpu(pytester, tiny_checkpoint):
-    """Skips with a reason a person can act on; with --device cpu the gpu bodies run, and
-    pytest writes the analysis `entropy-lab sweep` writes for the same checkpoint and settings."""
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA: the skip path cannot be shown here")
-    skipped = _run(pytester, "-m", "gpu", "-rs", f"--checkpoint={tiny_checkpoint}")
-    skipped.assert_outcomes(skipped=9)  # 5 η + 4 aggregate tests
-    skipped.stdout.fnmatch_lines(["*gpu suite needs CUDA; add --device cpu*"])
-    no_ckpt = _run(pytester, "-m", "gpu", "-rs")
-    no_ckpt.stdout.fnmatch_lines(["*gpu suite needs --checkpoint DIR*"])
     common = ["--dtype", "fp64", "--learning-rates", "1e-7,1e-6,1e-5", "--num-repeats", "2"]
     common += ["--eval-size", "32"]
     ran = _run(
         pytester,
-        "-m",
-        "gpu",
-        "--device",
-        "cpu",
-        f"--checkpoint={tiny_checkpoint}",
+        *("-m", "gpu", "--device", "cpu", f"--checkpoint={tiny_checkpoint}", "-n", "2"),
         f"--basetemp={pytester.path / 'bt'}",
+        f"--junitxml={xml}",
         *common,
     )
-    ran.assert_outcomes(passed=7)
+    ran.assert_outcomes(passed=7)  # 3 η + 4 aggregate tests
+    logs = list((pytester.path / "bt").glob("entropy_store/*/measure_log.jsonl"))
+    assert len(logs) == 1
+    logged = [json.loads(line) for line in logs[0].read_text().splitlines()]
+    assert sorted(e["eta"] for e in logged) == [1e-7, 1e-6, 1e-5]  # each η once across both
+    text = xml.read_text()
+    for name in JUNIT_PROPERTIES:
+        assert f'name="{name}"' in text, name
     # `entropy-lab sweep --checkpoint X` with the same settings writes the same analysis
     from entropy_lab.cli import main
 
@@ -122,13 +94,25 @@ def test_gpu_suite_skips_with_reason_and_runs_on_cpu(pytester, tiny_checkpoint):
     assert from_pytest["summary"] == from_cli["summary"]
 
 
-def test_checkpoint_with_a_space_is_refused_with_the_fix(pytester, tiny_checkpoint):
-    """`--checkpoint DIR` would make pytest take DIR for a test path and drop pytest.ini."""
+def test_gpu_suite_skips_with_reason_and_a_spaced_checkpoint_is_refused(pytester, tiny_checkpoint):
+    """Skips with a reason a person can act on. `--checkpoint DIR` would make pytest take DIR
+    for a test path and drop pytest.ini: refused with the fix; `--checkpoint=DIR` is the run
+    that skips."""
+    import torch
+
     spaced = _run(pytester, "-m", "gpu", "--checkpoint", str(tiny_checkpoint), "--co")
     assert spaced.ret == pytest.ExitCode.USAGE_ERROR
     spaced.stderr.fnmatch_lines([f"*write --checkpoint={tiny_checkpoint} (with '=')*"])
-    joined = _run(pytester, "-m", "gpu", f"--checkpoint={tiny_checkpoint}", "--co")
+    no_ckpt = _run(pytester, "-m", "gpu", "-rs")
+    no_ckpt.stdout.fnmatch_lines(["*gpu suite needs --checkpoint DIR*"])
+    if torch.cuda.is_available():  # the suite would run for real: collecting it is enough
+        joined = _run(pytester, "-m", "gpu", f"--checkpoint={tiny_checkpoint}", "--co")
+        assert joined.ret == pytest.ExitCode.OK
+        pytest.skip("this machine has CUDA: the skip path cannot be shown here")
+    joined = _run(pytester, "-m", "gpu", "-rs", f"--checkpoint={tiny_checkpoint}")
     assert joined.ret == pytest.ExitCode.OK
+    joined.assert_outcomes(skipped=9)  # 5 η + 4 aggregate tests
+    joined.stdout.fnmatch_lines(["*gpu suite needs CUDA; add --device cpu*"])
 
 
 def test_another_projects_eta_is_left_alone(pytester):
