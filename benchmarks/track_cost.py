@@ -56,20 +56,13 @@ def trl_run(root: Path, steps: int) -> tuple[Path, list[str]]:
     root.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from entropy_lab.tiny import ensure_tiny_checkpoint
-    from tests.trl_runs import train_trl
+    from tests.trl_runs import TRACKED_RUN, train_trl
 
     train_trl(
         ensure_tiny_checkpoint(),
         root,
         max_steps=steps,
-        save_steps=1,
-        lr_scheduler_type="linear",
-        max_completion_length=4,
-        num_generations=4,
-        temperature=0.9,
-        loss_type="dr_grpo",
-        scale_rewards="group",
-        beta=0.0,
+        **TRACKED_RUN,
     )
     return root / "run", [
         "--prompts",

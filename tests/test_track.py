@@ -15,7 +15,7 @@ import torch
 from entropy_lab import protocol, track
 from entropy_lab.cli import main
 from entropy_lab.errors import CheckpointError, EntropyLabError
-from tests.trl_runs import train_trl
+from tests.trl_runs import TRACKED_RUN, train_trl
 
 pytestmark = [pytest.mark.cpu, pytest.mark.xdist_group("track")]  # its run built once
 
@@ -29,14 +29,7 @@ def trl_run(tiny_checkpoint, tmp_path_factory):
         tiny_checkpoint,
         tmp_path_factory.mktemp("trl_track"),
         max_steps=STEPS,
-        save_steps=1,
-        lr_scheduler_type="linear",
-        max_completion_length=4,
-        num_generations=4,
-        temperature=0.9,
-        loss_type="dr_grpo",
-        scale_rewards="group",
-        beta=0.0,
+        **TRACKED_RUN,
     )
 
 

@@ -17,6 +17,20 @@ def exact(completions, answer, **kwargs):
 '''
 
 
+# The tracked run (tests/test_track.py, benchmarks/track_cost.py): a checkpoint every step and
+# a linear-decay schedule, so every step has its own lr.
+TRACKED_RUN = {
+    "save_steps": 1,
+    "lr_scheduler_type": "linear",
+    "max_completion_length": 4,
+    "num_generations": 4,
+    "temperature": 0.9,
+    "loss_type": "dr_grpo",
+    "scale_rewards": "group",
+    "beta": 0.0,
+}
+
+
 def train_trl(tiny_checkpoint: Path, root: Path, **config: Any) -> Path:
     """``root`` gets prompts.jsonl, rewards.py (``exact``) and run/checkpoint-N from a
     GRPOTrainer given a peft_config; ``config`` are GRPOConfig fields (steps, schedule,
