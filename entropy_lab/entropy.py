@@ -307,14 +307,12 @@ def blocked_statistics(
         target_y = torch.where(here, y.gather(-1, local).squeeze(-1), target_y)
     shift = torch.stack(shifts, -1)
     delta = shift - shift.amax(-1, keepdim=True)  # δ_b ≤ 0
-    scale, block_sums = delta.exp(), torch.stack(sums, -1)
-    s = (scale * block_sums).sum(-1)
+    s, means = merge_blocks(delta, sums, [], dots, [])
     log_s = s.log()
     logp = target_y + delta.gather(-1, (targets // width)[:, None]).squeeze(-1) - log_s
     if not with_entropy:
         return logp, None
-    t = (scale * (torch.stack(dots, -1) + delta * block_sums)).sum(-1)
-    return logp, log_s - t / s
+    return logp, log_s - means.y
 
 
 def first_order_tangents(head, states: torch.Tensor) -> PlainTangents | None:
@@ -414,24 +412,39 @@ def blocked_first_order(
 
 @dataclass(frozen=True)
 class BlockMeans:
-    """E_p ẏ, E_p y and E_p[y·ẏ] per token, y in the common frame (None without entropy)."""
+    """E_p ẏ, E_p y and E_p[y·ẏ] per token, y in the common frame (None: not summed)."""
 
-    yd: torch.Tensor
+    yd: torch.Tensor | None
     y: torch.Tensor | None
     y_yd: torch.Tensor | None
 
 
 def merge_blocks(delta, sums, slopes, dots, cross) -> tuple[torch.Tensor, BlockMeans]:
-    """s = Σ e^δ_b·s_b and the means, from each block's s_b, a_b, t_b, c_b in its own frame
-    (y = y_b + δ_b): Σ e·y = Σ e^δ_b·(t_b + δ_b·s_b), Σ e·y·ẏ = Σ e^δ_b·(c_b + δ_b·a_b)."""
-    scale, block_sums, block_slopes = delta.exp(), torch.stack(sums, -1), torch.stack(slopes, -1)
+    """s = Σ e^δ_b·s_b and the means whose per-block sums were kept (an empty list: not), from
+    each block's s_b, a_b, t_b, c_b in its own frame (y = y_b + δ_b):
+    Σ e·ẏ = Σ e^δ_b·a_b, Σ e·y = Σ e^δ_b·(t_b + δ_b·s_b), Σ e·y·ẏ = Σ e^δ_b·(c_b + δ_b·a_b)."""
+    scale, block_sums = delta.exp(), torch.stack(sums, -1)
     s = (scale * block_sums).sum(-1)
-    mean_yd = (scale * block_slopes).sum(-1) / s
-    if not dots:
-        return s, BlockMeans(mean_yd, None, None)
-    mean_y = (scale * (torch.stack(dots, -1) + delta * block_sums)).sum(-1) / s
-    mean_y_yd = (scale * (torch.stack(cross, -1) + delta * block_slopes)).sum(-1) / s
+    block_slopes = torch.stack(slopes, -1) if slopes else None
+    mean_yd = (scale * block_slopes).sum(-1) / s if slopes else None
+    mean_y = (scale * (torch.stack(dots, -1) + delta * block_sums)).sum(-1) / s if dots else None
+    mean_y_yd = (
+        (scale * (torch.stack(cross, -1) + delta * block_slopes)).sum(-1) / s if cross else None
+    )
     return s, BlockMeans(mean_yd, mean_y, mean_y_yd)
+
+
+def response_positions(
+    decoder: nn.Module, batch: SequenceBatch
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The trunk's hidden states at the positions that predict a response token (token t is
+    predicted by the logits at t − 1), each one's row and its target token, row-major."""
+    hidden = decoder(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask
+    ).last_hidden_state
+    target_mask = batch.response_mask[:, 1:].bool()
+    rows = torch.nonzero(target_mask, as_tuple=True)[0]
+    return rows, hidden[:, :-1][target_mask], batch.input_ids[:, 1:][target_mask]
 
 
 def token_statistics(
@@ -450,14 +463,7 @@ def token_statistics(
     Differentiable (reverse and forward mode) with respect to the model parameters. At most
     ``chunk_tokens`` tokens' logits at a time, fewer at a large vocabulary (``chunk_tokens_for``).
     """
-    hidden = decoder(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask
-    ).last_hidden_state
-    # Token t is predicted by the logits at t − 1.
-    target_mask = batch.response_mask[:, 1:].bool()
-    rows = torch.nonzero(target_mask, as_tuple=True)[0]
-    states = hidden[:, :-1][target_mask]
-    targets = batch.input_ids[:, 1:][target_mask]
+    rows, states, targets = response_positions(decoder, batch)
     step = chunk_step(head, states, chunk_tokens)
     plain = isinstance(head, ModelLogits) and head.writes_into(states)
     tangents = None if plain else first_order_tangents(head, states)
@@ -560,13 +566,7 @@ class ResponseStates:
         temperature: float,
         chunk_tokens: int,
     ) -> None:
-        hidden = decoder(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask
-        ).last_hidden_state
-        target_mask = batch.response_mask[:, 1:].bool()  # token t is predicted at t − 1
-        self.rows = torch.nonzero(target_mask, as_tuple=True)[0]
-        self.states = hidden[:, :-1][target_mask]
-        self.targets = batch.input_ids[:, 1:][target_mask]
+        self.rows, self.states, self.targets = response_positions(decoder, batch)
         self.head, self.temperature = head, temperature
         self.step = chunk_step(head, self.states, chunk_tokens)  # as token_statistics chunks
 
