@@ -226,13 +226,10 @@ def unchunked_token_statistics(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """token_statistics' formula over every response token's logits at once (tokens × V):
     the planted bad case of the memory check (the plain path never builds even one chunk's)."""
-    from entropy_lab.entropy import logit_statistics
+    from entropy_lab.entropy import logit_statistics, response_positions
 
-    hidden = decoder(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask
-    ).last_hidden_state
-    mask = batch.response_mask[:, 1:].bool()
-    return logit_statistics(head(hidden[:, :-1][mask]), batch.input_ids[:, 1:][mask], temperature)
+    _, states, targets = response_positions(decoder, batch)
+    return logit_statistics(head(states), targets, temperature)
 
 
 # -- peak memory, one fresh process per variant ------------------------------------------
