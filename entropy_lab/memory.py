@@ -397,17 +397,26 @@ def _jvp(m: ModelShape, w: Workload) -> list[MemoryTerm]:
         head = 2 ** (w.jet - 1) * (2 * m.runtime_bytes + 4 * FP64) * n * m.vocab
         name = "logits chunk dual tensors"
     phase = f"jvp to order {w.jet}"
-    along = _parameters_along_v(m, phase, 2 ** (w.jet - 1))
+    along = _tangent_of_v(m, phase, 2 ** (w.jet - 1))
     if trunk >= head:
         return [MemoryTerm("E's trunk dual tensors", trunk, phase), along]
     return [MemoryTerm(name, head, phase), along]
 
 
-def _parameters_along_v(m: ModelShape, phase: str, levels: int = 1) -> MemoryTerm:
-    """The trainable parameters as θ₀ + s·v (theory's ``along``): one new tensor each, per
-    nesting level, alive for the whole pass (measured at V = 151,936, hidden 768: the jvp's
-    peak above the trunk's grew by the trainable bytes, 0.1 → 13.3 MiB over LoRA r 1 → 64)."""
-    return MemoryTerm("parameters along v (θ₀ + s·v)", levels * m.trainable_bytes, phase)
+def _tangent_of_v(m: ModelShape, phase: str, levels: int) -> MemoryTerm:
+    """v (kept in fp64) as the jvp's tangent in the runtime dtype (theory.sums_jet): a copy
+    of the trainable parameters' size unless the run is fp64, where the cast is v itself
+    (measured at V = 151,936, hidden 768, 4 layers: the fp32 jvp's peak above the head's
+    blocks grew by the trainable bytes, the fp64 one by 0.4 MB of 7.0); per nesting level."""
+    cast = 0 if m.runtime_bytes == FP64 else m.trainable_bytes
+    return MemoryTerm("v as the tangent (runtime dtype)", levels * cast, phase)
+
+
+def _parameters_along_v(m: ModelShape, phase: str) -> MemoryTerm:
+    """The trainable parameters as θ₀ + s·v (theory's ``along``, Cui's identity): one new
+    tensor each, alive for the whole pass (measured at V = 151,936, hidden 768: the peak
+    above the trunk's grew by the trainable bytes, 0.1 → 13.3 MiB over LoRA r 1 → 64)."""
+    return MemoryTerm("parameters along v (θ₀ + s·v)", m.trainable_bytes, phase)
 
 
 def _identity(m: ModelShape, w: Workload) -> list[MemoryTerm]:

@@ -19,6 +19,7 @@ from entropy_lab.memory import (
     compared,
     forecast,
     misses,
+    within,
 )
 
 pytestmark = pytest.mark.cpu
@@ -89,6 +90,42 @@ def test_an_underforecast_fails_at_the_real_vocabulary(proxy_fp32, term):
     """Planted: one term of a phase dropped (Cui's chunk is the peak phase's in fp32)."""
     prediction, measured = proxy_fp32
     assert misses(prediction.without(term), measured) != {}
+
+
+def _jvp_phase(dtype: str) -> tuple[int, int, int]:
+    """(forecast, measured, trainable bytes) of the first-order jvp on a proxy whose LoRA
+    (rank 128 on hidden 128) outweighs its head, so v's tangent decides the phase."""
+    import torch
+
+    from entropy_lab.entropy import EntropyScorer
+    from entropy_lab.memory import loaded_adamw, peak_allocated
+    from entropy_lab.phases import phase_mark
+    from entropy_lab.proxy import build_proxy, random_batch
+    from entropy_lab.theory import directional_derivatives
+
+    model = build_proxy(512, 128, 1, dtype, rank=128, max_positions=32, seed=0, faithful=True)
+    shape = ModelShape.of(model, loaded_adamw(model))
+    batch = random_batch(512, 2, 24, 16, "cpu", 0)
+    scorer = EntropyScorer(model, 1.0, 16)
+    theta0 = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    v = {n: torch.randn_like(p, dtype=torch.float64) for n, p in theta0.items()}  # as v is kept
+    with torch.no_grad():
+        reference = scorer(batch).logprob
+    work = Workload(2, 4, 2, prompt_tokens=16, response_tokens=8, eval_chunk_tokens=16)
+    with peak_allocated("cpu") as measured, phase_mark("JET"):
+        directional_derivatives(scorer, batch, reference, theta0, v, second_order=False)
+    predicted, peak = compared(forecast(shape, work), measured)["jvp to order 1"]
+    return predicted, peak, shape.trainable_bytes
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp64"])
+def test_the_jvp_tangent_copy_is_forecast_only_where_v_is_cast(dtype):
+    """v is kept in fp64: fp32 casts it to a tangent of the trainable size, fp64 takes it as
+    it is. Planted: the copy counted in fp64 (the forecast before) or dropped in fp32 misses."""
+    predicted, peak, trainable = _jvp_phase(dtype)
+    assert within(predicted, peak), (predicted, peak)
+    planted = predicted + trainable if dtype == "fp64" else predicted - trainable
+    assert not within(planted, peak), (planted, peak)
 
 
 # -- the check on CUDA, with the free memory injected ---------------------------------------
