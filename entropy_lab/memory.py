@@ -175,6 +175,7 @@ class MemoryForecast:
     terms: tuple[MemoryTerm, ...]
     peak_phase: str
     smallest_peak: int | None = None  # the peak with every batching knob at its smallest
+    fp64: bool = False  # measured in fp64: --dtype fp32 would halve the activations
 
     def phase_total(self, phase: str) -> int:
         return sum(t.bytes for t in self.terms if t.phase == phase)
@@ -202,7 +203,7 @@ class MemoryForecast:
         if name not in {t.name for t in self.terms}:
             raise KeyError(f"no forecast term named {name!r}")
         dropped = _with_peak(tuple(t for t in self.terms if t.name != name))
-        return dataclasses.replace(dropped, smallest_peak=self.smallest_peak)
+        return dataclasses.replace(dropped, smallest_peak=self.smallest_peak, fp64=self.fp64)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -440,7 +441,8 @@ def forecast(model: ModelShape, work: Workload) -> MemoryForecast:
     at the smallest batching the out-of-memory retries reach."""
     prediction = _terms_forecast(model, work)
     smallest = _terms_forecast(model, work.smallest()).peak
-    return dataclasses.replace(prediction, smallest_peak=smallest)
+    fp64 = model.runtime_bytes == FP64
+    return dataclasses.replace(prediction, smallest_peak=smallest, fp64=fp64)
 
 
 def _terms_forecast(model: ModelShape, work: Workload) -> MemoryForecast:
@@ -505,16 +507,17 @@ def check_fits(
     if smallest is not None and (smallest - prediction.loaded) * (1 + CUDA_MARGIN) <= free:
         warnings.warn(
             f"{said}; it runs with smaller batches after out-of-memory retries (slower): "
-            f"{_advice(prediction.peak_phase)}",
+            f"{_advice(prediction)}",
             RuntimeWarning,
             2,
         )
         return
     floor = "" if smallest is None else f" (even at the smallest batching: {_gib(smallest)})"
-    raise MemoryForecastError(f"{said}{floor}: {_advice(prediction.peak_phase)}")
+    raise MemoryForecastError(f"{said}{floor}: {_advice(prediction)}")
 
 
-def _advice(phase: str) -> str:
+def _advice(prediction: MemoryForecast) -> str:
+    phase = prediction.peak_phase
     per_phase = {
         "rollout": "lower max_new_tokens or --eval-size / buffer_size",
         "gradient micro-batch": "lower --microbatch-size (prompts per micro-batch)",
@@ -524,9 +527,10 @@ def _advice(phase: str) -> str:
         "score E": "lower --eval-chunk-tokens",
     }
     hint = per_phase.get(phase, "lower --eval-chunk-tokens" if "jvp" in phase else "")
+    dtype = "--dtype fp32 instead of fp64, " if prediction.fp64 else ""
     return (
-        f"{hint + '; ' if hint else ''}or use --dtype fp32 instead of fp64, or a GPU with more "
-        "free memory (see the MEMORY FORECAST table)"
+        f"{hint + '; ' if hint else ''}or use {dtype}or a GPU with more free memory "
+        "(see the MEMORY FORECAST table)"
     )
 
 

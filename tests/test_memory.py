@@ -131,7 +131,7 @@ def test_the_jvp_tangent_copy_is_forecast_only_where_v_is_cast(dtype):
 # -- the check on CUDA, with the free memory injected ---------------------------------------
 
 
-def _small_forecast():
+def _small_forecast(runtime_bytes: int = 4):
     shape = ModelShape(
         vocab=151_936,
         hidden=1536,
@@ -140,7 +140,7 @@ def _small_forecast():
         heads=12,
         kv_heads=2,
         head_dim=128,
-        runtime_bytes=4,
+        runtime_bytes=runtime_bytes,
         weight_bytes=7 * 2**30,
         trainable=18_000_000,
         trainable_bytes=72_000_000,
@@ -166,7 +166,14 @@ def test_cuda_refuses_what_does_not_fit_with_advice():
     with pytest.raises(MemoryForecastError, match="free") as err:
         check_fits(prediction, "cuda", free_memory=lambda dev: (floor, gib))
     assert isinstance(err.value, EntropyLabError)  # the CLI prints it as one line
-    assert "--dtype fp32" in str(err.value) and "smallest batching" in str(err.value)
+    assert "smallest batching" in str(err.value)
+    assert "--dtype" not in str(err.value)  # already fp32: no dtype to advise
+
+
+def test_the_advice_names_fp32_only_to_an_fp64_run():
+    prediction = _small_forecast(runtime_bytes=8)
+    with pytest.raises(MemoryForecastError, match="--dtype fp32 instead of fp64"):
+        check_fits(prediction, "cuda", free_memory=lambda dev: (0, 80 * 2**30))
 
 
 def test_cpu_only_prints():
