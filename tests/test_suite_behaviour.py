@@ -26,6 +26,9 @@ def test_suite_fails_far_outside_the_window(pytester, tiny_checkpoint):
         f"--entropy-json={report}",
     )
     assert result.ret == pytest.ExitCode.TESTS_FAILED
+    # pytester's HOME is its folder: the child found this session's tiny checkpoint through
+    # ENTROPY_LAB_CACHE (tests/conftest.py) instead of building another (~33 s of CPU).
+    assert not list(pytester.path.glob(".cache/entropy_lab/tiny-*"))
     outcomes = {
         "::".join(t["nodeid"].split("::")[-2:]): t["outcome"]
         for t in json.loads(report.read_text())["tests"]
