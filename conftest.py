@@ -24,8 +24,16 @@ _LONG_MODULES = (
 )
 
 
+# This project's run of the cpu linearity suite stays on one worker: spread over two, each
+# loaded the tiny checkpoint and computed the same update directions. Sharing the η points
+# between workers has its own test with real workers (test_suite_behaviour, gpu suite -n 2).
+_CPU_SUITE = "tests/test_linearity.py::"
+
+
 def _xdist_group(item: pytest.Item) -> str | None:
     """The group xdist's loadgroup gives ``item``: its xdist_group names, sorted, joined."""
+    if item.nodeid.startswith(_CPU_SUITE) and getattr(item.cls, "suite_kind", None) == "cpu":
+        item.add_marker(pytest.mark.xdist_group("linearity_cpu"))
     names = {
         str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
         for mark in item.iter_markers("xdist_group")
