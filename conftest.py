@@ -32,8 +32,6 @@ _CPU_SUITE = "tests/test_linearity.py::"
 
 def _xdist_group(item: pytest.Item) -> str | None:
     """The group xdist's loadgroup gives ``item``: its xdist_group names, sorted, joined."""
-    if item.nodeid.startswith(_CPU_SUITE) and getattr(item.cls, "suite_kind", None) == "cpu":
-        item.add_marker(pytest.mark.xdist_group("linearity_cpu"))
     names = {
         str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
         for mark in item.iter_markers("xdist_group")
@@ -52,6 +50,8 @@ def pytest_collection_modifyitems(config, items):
     if not getattr(config.option, "loadgroup", False):  # not an xdist worker under loadgroup
         return
     for item in items:
+        if item.nodeid.startswith(_CPU_SUITE) and getattr(item.cls, "suite_kind", "") == "cpu":
+            item.add_marker(pytest.mark.xdist_group("linearity_cpu"))
         group = _xdist_group(item)
         if group and not item.nodeid.endswith(f"@{group}") and hasattr(item, "_id"):
             item._id = type(item.id).parse(f"{item.nodeid}@{group}")
