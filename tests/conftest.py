@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -12,6 +13,18 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 torch.set_num_threads(1)  # tiny matmuls: one thread is faster, and xdist workers don't thrash
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pin_tiny_cache() -> None:
+    """pytester points HOME at its own folder, so a child pytest (or CLI) started from a test
+    would look for the tiny checkpoint under that folder's ~/.cache and build it again (~33 s
+    of CPU each time). Children inherit this process's cache folder instead."""
+    from entropy_lab.tiny import default_cache_dir
+
+    os.environ.setdefault("ENTROPY_LAB_CACHE", str(default_cache_dir()))
+
+
+_pin_tiny_cache()
 
 
 def run_suite(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:

@@ -26,6 +26,9 @@ def test_suite_fails_far_outside_the_window(pytester, tiny_checkpoint):
         f"--entropy-json={report}",
     )
     assert result.ret == pytest.ExitCode.TESTS_FAILED
+    # pytester's HOME is its folder: the child found this session's tiny checkpoint through
+    # ENTROPY_LAB_CACHE (tests/conftest.py) instead of building another (~33 s of CPU).
+    assert not list(pytester.path.glob(".cache/entropy_lab/tiny-*"))
     outcomes = {
         "::".join(t["nodeid"].split("::")[-2:]): t["outcome"]
         for t in json.loads(report.read_text())["tests"]
@@ -137,3 +140,30 @@ def test_another_projects_eta_is_left_alone(pytester):
     )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=3)
+
+
+def test_an_xdist_group_runs_on_one_worker(pytester):
+    """The project's pytest.ini and root conftest under `-n 2`: the tests of one xdist_group
+    share a worker (module fixtures of the grouped modules are built once, the torchrun tests
+    run one at a time)."""
+    from tests.conftest import ROOT
+
+    pytester.makeini((ROOT / "pytest.ini").read_text())
+    pytester.makeconftest((ROOT / "conftest.py").read_text())
+    body = (
+        "import os, time, pytest\n"
+        "@pytest.mark.parametrize('i', range(4))\n"
+        "def test_{name}(i, tmp_path_factory):\n"
+        "    time.sleep(0.3)\n"
+        "    (tmp_path_factory.getbasetemp().parent / f'{name}{{i}}').write_text(\n"
+        "        os.environ['PYTEST_XDIST_WORKER'])\n"
+    )
+    pytester.makepyfile(
+        test_grouped="import pytest\npytestmark = pytest.mark.xdist_group('g')\n"
+        + body.format(name="grouped"),
+        test_plain=body.format(name="plain"),
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2")
+    result.assert_outcomes(passed=8)
+    ran = {p.name: p.read_text() for p in pytester.path.glob("**/grouped*") if p.is_file()}
+    assert len(ran) == 4 and len(set(ran.values())) == 1, ran
