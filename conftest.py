@@ -53,5 +53,7 @@ def pytest_collection_modifyitems(config, items):
         if item.nodeid.startswith(_CPU_SUITE) and getattr(item.cls, "suite_kind", "") == "cpu":
             item.add_marker(pytest.mark.xdist_group("linearity_cpu"))
         group = _xdist_group(item)
-        if group and not item.nodeid.endswith(f"@{group}") and hasattr(item, "_id"):
-            item._id = type(item.id).parse(f"{item.nodeid}@{group}")
+        # pytest 9's NodeId (absent in pytest 8, where xdist's own suffix works)
+        parse = getattr(type(getattr(item, "_id", None)), "parse", None)
+        if group and not item.nodeid.endswith(f"@{group}") and parse is not None:
+            item._id = parse(f"{item.nodeid}@{group}")
