@@ -259,12 +259,14 @@ def _large_vocab_model(spec: MemorySpec) -> torch.nn.Module:
     return Qwen2ForCausalLM(config).eval().to(spec.device)
 
 
-def _random_batch(spec: MemorySpec) -> SequenceBatch:
+def memory_inputs(spec: MemorySpec) -> tuple[torch.nn.Module, SequenceBatch]:
+    """The memory section's model (``_large_vocab_model``) and random batch."""
     from entropy_lab.proxy import random_batch
 
-    return random_batch(
+    batch = random_batch(
         spec.vocab_size, spec.batch, spec.length, spec.prompt_length, spec.device, spec.seed
     )
+    return _large_vocab_model(spec), batch
 
 
 def _current_and_peak_rss() -> tuple[int, int]:
@@ -312,32 +314,40 @@ def _return_large_frees_to_os() -> None:
         pass
 
 
+def run_memory_variant(variant: str, model, batch: SequenceBatch, chunk_tokens: int) -> None:
+    """One variant of the memory section's entropy of ``batch``, without autograd: the
+    scorer's ``chunked`` token_statistics, or the planted ``unchunked`` (every response
+    token's logits at once) and ``naive`` (B×L×V fp64) paths; ``baseline`` does nothing."""
+    import torch
+
+    from entropy_lab.entropy import decoder_and_head, token_statistics
+
+    decoder, head = decoder_and_head(model)
+    with torch.no_grad():
+        if variant == "chunked":
+            token_statistics(decoder, head, batch, 1.0, chunk_tokens=chunk_tokens)
+        elif variant == "unchunked":
+            unchunked_token_statistics(decoder, head, batch, 1.0)
+        elif variant == "naive":
+            naive_token_entropy(decoder, head, batch, 1.0)
+        elif variant != "baseline":
+            raise ValueError(f"unknown memory variant {variant!r}")
+
+
 def _memory_child(variant: str, spec: MemorySpec, conn) -> None:
     try:
         import torch
 
-        from entropy_lab.entropy import decoder_and_head, token_statistics
-
         _return_large_frees_to_os()
         torch.set_num_threads(1)
-        model = _large_vocab_model(spec)
-        batch = _random_batch(spec)
-        decoder, head = decoder_and_head(model)
+        model, batch = memory_inputs(spec)
         cuda = torch.device(spec.device).type == "cuda"
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             cuda_before = torch.cuda.memory_allocated()
         _reset_peak_rss()
-        with torch.no_grad():
-            if variant == "chunked":
-                token_statistics(decoder, head, batch, 1.0, chunk_tokens=spec.chunk_tokens)
-            elif variant == "unchunked":  # planted: every response token's logits at once
-                unchunked_token_statistics(decoder, head, batch, 1.0)
-            elif variant == "naive":
-                naive_token_entropy(decoder, head, batch, 1.0)
-            elif variant != "baseline":
-                raise ValueError(f"unknown memory variant {variant!r}")
+        run_memory_variant(variant, model, batch, spec.chunk_tokens)
         result = {"variant": variant, "peak_rss_bytes": _current_and_peak_rss()[1]}
         if cuda:
             torch.cuda.synchronize()
