@@ -786,7 +786,7 @@ class ProxySpec:
     batch E it scores. The head's share of a forward grows with the vocabulary, so the
     entropy's cost against it is judged where users' models are (a 128-entry vocabulary
     hides it). Hidden 768 and 4 layers are issue #23's proxy: the head holds 82 % of its
-    weight FLOPs per token, more than in any released model with this vocabulary
+    weight FLOPs per token, more than in the two smallest Qwen2.5 models
     (Qwen2.5-0.5B 28 %, 1.5B 15 %); hidden 256 with 1 layer (98 %) is the extreme, where
     the entropy's one exp per logit weighs most against the head's 2·hidden FLOPs."""
 
