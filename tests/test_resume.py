@@ -123,6 +123,15 @@ QUICK = [
 TIMING_FIELDS = ("duration_s", "direction_seconds")
 
 
+def _interruptible() -> None:
+    """In the child before exec: SIGINT unblocked and at its default, as in a terminal. A
+    process inherits an ignored or blocked SIGINT from the one that starts it, and Python
+    then never raises KeyboardInterrupt (a fresh-venv suite run once saw the Ctrl-C'd sweep
+    finish with status 0: something in that xdist worker had left SIGINT ignored)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(out: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
@@ -131,6 +140,7 @@ def _start(out: Path, *extra: str) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        preexec_fn=_interruptible,
     )
 
 
@@ -228,7 +238,7 @@ def test_interrupted_sweeps_resume_to_the_uninterrupted_result(uninterrupted, tm
     first = _start(out)
     _interrupt_after(first, out, 1, signal.SIGINT)
     rc, _, err = _finish(first)
-    assert rc == 130, err
+    assert rc == 130, (err, signal.getsignal(signal.SIGINT), signal.pthread_sigmask(0, []))
     (folder,) = out.iterdir()
     assert "Traceback" not in err
     assert f"interrupted: partial analysis written to {folder}" in err
