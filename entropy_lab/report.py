@@ -361,7 +361,7 @@ def _new_figure(width: float, height: float, rows: int, title_lines: int = 1) ->
     """A figure of ``rows`` stacked panels (each with a title) under a suptitle of
     ``title_lines`` lines, margins fixed in inches. Not a layout engine: matplotlib's
     constrained layout re-measured every tick label on each draw, 45 % of write_report
-    (3.1 → 1.7 s for the two PNGs, measured), and every run writes them."""
+    (3.1 → 1.8 s for the two PNGs, measured), and every run writes them."""
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 
     # the suptitle sits 2 % of the height down; its lines and a panel title above the top
