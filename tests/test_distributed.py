@@ -305,12 +305,18 @@ def _env() -> dict[str, str]:
 
 # The torchrun tests share one xdist worker (`--dist loadgroup` in pytest.ini): two elastic
 # agents starting at once each pick a "free" port and release it before their workers bind it.
-def _launch(out: Path, extra: list[str], module: str = "entropy_lab"):
-    """The sweep under torchrun, two processes."""
+# All three of their sweeps run in one launch (tests/_dp_sweeps.py), built once for the module.
+@pytest.fixture(scope="module")
+def two_processes(
+    tiny_checkpoint, tmp_path_factory
+) -> tuple[Path, subprocess.CompletedProcess, float]:
+    """torchrun, two processes: the fp64 and fp32 sweeps, then one in which rank 1 fails.
+    Returns the output root, the launch, and when it ended (unix time)."""
+    root = tmp_path_factory.mktemp("torchrun")
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    target = ["-m", module] if module == "entropy_lab" else [module]
-    cmd = [*launcher, *target, *QUICK_ARGS, *extra, "--output-dir", str(out)]
-    return subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300, cwd=ROOT)
+    cmd = [*launcher, str(ROOT / "tests" / "_dp_sweeps.py"), str(root), *QUICK_ARGS]
+    launch = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300, cwd=ROOT)
+    return root, launch, time.time()
 
 
 def _records(out: Path) -> dict[tuple[float, int], dict]:
@@ -319,16 +325,16 @@ def _records(out: Path) -> dict[tuple[float, int], dict]:
     return {(r["learning_rate"], r["repeat"]): r for r in raw}
 
 
-def _sweep_pair(tmp_path: Path, dtype: str) -> tuple[dict, dict, subprocess.CompletedProcess]:
+def _sweep_pair(tmp_path: Path, two_processes, dtype: str) -> tuple[dict, dict]:
     # The one-process reference runs in this process (what is tested is the two-process run:
     # a subprocess here would only add its imports and checkpoint load, ~12 s of CPU).
     from entropy_lab.cli import main
 
+    root, launch, _ = two_processes
+    assert (root / f"two_{dtype}").is_dir(), launch.stderr[-3000:]
     one = tmp_path / f"one_{dtype}"
     assert main([*QUICK_ARGS, "--dtype", dtype, "--output-dir", str(one)]) == 0
-    two = _launch(tmp_path / f"two_{dtype}", ["--dtype", dtype])
-    assert two.returncode == 0, two.stderr[-3000:]
-    return _records(tmp_path / f"one_{dtype}"), _records(tmp_path / f"two_{dtype}"), two
+    return _records(one), _records(root / f"two_{dtype}")
 
 
 def _max_differences(single: dict, dual: dict) -> dict[str, float]:
@@ -342,15 +348,16 @@ def _max_differences(single: dict, dual: dict) -> dict[str, float]:
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("torchrun")
-def test_torchrun_two_processes_reproduce_one_process_fp64(tmp_path, tiny_checkpoint):
-    single, dual, two = _sweep_pair(tmp_path, "fp64")
+def test_torchrun_two_processes_reproduce_one_process_fp64(tmp_path, two_processes):
+    single, dual = _sweep_pair(tmp_path, two_processes, "fp64")
     diff = _max_differences(single, dual)
     print(f"fp64, 2 processes vs 1: max relative difference {diff}")
     assert all(d <= 1e-6 for d in diff.values()), diff
-    # rank 0 alone writes and prints
-    assert two.stdout.count("LINEARITY ANALYSIS") == 1
-    assert len(list((tmp_path / "two_fp64").glob("entropy_lr_experiment_*"))) == 1
-    (folder,) = (tmp_path / "two_fp64").glob("entropy_lr_experiment_*")
+    # rank 0 alone writes and prints: one analysis per finished sweep (fp64, fp32)
+    root, launch, _ = two_processes
+    assert launch.stdout.count("LINEARITY ANALYSIS") == 2
+    assert len(list((root / "two_fp64").glob("entropy_lr_experiment_*"))) == 1
+    (folder,) = (root / "two_fp64").glob("entropy_lr_experiment_*")
     assert json.loads((folder / "run_meta.json").read_text())["environment"]["world_size"] == 2
     # planted: one record off by 1e-5 relative is caught by the same comparison
     key = next(iter(dual))
@@ -361,10 +368,10 @@ def test_torchrun_two_processes_reproduce_one_process_fp64(tmp_path, tiny_checkp
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("torchrun")
-def test_torchrun_fp32_difference_is_small(tmp_path, tiny_checkpoint, record_property):
+def test_torchrun_fp32_difference_is_small(tmp_path, two_processes, record_property):
     """fp32: reported (record_property and stdout); bounded loosely, as summation order may
     differ between one process and two."""
-    single, dual, _ = _sweep_pair(tmp_path, "fp32")
+    single, dual = _sweep_pair(tmp_path, two_processes, "fp32")
     diff = _max_differences(single, dual)
     print(f"fp32, 2 processes vs 1: max relative difference {diff}")
     for field, value in diff.items():
@@ -374,14 +381,19 @@ def test_torchrun_fp32_difference_is_small(tmp_path, tiny_checkpoint, record_pro
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("torchrun")
-def test_a_failing_rank_fails_the_run_with_its_error(tmp_path, tiny_checkpoint):
+def test_a_failing_rank_fails_the_run_with_its_error(two_processes):
     """Rank 1 raises in its first measurement while rank 0 waits in a collective: the run
     must end (not hang) with a non-zero status and rank 1's message."""
-    started = time.perf_counter()
-    result = _launch(
-        tmp_path / "fail", ["--dtype", "fp64"], str(ROOT / "tests" / "_dp_failing_rank.py")
-    )
-    elapsed = time.perf_counter() - started
-    assert result.returncode != 0
-    assert "planted failure on rank 1" in result.stdout + result.stderr
-    assert elapsed < 120, elapsed
+    from tests._dp_sweeps import FAILING_SWEEP_STARTS
+
+    root, launch, ended = two_processes
+    output = launch.stdout + launch.stderr
+    stamps = [
+        float(line.split(FAILING_SWEEP_STARTS)[1])
+        for line in launch.stderr.splitlines()
+        if FAILING_SWEEP_STARTS in line
+    ]
+    assert len(stamps) == 2, output[-3000:]  # both ranks finished fp64 and fp32 first
+    assert launch.returncode != 0
+    assert "planted failure on rank 1" in output
+    assert ended - min(stamps) < 120, ended - min(stamps)
