@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -123,15 +124,6 @@ QUICK = [
 TIMING_FIELDS = ("duration_s", "direction_seconds")
 
 
-def _interruptible() -> None:
-    """In the child before exec: SIGINT unblocked and at its default, as in a terminal. A
-    process inherits an ignored or blocked SIGINT from the one that starts it, and Python
-    then never raises KeyboardInterrupt (a fresh-venv suite run once saw the Ctrl-C'd sweep
-    finish with status 0: something in that xdist worker had left SIGINT ignored)."""
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def _start(out: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
@@ -140,7 +132,6 @@ def _start(out: Path, *extra: str) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
         env=env,
-        preexec_fn=_interruptible,
     )
 
 
@@ -227,18 +218,50 @@ def test_ctrl_c_before_the_first_point_exits_130_with_a_resume_hint(
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("resume")  # `uninterrupted` built once
+def _ctrl_c_here(argv: list[str], out: Path, points: int) -> int:
+    """``main(argv)`` in this process, Ctrl-C'd once ``points`` results are on disk: a real
+    SIGINT from a watcher thread, met by Python's own handler as in a terminal (this process's
+    handler and mask are put back after). Returns the exit status."""
+    from entropy_lab.cli import main
+
+    target, stop = threading.main_thread().ident, threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set() and len(_result_files(out)) < points:
+            time.sleep(0.02)
+        if not stop.is_set():
+            signal.pthread_kill(target, signal.SIGINT)
+
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        try:
+            return main(argv)
+        except SystemExit as exc:
+            return exc.code
+    finally:
+        stop.set()
+        watcher.join()
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        signal.signal(signal.SIGINT, handler)
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("resume")  # `uninterrupted` built once
 def test_interrupted_sweeps_resume_to_the_uninterrupted_result(uninterrupted, tmp_path, capsys):
     """Ctrl-C after the first point, resume, SIGKILL that run mid-way, resume to the end:
-    the same records and the same analysis.json as one uninterrupted run. The two runs that
-    get real signals are subprocesses; the last resume, which only finishes, runs here (a
-    subprocess would only add its imports and checkpoint load, ~9 s of CPU)."""
+    the same records and the same analysis.json as one uninterrupted run. The SIGKILL'd run
+    is a subprocess; the Ctrl-C (a real SIGINT) and the last resume run here (a subprocess
+    would only add its imports and checkpoint load, ~10 s of CPU each)."""
     from entropy_lab.cli import main
 
     out = tmp_path / "out"
-    first = _start(out)
-    _interrupt_after(first, out, 1, signal.SIGINT)
-    rc, _, err = _finish(first)
-    assert rc == 130, (err, signal.getsignal(signal.SIGINT), signal.pthread_sigmask(0, []))
+    capsys.readouterr()
+    rc = _ctrl_c_here([*QUICK, "--output-dir", str(out)], out, 1)
+    err = capsys.readouterr().err
+    assert rc == 130, err
     (folder,) = out.iterdir()
     assert "Traceback" not in err
     assert f"interrupted: partial analysis written to {folder}" in err
