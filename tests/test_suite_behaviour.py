@@ -58,17 +58,17 @@ JUNIT_PROPERTIES = (
 )
 
 
-def test_gpu_suite_runs_on_cpu_each_eta_measured_once_under_xdist(pytester, tiny_checkpoint):
-    """With --device cpu the gpu bodies run, here under two xdist workers (one child pytest
-    shows both): each η is measured once across the workers, the JUnit XML carries the
-    analysis, and pytest writes the analysis `entropy-lab sweep` writes for the same
-    checkpoint and settings."""
+def test_gpu_suite_runs_on_cpu_each_eta_measured_once(pytester, tiny_checkpoint):
+    """With --device cpu the gpu bodies run: each η is measured once, the JUnit XML carries
+    the analysis, and pytest writes the analysis `entropy-lab sweep` writes for the same
+    checkpoint and settings. One process: sharing the η points between two xdist workers is
+    shown on a run folder (test_track, `-n 2`, each (checkpoint, η) once across workers)."""
     xml = pytester.path / "junit.xml"
     common = ["--dtype", "fp64", "--learning-rates", "1e-7,1e-6,1e-5", "--num-repeats", "2"]
     common += ["--eval-size", "32"]
     ran = _run(
         pytester,
-        *("-m", "gpu", "--device", "cpu", f"--checkpoint={tiny_checkpoint}", "-n", "2"),
+        *("-m", "gpu", "--device", "cpu", f"--checkpoint={tiny_checkpoint}"),
         f"--basetemp={pytester.path / 'bt'}",
         f"--junitxml={xml}",
         *common,
@@ -77,7 +77,7 @@ def test_gpu_suite_runs_on_cpu_each_eta_measured_once_under_xdist(pytester, tiny
     logs = list((pytester.path / "bt").glob("entropy_store/*/measure_log.jsonl"))
     assert len(logs) == 1
     logged = [json.loads(line) for line in logs[0].read_text().splitlines()]
-    assert sorted(e["eta"] for e in logged) == [1e-7, 1e-6, 1e-5]  # each η once across both
+    assert sorted(e["eta"] for e in logged) == [1e-7, 1e-6, 1e-5]  # each η once
     text = xml.read_text()
     for name in JUNIT_PROPERTIES:
         assert f'name="{name}"' in text, name
