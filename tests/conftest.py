@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -27,13 +31,51 @@ def _pin_tiny_cache() -> None:
 _pin_tiny_cache()
 
 
+def write_suite(folder: Path) -> Path:
+    """The linearity suite as a project of its own in ``folder``: tests/test_linearity.py with
+    the project's pytest.ini and root conftest."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for source, name in (("pytest.ini", "pytest.ini"), ("conftest.py", "conftest.py")):
+        (folder / name).write_text((ROOT / source).read_text())
+    (folder / "test_linearity.py").write_text((ROOT / "tests" / "test_linearity.py").read_text())
+    return folder
+
+
 def run_suite(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
-    """The linearity suite (tests/test_linearity.py, the project's pytest.ini and root
-    conftest) run in a child pytest in ``pytester``'s folder, with ``args``."""
-    pytester.makeini((ROOT / "pytest.ini").read_text())
-    pytester.makeconftest((ROOT / "conftest.py").read_text())
-    pytester.makepyfile(test_linearity=(ROOT / "tests" / "test_linearity.py").read_text())
+    """The linearity suite run in a child pytest in ``pytester``'s folder, with ``args`` (for
+    runs that start processes of their own: ``-n 2``)."""
+    write_suite(pytester.path)
     return pytester.runpytest_subprocess("-p", "no:cacheprovider", *args)
+
+
+def run_suite_here(folder: Path, *args: str) -> pytest.RunResult:
+    """The linearity suite run by ``pytest.main`` in this process, in ``folder``, with ``args``.
+
+    A child pytest would spend ~10 s of CPU importing torch, transformers and peft and loading
+    the checkpoint. Not pytester's in-process run: its fixture drops at teardown every module
+    imported while it was set up, and later tests then fail re-importing torch's or numpy's C
+    extensions. Only the suite's own modules (files in ``folder``) are dropped here, and
+    ``sys.path``, the working directory and the modules they replaced are put back.
+    """
+    write_suite(folder)
+    if not any(a.startswith("--basetemp") for a in args):
+        args = (*args, f"--basetemp={folder / 'basetemp'}")
+    path, modules, cwd = list(sys.path), dict(sys.modules), os.getcwd()
+    out, err = io.StringIO(), io.StringIO()
+    started = time.perf_counter()
+    os.chdir(folder)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            ret = pytest.main(["-p", "no:cacheprovider", "-p", "no:faulthandler", *args])
+    finally:
+        os.chdir(cwd)
+        sys.path[:] = path
+        for name, module in list(sys.modules.items()):
+            if str(getattr(module, "__file__", None) or "").startswith(str(folder)):
+                del sys.modules[name]
+        sys.modules.update({k: m for k, m in modules.items() if k not in sys.modules})
+    lines = (out.getvalue().splitlines(), err.getvalue().splitlines())
+    return pytest.RunResult(ret, *lines, time.perf_counter() - started)
 
 
 @pytest.fixture(scope="session")

@@ -32,7 +32,7 @@ from entropy_lab.cli import main
 from entropy_lab.entropy import EntropyReadings, EntropyScorer
 from entropy_lab.errors import EntropyLabError
 from entropy_lab.update import PolicyUpdate
-from tests.conftest import make_setup
+from tests.conftest import make_setup, run_suite_here
 from tests.test_checkpoint import _first_trainable_with_state, _Payload, _saved_state
 
 pytestmark = pytest.mark.cpu
@@ -439,42 +439,23 @@ def test_crafted_pickle_is_live_and_refused_without_running(tiny_checkpoint, tmp
 # ----------------------------------------------------------------------------- 2. pytest
 
 
-def _pytester_run(request: pytest.FixtureRequest, *args: str) -> pytest.RunResult:
-    """Runs the suite in a child pytest.
-
-    A subprocess, and the pytester fixture taken only now: pytester drops at
-    teardown every module imported while it was set up, so an in-process run
-    (or a CLI call after setup) left later tests re-importing numpy/torch C
-    extensions, which fails when these tests run alone.
-    """
-    pytester: pytest.Pytester = request.getfixturevalue("pytester")
-    pytester.makeini((ROOT / "pytest.ini").read_text())
-    pytester.makeconftest((ROOT / "conftest.py").read_text())
-    pytester.makepyfile(test_linearity=(ROOT / "tests" / "test_linearity.py").read_text())
-    return pytester.runpytest_subprocess("-p", "no:cacheprovider", *args)
-
-
 @pytest.mark.parametrize(
     "option, value",
     [("--num-repeats", "1"), ("--learning-rates", "1e-6,nan"), ("--checkpoint", "nowhere")],
 )
-def test_pytest_bad_option_is_a_usage_error_with_the_cli_text(
-    request, tmp_path, capsys, option, value
-):
+def test_pytest_bad_option_is_a_usage_error_with_the_cli_text(tmp_path, capsys, option, value):
     cli_message = run_cli(capsys, tmp_path, option, value)
-    result = _pytester_run(request, "-m", "cpu", option, value)
+    result = run_suite_here(tmp_path / "suite", "-m", "cpu", option, value)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     assert f"ERROR: {cli_message}" in result.stderr.lines
     assert "Traceback" not in result.stderr.str() + result.stdout.str()
 
 
-def test_pytest_broken_checkpoint_fails_with_the_cli_text(
-    request, tiny_checkpoint, tmp_path, capsys
-):
+def test_pytest_broken_checkpoint_fails_with_the_cli_text(tiny_checkpoint, tmp_path, capsys):
     ck = _save_state(_copy(tiny_checkpoint, tmp_path / "ck"), _wrong_shape)
     cli_message = run_cli(capsys, tmp_path, "--checkpoint", str(ck))
-    result = _pytester_run(
-        request,
+    result = run_suite_here(
+        tmp_path / "suite",
         *("-m", "gpu", "--device", "cpu", f"--checkpoint={ck}", "--learning-rates", "1e-6"),
         *("-k", "test_entropy_change or test_r_squared"),
     )

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
-from tests.conftest import run_suite as _run
+from tests.conftest import run_suite_here
 
 pytestmark = [pytest.mark.cpu, pytest.mark.slow]
 
 
-def test_suite_fails_far_outside_the_window(pytester, tiny_checkpoint):
-    report = pytester.path / "report.json"
-    result = _run(
-        pytester,
+def test_suite_fails_far_outside_the_window(tmp_path, tiny_checkpoint):
+    report = tmp_path / "report.json"
+    result = run_suite_here(
+        tmp_path / "suite",
         "-m",
         "cpu",
         "--learning-rates",
@@ -26,9 +27,6 @@ def test_suite_fails_far_outside_the_window(pytester, tiny_checkpoint):
         f"--entropy-json={report}",
     )
     assert result.ret == pytest.ExitCode.TESTS_FAILED
-    # pytester's HOME is its folder: the child found this session's tiny checkpoint through
-    # ENTROPY_LAB_CACHE (tests/conftest.py) instead of building another (~33 s of CPU).
-    assert not list(pytester.path.glob(".cache/entropy_lab/tiny-*"))
     outcomes = {
         "::".join(t["nodeid"].split("::")[-2:]): t["outcome"]
         for t in json.loads(report.read_text())["tests"]
@@ -58,23 +56,24 @@ JUNIT_PROPERTIES = (
 )
 
 
-def test_gpu_suite_runs_on_cpu_each_eta_measured_once(pytester, tiny_checkpoint):
+def test_gpu_suite_runs_on_cpu_each_eta_measured_once(tmp_path, tiny_checkpoint):
     """With --device cpu the gpu bodies run: each η is measured once, the JUnit XML carries
     the analysis, and pytest writes the analysis `entropy-lab sweep` writes for the same
     checkpoint and settings. One process: sharing the η points between two xdist workers is
-    shown on a run folder (test_track, `-n 2`, each (checkpoint, η) once across workers)."""
-    xml = pytester.path / "junit.xml"
+    shown on a run folder (test_track, `-n 2`, each (checkpoint, η) once across workers).
+    The suite runs in this process (`run_suite_here`), as does the CLI sweep."""
+    xml = tmp_path / "junit.xml"
     common = ["--dtype", "fp64", "--learning-rates", "1e-7,1e-6,1e-5", "--num-repeats", "2"]
     common += ["--eval-size", "32"]
-    ran = _run(
-        pytester,
+    ran = run_suite_here(
+        tmp_path / "suite",
         *("-m", "gpu", "--device", "cpu", f"--checkpoint={tiny_checkpoint}"),
-        f"--basetemp={pytester.path / 'bt'}",
+        f"--basetemp={tmp_path / 'bt'}",
         f"--junitxml={xml}",
         *common,
     )
     ran.assert_outcomes(passed=7)  # 3 η + 4 aggregate tests
-    logs = list((pytester.path / "bt").glob("entropy_store/*/measure_log.jsonl"))
+    logs = list((tmp_path / "bt").glob("entropy_store/*/measure_log.jsonl"))
     assert len(logs) == 1
     logged = [json.loads(line) for line in logs[0].read_text().splitlines()]
     assert sorted(e["eta"] for e in logged) == [1e-7, 1e-6, 1e-5]  # each η once
@@ -85,10 +84,9 @@ def test_gpu_suite_runs_on_cpu_each_eta_measured_once(pytester, tiny_checkpoint)
     from entropy_lab.cli import main
 
     (from_pytest,) = [
-        json.loads(p.read_text())
-        for p in (pytester.path / "bt").glob("entropy_store/*/analysis.json")
+        json.loads(p.read_text()) for p in (tmp_path / "bt").glob("entropy_store/*/analysis.json")
     ]
-    out = pytester.path / "cli"
+    out = tmp_path / "cli"
     argv = ["sweep", f"--checkpoint={tiny_checkpoint}", *common, "--output-dir", str(out)]
     assert main([*argv, "--no-progress", "--threads", "1"]) == 0
     (folder,) = out.glob("entropy_lr_experiment_*")
@@ -97,25 +95,38 @@ def test_gpu_suite_runs_on_cpu_each_eta_measured_once(pytester, tiny_checkpoint)
     assert from_pytest["summary"] == from_cli["summary"]
 
 
-def test_gpu_suite_skips_with_reason_and_a_spaced_checkpoint_is_refused(pytester, tiny_checkpoint):
+def test_gpu_suite_skips_with_reason_and_a_spaced_checkpoint_is_refused(tmp_path, tiny_checkpoint):
     """Skips with a reason a person can act on. `--checkpoint DIR` would make pytest take DIR
     for a test path and drop pytest.ini: refused with the fix; `--checkpoint=DIR` is the run
     that skips."""
     import torch
 
-    spaced = _run(pytester, "-m", "gpu", "--checkpoint", str(tiny_checkpoint), "--co")
+    suite = tmp_path / "suite"
+    spaced = run_suite_here(suite, "-m", "gpu", "--checkpoint", str(tiny_checkpoint), "--co")
     assert spaced.ret == pytest.ExitCode.USAGE_ERROR
     spaced.stderr.fnmatch_lines([f"*write --checkpoint={tiny_checkpoint} (with '=')*"])
-    no_ckpt = _run(pytester, "-m", "gpu", "-rs")
+    no_ckpt = run_suite_here(suite, "-m", "gpu", "-rs")
     no_ckpt.stdout.fnmatch_lines(["*gpu suite needs --checkpoint DIR*"])
     if torch.cuda.is_available():  # the suite would run for real: collecting it is enough
-        joined = _run(pytester, "-m", "gpu", f"--checkpoint={tiny_checkpoint}", "--co")
+        joined = run_suite_here(suite, "-m", "gpu", f"--checkpoint={tiny_checkpoint}", "--co")
         assert joined.ret == pytest.ExitCode.OK
         pytest.skip("this machine has CUDA: the skip path cannot be shown here")
-    joined = _run(pytester, "-m", "gpu", "-rs", f"--checkpoint={tiny_checkpoint}")
+    joined = run_suite_here(suite, "-m", "gpu", "-rs", f"--checkpoint={tiny_checkpoint}")
     assert joined.ret == pytest.ExitCode.OK
     joined.assert_outcomes(skipped=9)  # 5 η + 4 aggregate tests
     joined.stdout.fnmatch_lines(["*gpu suite needs CUDA; add --device cpu*"])
+
+
+def test_a_child_process_under_pytester_finds_this_sessions_tiny_checkpoint(
+    tiny_checkpoint, pytester
+):
+    """pytester points HOME at its own folder: a child pytest or CLI started from a test would
+    look for the tiny checkpoint under it and build another (~33 s of CPU) unless it inherits
+    ENTROPY_LAB_CACHE (tests/conftest.py); seen failing with that pin removed."""
+    code = "from entropy_lab.tiny import default_cache_dir; print(default_cache_dir())"
+    child = pytester.run(sys.executable, "-c", code)
+    assert child.ret == 0, child.errlines
+    assert child.outlines == [str(tiny_checkpoint.parent)]
 
 
 def test_another_projects_eta_is_left_alone(pytester):
