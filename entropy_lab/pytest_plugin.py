@@ -85,8 +85,15 @@ def _is_worker(config: pytest.Config) -> bool:
     return hasattr(config, "workerinput")
 
 
+def _pins_gpus(config: pytest.Config) -> bool:
+    """An xdist worker of this plugin's gpu suite on CUDA. Only with --checkpoint: another
+    project's workers keep the GPUs they were given (and import no torch for this plugin)."""
+    on_cuda = config.getoption("--device") in (None, "cuda")
+    return _is_worker(config) and on_cuda and bool(config.getoption("--checkpoint"))
+
+
 def pytest_configure(config: pytest.Config) -> None:
-    if config.getoption("--device") in (None, "cuda") and _is_worker(config):
+    if _pins_gpus(config):
         _pin_worker_gpu(config.workerinput["workerid"])  # type: ignore[attr-defined]
     session = EntropySession(config)
     config.stash[SESSION] = session

@@ -129,9 +129,12 @@ def test_a_child_process_under_pytester_finds_this_sessions_tiny_checkpoint(
     assert child.outlines == [str(tiny_checkpoint.parent)]
 
 
-def test_another_projects_eta_is_left_alone(pytester):
+def test_another_projects_tests_are_left_alone(pytester, monkeypatch):
     """The plugin is installed into other people's environments (pytest11): a test or a
-    parametrized fixture of theirs named ``eta`` is theirs, not a learning-rate grid."""
+    parametrized fixture of theirs named ``eta`` is theirs, not a learning-rate grid; and
+    their xdist workers keep the GPUs they were given (the plugin pins gwK to one GPU only
+    for its own gpu suite, i.e. with --checkpoint)."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     pytester.makeconftest(
         "import pytest\n"
         "@pytest.fixture(params=[1, 2])\n"
@@ -148,9 +151,14 @@ def test_another_projects_eta_is_left_alone(pytester):
             "def test_other(eta):\n"
             "    assert eta == 0.5\n"
         ),
+        test_gpus=(
+            "import os\n"
+            "def test_all_gpus_visible():\n"
+            "    assert os.environ['CUDA_VISIBLE_DEVICES'] == '0,1'\n"
+        ),
     )
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
-    result.assert_outcomes(passed=3)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2")
+    result.assert_outcomes(passed=4)
 
 
 def test_an_xdist_group_runs_on_one_worker(pytester):
