@@ -26,7 +26,8 @@ _LONG_MODULES = (
 
 # This project's run of the cpu linearity suite stays on one worker: spread over two, each
 # loaded the tiny checkpoint and computed the same update directions. Sharing the η points
-# between workers has its own test with real workers (test_suite_behaviour, gpu suite -n 2).
+# between workers has its own test with real workers (test_track: the gpu suite on a run
+# folder under -n 2).
 _CPU_SUITE = "tests/test_linearity.py::"
 
 

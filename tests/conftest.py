@@ -31,12 +31,18 @@ def _pin_tiny_cache() -> None:
 _pin_tiny_cache()
 
 
+def write_project_settings(folder: Path) -> Path:
+    """The project's pytest.ini and root conftest, copied into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("pytest.ini", "conftest.py"):
+        (folder / name).write_text((ROOT / name).read_text())
+    return folder
+
+
 def write_suite(folder: Path) -> Path:
     """The linearity suite as a project of its own in ``folder``: tests/test_linearity.py with
     the project's pytest.ini and root conftest."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for source, name in (("pytest.ini", "pytest.ini"), ("conftest.py", "conftest.py")):
-        (folder / name).write_text((ROOT / source).read_text())
+    write_project_settings(folder)
     (folder / "test_linearity.py").write_text((ROOT / "tests" / "test_linearity.py").read_text())
     return folder
 

@@ -386,7 +386,7 @@ def test_a_failing_rank_fails_the_run_with_its_error(two_processes):
     must end (not hang) with a non-zero status and rank 1's message."""
     from tests._dp_sweeps import FAILING_SWEEP_STARTS
 
-    root, launch, ended = two_processes
+    _, launch, ended = two_processes
     output = launch.stdout + launch.stderr
     stamps = [
         float(line.split(FAILING_SWEEP_STARTS)[1])

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.conftest import run_suite_here
+from tests.conftest import run_suite_here, write_project_settings
 
 pytestmark = [pytest.mark.cpu, pytest.mark.slow]
 
@@ -165,10 +165,7 @@ def test_an_xdist_group_runs_on_one_worker(pytester):
     """The project's pytest.ini and root conftest under `-n 2`: the tests of one xdist_group
     share a worker (module fixtures of the grouped modules are built once, the torchrun tests
     run one at a time)."""
-    from tests.conftest import ROOT
-
-    pytester.makeini((ROOT / "pytest.ini").read_text())
-    pytester.makeconftest((ROOT / "conftest.py").read_text())
+    write_project_settings(pytester.path)
     body = (
         "import os, time, pytest\n"
         "@pytest.mark.parametrize('i', range(4))\n"
